@@ -1,0 +1,66 @@
+"""silo: isolated workspaces for Linux, driven from Python.
+
+The public API is what ``__all__`` lists; everything else is private. Names are
+loaded lazily (PEP 562) so that ``import silo`` stays cheap for the CLI's fast path.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CommandNotExecutable",
+    "CommandNotFound",
+    "InternalError",
+    "Isolation",
+    "LimitUnavailable",
+    "Mount",
+    "NotFoundError",
+    "PermissionDenied",
+    "PrivilegeError",
+    "ProtocolError",
+    "Result",
+    "Sandbox",
+    "SiloError",
+    "Spec",
+    "SpecError",
+    "UserError",
+    "__version__",
+]
+
+_LAZY = {
+    "Sandbox": "silo.sdk.sandbox",
+    "Result": "silo.sdk.sandbox",
+    "Spec": "silo.model.spec",
+    "Mount": "silo.model.spec",
+    "Isolation": "silo.model.spec",
+}
+
+if TYPE_CHECKING:
+    from silo.model.errors import (
+        CommandNotExecutable,
+        CommandNotFound,
+        InternalError,
+        LimitUnavailable,
+        NotFoundError,
+        PermissionDenied,
+        PrivilegeError,
+        ProtocolError,
+        SiloError,
+        SpecError,
+        UserError,
+    )
+    from silo.model.spec import Isolation, Mount, Spec
+    from silo.sdk.sandbox import Result, Sandbox
+
+
+def __getattr__(name: str) -> Any:
+    import importlib
+
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    if name in __all__:
+        return getattr(importlib.import_module("silo.model.errors"), name)
+    raise AttributeError(f"module 'silo' has no attribute {name!r}")

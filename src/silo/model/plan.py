@@ -1,0 +1,243 @@
+"""Plans: the immutable list of operations a backend executes to build a sandbox.
+
+A plan is pure data (after bubblewrap's "parse into setup operations, then execute").
+The engine builds it from a :class:`~silo.model.spec.Spec`; ``silo plan`` prints it;
+unit tests diff it; the process backend's executor has a fixed vocabulary, one
+``execute_*`` function per operation class below, and nothing else.
+
+Paths in mount operations are seen from the sandbox's own mount namespace *before*
+``pivot_root``: ``/`` is still the host's root. ``Bind.target`` and the targets of
+other operations under ``Plan.new_root`` are opened relative to the new root's
+directory fd without following symlinks out of it (CVE-2021-30465).
+
+Wire form: each operation is sent to the spawner as ``(name, field, field, ...)``
+with only str/int/bool/bytes/tuple/None, so it can be framed with ``marshal``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import astuple, dataclass, fields
+from typing import Any, ClassVar, Union
+
+from silo.model.errors import ProtocolError
+
+
+@dataclass(frozen=True)
+class MakePrivate:
+    """Stop mount propagation between the sandbox and the host (SECURITY.md #15)."""
+
+    name: ClassVar[str] = "make-private"
+
+
+@dataclass(frozen=True)
+class Tmpfs:
+    target: str
+    options: str = "mode=0755"
+    readonly: bool = False
+    name: ClassVar[str] = "tmpfs"
+
+
+@dataclass(frozen=True)
+class Mkdir:
+    path: str
+    mode: int = 0o755
+    name: ClassVar[str] = "mkdir"
+
+
+@dataclass(frozen=True)
+class Symlink:
+    target: str
+    path: str
+    name: ClassVar[str] = "symlink"
+
+
+@dataclass(frozen=True)
+class WriteFile:
+    path: str
+    data: bytes
+    mode: int = 0o644
+    name: ClassVar[str] = "write-file"
+
+
+@dataclass(frozen=True)
+class Overlay:
+    target: str
+    lower: tuple[str, ...]
+    upper: str
+    work: str
+    name: ClassVar[str] = "overlay"
+
+
+@dataclass(frozen=True)
+class Bind:
+    """Bind ``source`` (a host path) onto ``target`` (inside ``within``).
+
+    ``within`` is the directory the target is resolved in without leaving it;
+    ``create`` makes a missing target as a ``"dir"`` or ``"file"``.
+    """
+
+    source: str
+    target: str
+    within: str
+    readonly: bool = True
+    recursive: bool = True
+    create: str = "dir"
+    name: ClassVar[str] = "bind"
+
+
+@dataclass(frozen=True)
+class Proc:
+    target: str
+    name: ClassVar[str] = "proc"
+
+
+@dataclass(frozen=True)
+class Devpts:
+    target: str
+    name: ClassVar[str] = "devpts"
+
+
+@dataclass(frozen=True)
+class Mask:
+    """Hide a path: a file gets /dev/null bound over it, a directory an empty read-only tmpfs."""
+
+    path: str
+    name: ClassVar[str] = "mask"
+
+
+@dataclass(frozen=True)
+class ReadOnly:
+    """Re-bind a path onto itself read-only (e.g. ``/proc/sys``)."""
+
+    path: str
+    name: ClassVar[str] = "read-only"
+
+
+@dataclass(frozen=True)
+class PivotRoot:
+    new_root: str
+    name: ClassVar[str] = "pivot-root"
+
+
+@dataclass(frozen=True)
+class Hostname:
+    hostname: str
+    name: ClassVar[str] = "hostname"
+
+
+@dataclass(frozen=True)
+class LoopbackUp:
+    name: ClassVar[str] = "loopback-up"
+
+
+Op = Union[
+    MakePrivate, Tmpfs, Mkdir, Symlink, WriteFile, Overlay, Bind, Proc, Devpts, Mask,
+    ReadOnly, PivotRoot, Hostname, LoopbackUp,
+]
+OP_CLASSES: dict[str, type[Any]] = {
+    cls.name: cls
+    for cls in (MakePrivate, Tmpfs, Mkdir, Symlink, WriteFile, Overlay, Bind, Proc, Devpts, Mask,
+                ReadOnly, PivotRoot, Hostname, LoopbackUp)
+}
+
+NAMESPACES = ("user", "mnt", "pid", "ipc", "uts", "net", "cgroup")
+
+
+@dataclass(frozen=True)
+class IdMap:
+    """One ``uid_map``/``gid_map`` line: ``inside outside count``."""
+
+    inside: int
+    outside: int
+    count: int = 1
+
+
+@dataclass(frozen=True)
+class Process:
+    """The command and the identity it runs with, applied last, just before exec."""
+
+    argv: tuple[str, ...]
+    env: tuple[tuple[str, str], ...]
+    cwd: str
+    uid: int
+    gid: int
+    caps: tuple[str, ...] = ()
+    no_new_privs: bool = True
+    seccomp: str = "default"  # "default", "unconfined" or a host path to a profile
+    rlimits: tuple[tuple[str, int, int], ...] = ()
+    new_session: bool = True
+    init: bool = True  # run under the minimal init as PID 1
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything a backend needs; built by the engine, never by a backend."""
+
+    isolation: str
+    namespaces: tuple[str, ...]
+    uid_map: tuple[IdMap, ...]
+    gid_map: tuple[IdMap, ...]
+    ops: tuple[Op, ...]
+    process: Process
+    memory: int | None = None
+    cpus: float | None = None
+    pids: int | None = None
+    timeout: float | None = None
+
+    def describe(self) -> list[str]:
+        """Human-readable lines, one per operation (``silo plan``)."""
+        lines = [f"isolation {self.isolation}", f"unshare {' '.join(self.namespaces) or '-'}"]
+        for kind, maps in (("uid", self.uid_map), ("gid", self.gid_map)):
+            for m in maps:
+                lines.append(f"map {kind} {m.inside} -> host {m.outside} (count {m.count})")
+        for key in ("memory", "cpus", "pids", "timeout"):
+            value = getattr(self, key)
+            if value is not None:
+                lines.append(f"limit {key} {value}")
+        for op in self.ops:
+            args = []
+            for f in fields(op):
+                value = getattr(op, f.name)
+                if isinstance(value, bytes):
+                    value = f"<{len(value)} bytes>"
+                args.append(f"{f.name}={value!r}" if not isinstance(value, str) else f"{f.name}={value}")
+            lines.append(f"{op.name} {' '.join(args)}".rstrip())
+        p = self.process
+        lines.append(f"identity uid={p.uid} gid={p.gid} caps={','.join(p.caps) or 'none'} "
+                     f"no_new_privs={p.no_new_privs} seccomp={p.seccomp}")
+        for name, soft, hard in p.rlimits:
+            lines.append(f"rlimit {name} {soft}:{hard}")
+        lines.append(f"env {' '.join(k for k, _ in p.env)}")
+        lines.append(f"exec cwd={p.cwd} {' '.join(p.argv)}")
+        return lines
+
+    def to_wire(self) -> tuple[Any, ...]:
+        return (
+            self.isolation,
+            self.namespaces,
+            tuple(astuple(m) for m in self.uid_map),
+            tuple(astuple(m) for m in self.gid_map),
+            tuple((op.name, *astuple(op)) for op in self.ops),
+            astuple(self.process),
+            self.memory,
+            self.cpus,
+            self.pids,
+            self.timeout,
+        )
+
+    @classmethod
+    def from_wire(cls, untrusted: Any) -> Plan:
+        """Rebuild a plan from :meth:`to_wire` data; shape errors raise ProtocolError."""
+        try:
+            iso, nss, um, gm, ops, proc, memory, cpus, pids, timeout = untrusted
+            built_ops = []
+            for item in ops:
+                op_cls = OP_CLASSES[item[0]]
+                built_ops.append(op_cls(*item[1:]))
+            p = Process(*proc)
+            return cls(
+                str(iso), tuple(nss), tuple(IdMap(*m) for m in um), tuple(IdMap(*m) for m in gm),
+                tuple(built_ops), p, memory, cpus, pids, timeout,
+            )
+        except (TypeError, ValueError, KeyError, IndexError) as e:
+            raise ProtocolError(f"malformed plan: {e}") from None
