@@ -41,6 +41,8 @@ class Tmpfs:
 class Mkdir:
     path: str
     mode: int = 0o755
+    uid: int = -1  # -1: leave the owner as created
+    gid: int = -1
     name: ClassVar[str] = "mkdir"
 
 
@@ -65,6 +67,7 @@ class Overlay:
     lower: tuple[str, ...]
     upper: str
     work: str
+    userxattr: bool = True  # needed when mounted inside a user namespace
     name: ClassVar[str] = "overlay"
 
 
@@ -114,6 +117,14 @@ class ReadOnly:
 
 
 @dataclass(frozen=True)
+class Unmount:
+    """Lazily detach a mount (the scratch tmpfs once overlays hold references to it)."""
+
+    path: str
+    name: ClassVar[str] = "unmount"
+
+
+@dataclass(frozen=True)
 class PivotRoot:
     new_root: str
     name: ClassVar[str] = "pivot-root"
@@ -132,12 +143,12 @@ class LoopbackUp:
 
 Op = Union[
     MakePrivate, Tmpfs, Mkdir, Symlink, WriteFile, Overlay, Bind, Proc, Devpts, Mask,
-    ReadOnly, PivotRoot, Hostname, LoopbackUp,
+    ReadOnly, Unmount, PivotRoot, Hostname, LoopbackUp,
 ]
 OP_CLASSES: dict[str, type[Any]] = {
     cls.name: cls
     for cls in (MakePrivate, Tmpfs, Mkdir, Symlink, WriteFile, Overlay, Bind, Proc, Devpts, Mask,
-                ReadOnly, PivotRoot, Hostname, LoopbackUp)
+                ReadOnly, Unmount, PivotRoot, Hostname, LoopbackUp)
 }
 
 NAMESPACES = ("user", "mnt", "pid", "ipc", "uts", "net", "cgroup")
@@ -167,6 +178,8 @@ class Process:
     rlimits: tuple[tuple[str, int, int], ...] = ()
     new_session: bool = True
     init: bool = True  # run under the minimal init as PID 1
+    harden: bool = True  # drop capabilities, no_new_privs, seccomp; False only at the app level
+    setgroups: bool = True  # False when the user namespace denies setgroups (rootless)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,99 @@
+"""Parent side of starting a process-level (or app-level) sandbox.
+
+Owns the ordering between parent and child: the child is cloned into its new
+namespaces and blocks on a pipe until the parent has written its id maps and put it
+in its cgroup. Called from the spawner's single thread (a precondition of
+:func:`silo.sys.kernel.clone`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+from dataclasses import dataclass
+from typing import Protocol
+
+from silo.backends.process.child import child_main
+from silo.model import plan as p
+from silo.sys import kernel as sysk
+
+_pyapi = ctypes.pythonapi
+
+
+class CgroupLike(Protocol):
+    def add(self, pid: int) -> None: ...
+    def destroy(self) -> None: ...
+
+
+@dataclass
+class Started:
+    pid: int
+    pidfd: int
+    err_fd: int  # EOF when the command was exec'd; a marshalled error otherwise
+
+
+def _write(path: str, data: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, data.encode())
+    finally:
+        os.close(fd)
+
+
+def _write_maps(pid: int, plan: p.Plan) -> None:
+    # SECURITY: the maps come from the planner, which never maps host id 0 for a
+    # root-run sandbox (SECURITY.md #16).
+    if not plan.process.setgroups:
+        _write(f"/proc/{pid}/setgroups", "deny")
+    _write(f"/proc/{pid}/uid_map", "".join(f"{m.inside} {m.outside} {m.count}\n" for m in plan.uid_map))
+    _write(f"/proc/{pid}/gid_map", "".join(f"{m.inside} {m.outside} {m.count}\n" for m in plan.gid_map))
+
+
+def start(plan: p.Plan, stdio: tuple[int, int, int], tini_fd: int, bpf: bytes | None,
+          cgroup: CgroupLike | None, netns_fd: int | None = None) -> Started:
+    """Clone and release the sandbox's first process. On failure nothing is left running."""
+    flags = 0
+    for name in plan.namespaces:
+        if name != "cgroup":  # unshared by the child once it is in its cgroup
+            flags |= sysk.NAMESPACE_FLAGS[name]
+    if netns_fd is not None:
+        flags &= ~sysk.CLONE_NEWNET
+    sync_r, sync_w = os.pipe2(os.O_CLOEXEC)
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    orig_net = None
+    if netns_fd is not None:
+        orig_net = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        sysk.setns(netns_fd, sysk.CLONE_NEWNET)
+    _pyapi.PyOS_BeforeFork()
+    try:
+        pid = sysk.clone(flags)
+    except BaseException:
+        _pyapi.PyOS_AfterFork_Parent()
+        raise
+    if pid == 0:
+        _pyapi.PyOS_AfterFork_Child()
+        os.close(sync_w)
+        os.close(err_r)
+        child_main(plan, sync_r, err_w, stdio, tini_fd, bpf)
+    _pyapi.PyOS_AfterFork_Parent()
+    if orig_net is not None:
+        sysk.setns(orig_net, sysk.CLONE_NEWNET)
+        os.close(orig_net)
+    os.close(sync_r)
+    os.close(err_w)
+    try:
+        if "user" in plan.namespaces:
+            _write_maps(pid, plan)
+        if cgroup is not None:
+            cgroup.add(pid)
+        pidfd = os.pidfd_open(pid)
+        os.write(sync_w, b"g")
+    except BaseException:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(err_r)
+        raise
+    finally:
+        os.close(sync_w)
+    return Started(pid, pidfd, err_r)

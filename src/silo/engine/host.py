@@ -1,0 +1,197 @@
+"""Facts about the host the engine plans for, and the cached skeleton root.
+
+The skeleton is the read-only lower layer of a ``root = "host"`` sandbox's ``/``:
+empty mount points, the host's ``/bin``-style symlinks, and a *curated* copy of
+``/etc`` (only the entries in :data:`ETC_ENTRIES`: no shadow, no ssh keys, no
+host secrets). It is built once per set of host files and reused by every
+sandbox; it is rebuilt when an entry's metadata changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import stat
+import tempfile
+from dataclasses import dataclass
+from functools import cache
+
+from silo.model.errors import SpecError
+
+# The host's system directories a host-root sandbox sees (read-only, under an overlay).
+SYSTEM_DIRS = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32")
+
+# The curated /etc: enough for the dynamic linker, TLS, name lookup, locales, shells
+# and package tools; never passwd/shadow/group (generated), ssh, sudoers or keys.
+ETC_ENTRIES = (
+    "alternatives", "bash.bashrc", "ca-certificates", "ca-certificates.conf", "debian_version",
+    "default", "dpkg", "environment", "gai.conf", "host.conf", "inputrc", "issue", "ld.so.cache",
+    "ld.so.conf", "ld.so.conf.d", "locale.alias", "locale.conf", "localtime", "lsb-release",
+    "magic", "mailcap", "mime.types", "nsswitch.conf", "os-release", "profile", "profile.d",
+    "protocols", "python3", "python3.11", "resolv.conf", "rpc", "services", "shells", "skel",
+    "ssl", "terminfo", "timezone", "xattr.conf",
+)
+
+DEFAULT_IDMAP = (1_000_000_000, 65536)  # host ids a root-run sandbox's ids 0..65535 map to
+
+
+@dataclass(frozen=True)
+class Host:
+    uid: int
+    gid: int
+    runtime_dir: str  # private to the caller: 0700
+    cache_dir: str
+    idmap_base: int
+    idmap_count: int
+
+    @property
+    def is_root(self) -> bool:
+        return self.uid == 0
+
+    @property
+    def scratch(self) -> str:
+        """An empty directory a sandbox mounts its scratch tmpfs on, in its own mount namespace."""
+        return os.path.join(self.runtime_dir, "scratch")
+
+
+def _read_subid(path: str, name: str) -> tuple[int, int] | None:
+    try:
+        with open(path) as f:
+            for line in f:
+                parts = line.strip().split(":")
+                if len(parts) == 3 and parts[0] == name:
+                    return int(parts[1]), int(parts[2])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def idmap_config() -> tuple[int, int]:
+    """Host id range for root-run sandboxes: ``SILO_IDMAP=BASE:COUNT``, the ``silo`` entry
+    of /etc/subuid, or :data:`DEFAULT_IDMAP`. The range never includes host id 0."""
+    raw = os.environ.get("SILO_IDMAP")
+    if raw:
+        try:
+            base_s, count_s = raw.split(":")
+            base, count = int(base_s), int(count_s)
+        except ValueError:
+            raise SpecError(f"bad SILO_IDMAP {raw!r}: use BASE:COUNT, like 1000000000:65536") from None
+    else:
+        base, count = _read_subid("/etc/subuid", "silo") or DEFAULT_IDMAP
+    if base <= 0 or count < 1 or base + count > 2**32 - 2:
+        raise SpecError(f"bad id range {base}:{count}: it must not include host id 0")
+    return base, min(count, 65536)
+
+
+def _private_dir(path: str, uid: int) -> str:
+    """Owned by ``uid``, mode 0711: sandboxes' mapped ids may pass through it to the
+    scratch mount point, nobody else may list or write it."""
+    os.makedirs(path, mode=0o711, exist_ok=True)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid or st.st_mode & 0o066:
+        raise SpecError(f"{path} must be a directory owned by uid {uid} that others cannot read "
+                        "or write; remove it and retry")
+    os.chmod(path, 0o711)
+    return path
+
+
+@cache
+def host() -> Host:
+    uid, gid = os.geteuid(), os.getegid()
+    if uid == 0:
+        runtime = "/run/silo"
+        cache_dir = "/var/cache/silo"
+    else:
+        xdg = os.environ.get("XDG_RUNTIME_DIR")
+        runtime = os.path.join(xdg, "silo") if xdg and os.path.isdir(xdg) else f"/tmp/silo-{uid}"
+        cache_dir = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "silo")
+    runtime = os.environ.get("SILO_RUNTIME_DIR", runtime)
+    _private_dir(runtime, uid)
+    os.makedirs(os.path.join(runtime, "scratch"), mode=0o711, exist_ok=True)
+    os.makedirs(cache_dir, mode=0o755, exist_ok=True)
+    base, count = idmap_config() if uid == 0 else (uid, 1)
+    return Host(uid, gid, runtime, cache_dir, base, count)
+
+
+def _etc_fingerprint() -> str:
+    h = hashlib.sha256(b"silo-skeleton-v1")
+    for name in SYSTEM_DIRS + tuple("etc/" + e for e in ETC_ENTRIES) + ("etc/ssl/certs",):
+        try:
+            st = os.lstat("/" + name)
+        except OSError:
+            h.update(name.encode() + b":-")
+            continue
+        link = os.readlink("/" + name) if stat.S_ISLNK(st.st_mode) else ""
+        h.update(f"{name}:{st.st_mode}:{st.st_mtime_ns}:{st.st_size}:{st.st_ino}:{link}".encode())
+    return h.hexdigest()[:16]
+
+
+def _copy_entry(src: str, dst: str) -> None:
+    st = os.lstat(src)
+    if stat.S_ISLNK(st.st_mode):
+        target = os.readlink(src)
+        if os.path.basename(src) == "resolv.conf" and target.startswith("/run"):
+            shutil.copyfile(src, dst)  # the stub's target is not inside the sandbox
+            return
+        os.symlink(target, dst)
+    elif stat.S_ISDIR(st.st_mode):
+        shutil.copytree(src, dst, symlinks=True, ignore_dangling_symlinks=True)
+    elif stat.S_ISREG(st.st_mode) and os.access(src, os.R_OK):
+        shutil.copy2(src, dst)
+
+
+def skeleton() -> str:
+    """Path of the skeleton root for this host's current files, building it if needed."""
+    h = host()
+    key = _etc_fingerprint()
+    base = os.path.join(h.cache_dir, "skeleton")
+    path = os.path.join(base, key)
+    if os.path.isdir(path):
+        return path
+    os.makedirs(base, mode=0o755, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".build-", dir=base)
+    try:
+        os.chmod(tmp, 0o755)
+        for d, mode in (("etc", 0o755), ("proc", 0o555), ("dev", 0o755), ("tmp", 0o1777),
+                        ("root", 0o700), ("home", 0o755), ("run", 0o755), ("var", 0o755),
+                        ("var/tmp", 0o1777), ("mnt", 0o755), ("opt", 0o755), ("srv", 0o755)):
+            os.mkdir(os.path.join(tmp, d))
+            os.chmod(os.path.join(tmp, d), mode)
+        for name in SYSTEM_DIRS:
+            src = "/" + name
+            if os.path.islink(src):
+                os.symlink(os.readlink(src), os.path.join(tmp, name))
+            elif os.path.isdir(src):
+                os.mkdir(os.path.join(tmp, name), 0o755)
+        for entry in ETC_ENTRIES:
+            src = os.path.join("/etc", entry)
+            if os.path.lexists(src):
+                with contextlib.suppress(OSError):
+                    _copy_entry(src, os.path.join(tmp, "etc", entry))
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            if not os.path.isdir(path):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another process built it first
+        for old in os.listdir(base):
+            if old != key and not old.startswith(".build-"):
+                shutil.rmtree(os.path.join(base, old), ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def system_dirs() -> list[tuple[str, bool]]:
+    """The host's system directories as ``(name, is_real_dir)``; symlinks come from the skeleton."""
+    out = []
+    for name in SYSTEM_DIRS:
+        src = "/" + name
+        if os.path.islink(src):
+            out.append((name, False))
+        elif os.path.isdir(src):
+            out.append((name, True))
+    return out

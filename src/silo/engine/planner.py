@@ -1,0 +1,192 @@
+"""Turns a :class:`~silo.model.spec.Spec` and a command into a :class:`~silo.model.plan.Plan`.
+
+The planner checks everything that can be checked on the host before anything is
+built (mount sources, root directory, profiles), so a bad spec fails with one clear
+message and nothing half-made. It reads the host (:mod:`silo.engine.host`) but
+changes nothing on it except silo's own cache and runtime directories.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from silo.engine import host as hostmod
+from silo.model import plan as p
+from silo.model.errors import NotFoundError, SpecError
+from silo.model.spec import Isolation, Spec
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+# /proc entries hidden from process sandboxes (SECURITY.md #5, #14), after the OCI defaults.
+PROC_MASKED = ("kcore", "keys", "timer_list", "timer_stats", "sched_debug", "latency_stats",
+               "sysrq-trigger", "kallsyms", "kpagecount", "kpageflags", "kpagecgroup",
+               "vmallocinfo", "acpi", "scsi", "asound", "firmware", "config.gz")
+PROC_READONLY = ("sys", "bus", "fs", "irq")
+DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty")
+
+
+def _passwd(uid: int, gid: int) -> bytes:
+    lines = ["root:x:0:0:root:/root:/bin/bash"]
+    if uid != 0:
+        lines.append(f"user:x:{uid}:{gid}:sandbox user:/home/user:/bin/bash")
+    lines.append("nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin")
+    return ("\n".join(lines) + "\n").encode()
+
+
+def _group(uid: int, gid: int) -> bytes:
+    lines = ["root:x:0:", "tty:x:5:"]
+    if gid not in (0, 5, 65534):
+        lines.append(f"user:x:{gid}:")
+    lines.append("nogroup:x:65534:")
+    return ("\n".join(lines) + "\n").encode()
+
+
+def _hosts(hostname: str) -> bytes:
+    return (f"127.0.0.1\tlocalhost\n127.0.1.1\t{hostname}\n"
+            "::1\tlocalhost ip6-localhost ip6-loopback\n").encode()
+
+
+def _check_source(source: str) -> bool:
+    """Returns whether the mount source is a directory; raises if it is missing."""
+    if not os.path.exists(source):
+        raise NotFoundError(f"mount source {source} does not exist: create it or fix the path")
+    return os.path.isdir(source)
+
+
+def _environment(spec: Spec, uid: int, term: str | None) -> tuple[tuple[str, str], ...]:
+    env = {"PATH": DEFAULT_PATH, "HOME": "/root" if uid == 0 else "/home/user"}
+    if term:
+        env["TERM"] = term
+    env.update(dict(spec.env))
+    return tuple(env.items())
+
+
+def plan(spec: Spec, argv: Sequence[str], *, term: str | None = None,
+         caller_env: dict[str, str] | None = None, caller_cwd: str | None = None) -> p.Plan:
+    if not argv:
+        raise SpecError("no command given: add the command to run, like: silo run -- /bin/sh")
+    if any("\0" in a for a in argv):
+        raise SpecError("the command contains a NUL byte")
+    if spec.isolation is Isolation.APP:
+        return _plan_app(spec, argv, caller_env or dict(os.environ), caller_cwd or os.getcwd())
+    return _plan_process(spec, argv, term)
+
+
+def _id_maps(spec: Spec, h: hostmod.Host) -> tuple[tuple[p.IdMap, ...], tuple[p.IdMap, ...]]:
+    if h.is_root:
+        # SECURITY: host id 0 is never in the range (SECURITY.md #16).
+        return (p.IdMap(0, h.idmap_base, h.idmap_count),), (p.IdMap(0, h.idmap_base, h.idmap_count),)
+    return (p.IdMap(spec.user.uid, h.uid, 1),), (p.IdMap(spec.user.gid, h.gid, 1),)
+
+
+def _plan_process(spec: Spec, argv: Sequence[str], term: str | None) -> p.Plan:
+    h = hostmod.host()
+    uid, gid = spec.user.uid, spec.user.gid
+    scratch = h.scratch
+    root, upper, work = f"{scratch}/root", f"{scratch}/u", f"{scratch}/w"
+    inodes = max(spec.tmpfs_size // 4096, 16384)
+    ops: list[p.Op] = [
+        p.MakePrivate(),
+        p.Tmpfs(scratch, f"size={spec.tmpfs_size},nr_inodes={inodes},mode=0755"),
+        p.Mkdir(root), p.Mkdir(upper), p.Mkdir(work), p.Mkdir(f"{upper}/root"), p.Mkdir(f"{work}/root"),
+    ]
+    if spec.root == "host":
+        lower = hostmod.skeleton()
+        ops += [
+            p.Mkdir(f"{upper}/root/etc"),
+            p.WriteFile(f"{upper}/root/etc/passwd", _passwd(uid, gid)),
+            p.WriteFile(f"{upper}/root/etc/group", _group(uid, gid)),
+        ]
+    else:
+        lower = os.path.realpath(spec.root)
+        if not os.path.isdir(lower):
+            raise NotFoundError(f"root directory {spec.root} does not exist: unpack an image there or use --root host")
+        ops += [p.Mkdir(f"{upper}/root/{d}") for d in ("proc", "dev")]
+        ops.append(p.Mkdir(f"{upper}/root/tmp", 0o1777))
+        if os.path.isdir(os.path.join(lower, "etc")) and not os.path.islink(os.path.join(lower, "etc")):
+            ops.append(p.Mkdir(f"{upper}/root/etc"))
+    if any(isinstance(o, p.Mkdir) and o.path == f"{upper}/root/etc" for o in ops):
+        ops += [p.WriteFile(f"{upper}/root/etc/hosts", _hosts(spec.hostname)),
+                p.WriteFile(f"{upper}/root/etc/hostname", (spec.hostname + "\n").encode())]
+    if uid != 0 and spec.root == "host":
+        ops += [p.Mkdir(f"{upper}/root/home"), p.Mkdir(f"{upper}/root/home/user", 0o755, uid, gid)]
+    ops.append(p.Overlay(root, (lower,), f"{upper}/root", f"{work}/root"))
+    if spec.root == "host":
+        for name, real in hostmod.system_dirs():
+            if real:
+                ops += [p.Mkdir(f"{upper}/{name}"), p.Mkdir(f"{work}/{name}"),
+                        p.Overlay(f"{root}/{name}", (f"/{name}",), f"{upper}/{name}", f"{work}/{name}")]
+    ops.append(p.Proc(f"{root}/proc"))
+    ops += [p.Mask(f"{root}/proc/{name}") for name in PROC_MASKED]
+    ops += [p.ReadOnly(f"{root}/proc/{name}") for name in PROC_READONLY]
+    ops.append(p.Tmpfs(f"{root}/dev", "mode=0755,size=65536,nr_inodes=256"))
+    ops += [p.Bind(f"/dev/{n}", f"/dev/{n}", root, readonly=False, recursive=False, create="file")
+            for n in DEV_NODES]
+    ops += [p.Symlink("/proc/self/fd", f"{root}/dev/fd"), p.Symlink("/proc/self/fd/0", f"{root}/dev/stdin"),
+            p.Symlink("/proc/self/fd/1", f"{root}/dev/stdout"),
+            p.Symlink("/proc/self/fd/2", f"{root}/dev/stderr"), p.Symlink("pts/ptmx", f"{root}/dev/ptmx"),
+            p.Mkdir(f"{root}/dev/pts"), p.Devpts(f"{root}/dev/pts"),
+            p.Mkdir(f"{root}/dev/shm", 0o1777), p.Tmpfs(f"{root}/dev/shm", "mode=1777,size=67108864")]
+    for m in spec.mounts:
+        is_dir = _check_source(m.source)
+        ops.append(p.Bind(m.source, m.target, root, readonly=m.readonly, create="dir" if is_dir else "file"))
+    ops += [p.Hostname(spec.hostname), p.LoopbackUp(), p.PivotRoot(root)]
+    uid_map, gid_map = _id_maps(spec, h)
+    seccomp = spec.seccomp
+    if seccomp not in ("default", "unconfined") and not os.path.isfile(seccomp):
+        raise NotFoundError(f"seccomp profile {seccomp} does not exist: give a JSON profile file, 'default' or 'unconfined'")
+    process = p.Process(
+        argv=tuple(argv), env=_environment(spec, uid, term), cwd=spec.workdir or "/",
+        uid=uid, gid=gid, caps=spec.caps, no_new_privs=True, seccomp=seccomp,
+        rlimits=spec.rlimits, new_session=True, init=True, harden=True, setgroups=h.is_root,
+    )
+    return p.Plan(
+        isolation=spec.isolation.value, namespaces=p.NAMESPACES, uid_map=uid_map, gid_map=gid_map,
+        ops=tuple(ops), process=process, memory=spec.limits.memory, cpus=spec.limits.cpus,
+        pids=spec.limits.pids, timeout=spec.timeout,
+    )
+
+
+def keep_layout(keep: str, path: str) -> tuple[str, str]:
+    """Upper and work directories under a ``--keep`` directory for one copy-on-write path."""
+    name = path.strip("/").replace("/", "-") or "root"
+    return os.path.join(keep, name, "upper"), os.path.join(keep, name, "work")
+
+
+def _plan_app(spec: Spec, argv: Sequence[str], caller_env: dict[str, str], cwd: str) -> p.Plan:
+    """App level: a copy-on-write view of $HOME and --cow paths. NOT a security boundary."""
+    h = hostmod.host()
+    home = caller_env.get("HOME") or os.path.expanduser("~")
+    paths = []
+    for path in (home, *spec.cow):
+        real = os.path.realpath(path)
+        if not os.path.isdir(real):
+            raise NotFoundError(f"--cow path {path} is not a directory: give an existing directory")
+        if real not in paths:
+            paths.append(real)
+    scratch = h.scratch
+    ops: list[p.Op] = [p.MakePrivate()]
+    if spec.keep is None:
+        ops.append(p.Tmpfs(scratch, f"size={spec.tmpfs_size},mode=0700"))
+    for i, path in enumerate(paths):
+        if spec.keep is not None:
+            upper, work = keep_layout(spec.keep, path)
+        else:
+            upper, work = f"{scratch}/u{i}", f"{scratch}/w{i}"
+            ops += [p.Mkdir(upper), p.Mkdir(work)]
+        ops.append(p.Overlay(path, (path,), upper, work, userxattr=not h.is_root))
+    if spec.keep is None:
+        ops.append(p.Unmount(scratch))
+    env = dict(caller_env)
+    env.update(dict(spec.env))
+    namespaces = ("mnt",) if h.is_root else ("user", "mnt")
+    idmap = () if h.is_root else (p.IdMap(h.uid, h.uid, 1),)
+    gidmap = () if h.is_root else (p.IdMap(h.gid, h.gid, 1),)
+    process = p.Process(
+        argv=tuple(argv), env=tuple(env.items()), cwd=spec.workdir or cwd, uid=h.uid, gid=h.gid,
+        no_new_privs=False, seccomp="unconfined", new_session=True, init=False, harden=False,
+        setgroups=False,
+    )
+    return p.Plan(isolation="app", namespaces=namespaces, uid_map=idmap, gid_map=gidmap, ops=tuple(ops),
+                  process=process, timeout=spec.timeout)

@@ -1,0 +1,364 @@
+"""``silo.Sandbox``: one-shot sandboxes from Python, through this process's spawner.
+
+A :class:`Sandbox` holds a validated spec. Every :meth:`Sandbox.run` (or
+:meth:`Sandbox.start`) creates a fresh sandbox from it, runs the command and tears
+the sandbox down: nothing persists between runs except what mapped folders keep.
+Persistent environments are workspaces (``silo.Client``), not sandboxes.
+
+Thread-safety: a Sandbox may be used from several threads; each run takes its own
+connection to the spawner.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import os
+import selectors
+import signal as _signal
+import socket
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+from silo.engine import planner
+from silo.model import plan as p
+from silo.model.errors import InternalError, ProtocolError, SpecError, error_from_wire
+from silo.model.spec import (
+    Isolation,
+    Limits,
+    Mount,
+    Spec,
+    User,
+    parse_cap,
+    parse_count,
+    parse_cpus,
+    parse_duration,
+    parse_env_entry,
+    parse_hostname,
+    parse_rlimit,
+    parse_size,
+)
+from silo.spawner import client, protocol
+
+DEFAULT_MAX_OUTPUT = 64 << 20
+_job_ids = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class Result:
+    """What a finished command left: exit code (128+N if killed by signal N), output,
+    and which limit killed it (``"memory"``, ``"pids"``, ``"timeout"``) if one did."""
+
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+    limit: str | None = None
+    duration: float = 0.0
+    truncated: bool = False
+
+
+def _duration(value: float | str | None, what: str) -> float | None:
+    if value is None or isinstance(value, (int, float)):
+        if value is not None and value <= 0:
+            raise SpecError(f"bad {what} {value!r}: it must be greater than zero")
+        return None if value is None else float(value)
+    return parse_duration(value, what)
+
+
+def build_spec(*, isolation: str | Isolation = "process", root: str = "host",
+               mounts: Iterable[Mount | str] = (), env: Mapping[str, str] | None = None,
+               workdir: str | None = None, user: str | int | User | None = None,
+               hostname: str | None = None, memory: str | int | None = None,
+               cpus: float | str | None = None, pids: int | str | None = None,
+               timeout: float | str | None = None, caps: Iterable[str] = (),
+               seccomp: str = "default", rlimits: Mapping[str, int | tuple[int, int]] | None = None,
+               tmpfs_size: str | int | None = None, cow: Iterable[str] = (),
+               keep: str | None = None) -> Spec:
+    """Validate SDK-style arguments into a :class:`Spec` (SpecError on bad input)."""
+    try:
+        iso = isolation if isinstance(isolation, Isolation) else Isolation(isolation)
+    except ValueError:
+        raise SpecError(f"unknown isolation {isolation!r}: use one of "
+                        f"{', '.join(i.value for i in Isolation)}") from None
+    mount_list = tuple(m if isinstance(m, Mount) else Mount.parse(m) for m in mounts)
+    env_pairs = tuple(parse_env_entry(f"{k}={v}") for k, v in (env or {}).items())
+    if user is None:
+        usr = User()
+    elif isinstance(user, User):
+        usr = user
+    else:
+        usr = User.parse(str(user))
+    limits = Limits(
+        memory=None if memory is None else (memory if isinstance(memory, int) else parse_size(memory, "memory size")),
+        cpus=None if cpus is None else parse_cpus(cpus),
+        pids=None if pids is None else parse_count(pids, "pids limit"),
+    )
+    rl = []
+    for name, value in (rlimits or {}).items():
+        soft, hard = (value, value) if isinstance(value, int) else value
+        rl.append(parse_rlimit(f"{name}={soft}:{hard}"))
+    seccomp_src = seccomp
+    if seccomp not in ("default", "unconfined") and not seccomp.startswith("/"):
+        raise SpecError(f"bad seccomp {seccomp!r}: use default, unconfined or an absolute path to a profile")
+    extra: dict[str, Any] = {}
+    if tmpfs_size is not None:
+        extra["tmpfs_size"] = tmpfs_size if isinstance(tmpfs_size, int) else parse_size(tmpfs_size, "tmpfs size")
+    return Spec(
+        isolation=iso, root=root, mounts=mount_list, env=env_pairs, workdir=workdir, user=usr,
+        hostname=parse_hostname(hostname) if hostname else "silo", limits=limits,
+        timeout=_duration(timeout, "timeout"), caps=tuple(parse_cap(c) for c in caps),
+        seccomp=seccomp_src, rlimits=tuple(rl), cow=tuple(cow), keep=keep, **extra,
+    )
+
+
+class _Job:
+    """One sandbox started on a private spawner connection."""
+
+    def __init__(self, sock: socket.socket, plan: p.Plan, stdio: Sequence[int]) -> None:
+        self.sock = sock
+        self.id = next(_job_ids)
+        self.pid = 0
+        self.started = time.monotonic()
+        protocol.send(sock, ("run", self.id, plan.to_wire()), list(stdio))
+
+    def handle(self) -> tuple[Any, ...] | None:
+        """Read one reply; returns ("exit", code, reason) when done, None otherwise."""
+        try:
+            got = protocol.recv(self.sock)
+        except OSError as e:
+            raise InternalError(f"silo's spawner failed ({e}); see its log above") from None
+        if got is None:
+            raise InternalError("silo's spawner closed the connection")
+        message, fds = got
+        for fd in fds:
+            os.close(fd)
+        kind = message[0]
+        if kind == "started":
+            self.pid = int(message[2])
+            return None
+        if kind == "exit":
+            return ("exit", int(message[2]), message[3])
+        if kind == "error":
+            raise error_from_wire(message[2])
+        raise ProtocolError(f"unexpected reply {kind!r} from the spawner")
+
+    def signal(self, signum: int) -> None:
+        protocol.send(self.sock, ("signal", self.id, int(signum)))
+
+
+class Process:
+    """A sandbox started with :meth:`Sandbox.start`; its output goes where it was sent."""
+
+    def __init__(self, sandbox: Sandbox, job: _Job, sock: socket.socket) -> None:
+        self._sandbox = sandbox
+        self._job = job
+        self._sock = sock
+        self._result: Result | None = None
+        while job.pid == 0:
+            job.handle()
+
+    @property
+    def pid(self) -> int:
+        """The sandbox's init as seen from the host."""
+        return self._job.pid
+
+    def send_signal(self, signum: int) -> None:
+        if self._result is None:
+            self._job.signal(signum)
+
+    def kill(self) -> None:
+        self.send_signal(_signal.SIGKILL)
+
+    def wait(self, timeout: float | None = None) -> Result:
+        if self._result is not None:
+            return self._result
+        self._sock.settimeout(timeout)
+        try:
+            while True:
+                done = self._job.handle()
+                if done is not None:
+                    break
+        except TimeoutError:
+            raise
+        finally:
+            self._sock.settimeout(None)
+        self._result = Result(done[1], b"", b"", done[2], time.monotonic() - self._job.started)
+        client.release(self._sock)
+        return self._result
+
+
+class Sandbox:
+    """A validated spec from which each :meth:`run` makes a fresh, isolated sandbox.
+
+    ``Sandbox(isolation="process", memory="256M", mounts=["/data:/data:ro"])``; every
+    argument is checked here and a bad one raises :class:`silo.SpecError`. The
+    ``app`` isolation is NOT a security boundary: it only keeps writes off your files.
+    """
+
+    def __init__(self, **spec: Any) -> None:
+        self.spec: Spec = spec.pop("_spec", None) or build_spec(**spec)
+        self._lock = threading.Lock()
+        self._idle: list[socket.socket] = []
+        self._closed = False
+        self._base: p.Plan | None = None
+
+    # context management ---------------------------------------------------------
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release spawner connections; sandboxes still running from :meth:`start` are killed."""
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for sock in idle:
+            client.release(sock)
+
+    # planning --------------------------------------------------------------------
+
+    def plan(self, argv: Sequence[str], *, timeout: float | str | None = None,
+             env: Mapping[str, str] | None = None, workdir: str | None = None) -> p.Plan:
+        """The plan a run of ``argv`` would execute (nothing is started)."""
+        argv = [os.fspath(a) for a in argv]
+        if self._base is None or self.spec.isolation is Isolation.APP:
+            self._base = planner.plan(self.spec, argv or ["true"])
+        plan = self._base
+        if not argv:
+            raise SpecError("no command given: pass the command as a list, like ['ls', '-l']")
+        proc = plan.process
+        changes: dict[str, Any] = {"argv": tuple(argv)}
+        if env:
+            merged = dict(proc.env)
+            merged.update(parse_env_entry(f"{k}={v}") for k, v in env.items())
+            changes["env"] = tuple(merged.items())
+        if workdir is not None:
+            changes["cwd"] = Spec(workdir=workdir).workdir
+        plan = dataclasses.replace(plan, process=dataclasses.replace(proc, **changes))
+        t = _duration(timeout, "timeout")
+        if t is not None:
+            plan = dataclasses.replace(plan, timeout=t)
+        return plan
+
+    # running -----------------------------------------------------------------------
+
+    def _conn(self) -> socket.socket:
+        with self._lock:
+            if self._closed:
+                raise SpecError("this Sandbox is closed: make a new one")
+            if self._idle:
+                return self._idle.pop()
+        return client.connect()
+
+    def _done(self, sock: socket.socket, reusable: bool) -> None:
+        with self._lock:
+            if reusable and not self._closed:
+                self._idle.append(sock)
+                return
+        client.release(sock)
+
+    def run(self, argv: Sequence[str], *, input: bytes | None = None, timeout: float | str | None = None,
+            env: Mapping[str, str] | None = None, workdir: str | None = None,
+            max_output: int = DEFAULT_MAX_OUTPUT) -> Result:
+        """Run ``argv`` in a fresh sandbox; capture its output; return when it is gone."""
+        plan = self.plan(argv, timeout=timeout, env=env, workdir=workdir)
+        sock = self._conn()
+        ok = False
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        in_r, in_w = os.pipe2(os.O_CLOEXEC) if input is not None else (os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC), -1)
+        try:
+            try:
+                job = _Job(sock, plan, (in_r, out_w, err_w))
+            finally:
+                os.close(in_r)
+                os.close(out_w)
+                os.close(err_w)
+            result = self._collect(job, sock, out_r, err_r, in_w, input or b"", max_output)
+            ok = True
+            return result
+        finally:
+            for fd in (out_r, err_r, in_w):
+                if fd != -1:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+            self._done(sock, ok)
+
+    def _collect(self, job: _Job, sock: socket.socket, out_r: int, err_r: int, in_w: int,
+                 data: bytes, max_output: int) -> Result:
+        out: list[bytes] = []
+        err: list[bytes] = []
+        sizes = {out_r: 0, err_r: 0}
+        truncated = False
+        done: tuple[Any, ...] | None = None
+        with selectors.DefaultSelector() as sel:
+            sel.register(out_r, selectors.EVENT_READ, out)
+            sel.register(err_r, selectors.EVENT_READ, err)
+            sel.register(sock, selectors.EVENT_READ, None)
+            if in_w != -1:
+                os.set_blocking(in_w, False)
+                if data:
+                    sel.register(in_w, selectors.EVENT_WRITE, "in")
+                else:
+                    os.close(in_w)
+                    in_w = -1
+            view = memoryview(data)
+            open_pipes = 2
+            while open_pipes or done is None:
+                for key, _ in sel.select():
+                    if key.data is None:
+                        done = job.handle() or done
+                        if done is not None:
+                            sel.unregister(sock)
+                    elif key.data == "in":
+                        try:
+                            n = os.write(in_w, view[:65536])
+                        except BrokenPipeError:
+                            n = len(view)
+                        view = view[n:]
+                        if not view:
+                            sel.unregister(in_w)
+                            os.close(in_w)
+                            in_w = -1
+                    else:
+                        chunk = os.read(key.fd, 65536)
+                        if not chunk:
+                            sel.unregister(key.fd)
+                            open_pipes -= 1
+                            continue
+                        if sizes[key.fd] < max_output:
+                            key.data.append(chunk[: max_output - sizes[key.fd]])
+                        else:
+                            truncated = True
+                        sizes[key.fd] += len(chunk)
+        if in_w != -1:
+            os.close(in_w)
+        return Result(done[1], b"".join(out), b"".join(err), done[2],
+                      time.monotonic() - job.started, truncated)
+
+    def start(self, argv: Sequence[str], *, stdin: int | None = None, stdout: int | None = None,
+              stderr: int | None = None, timeout: float | str | None = None,
+              env: Mapping[str, str] | None = None, workdir: str | None = None) -> Process:
+        """Start ``argv`` in a fresh sandbox and return at once; stdio defaults to /dev/null."""
+        plan = self.plan(argv, timeout=timeout, env=env, workdir=workdir)
+        null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            sock = self._conn()
+            fds = [null if fd is None else fd for fd in (stdin, stdout, stderr)]
+            try:
+                job = _Job(sock, plan, fds)
+                return Process(self, job, sock)
+            except BaseException:
+                client.release(sock)
+                raise
+        finally:
+            os.close(null)
