@@ -64,7 +64,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
     say "apt packages missing: ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
     as_root apt-get update -qq
-    as_root apt-get install -y -qq --no-install-recommends "${missing[@]}" </dev/null
+    as_root apt-get install -y -qq -o Dpkg::Use-Pty=0 --no-install-recommends "${missing[@]}" </dev/null
 else
     say "apt packages: all ${#APT_PACKAGES[@]} present"
 fi
