@@ -18,6 +18,7 @@ import tempfile
 from dataclasses import dataclass
 from functools import cache
 
+from silo.engine import paths
 from silo.model.errors import SpecError
 
 # The host's system directories a host-root sandbox sees (read-only, under an overlay).
@@ -101,13 +102,10 @@ def _private_dir(path: str, uid: int) -> str:
 def host() -> Host:
     uid, gid = os.geteuid(), os.getegid()
     if uid == 0:
-        runtime = "/run/silo"
         cache_dir = "/var/cache/silo"
     else:
-        xdg = os.environ.get("XDG_RUNTIME_DIR")
-        runtime = os.path.join(xdg, "silo") if xdg and os.path.isdir(xdg) else f"/tmp/silo-{uid}"
         cache_dir = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "silo")
-    runtime = os.environ.get("SILO_RUNTIME_DIR", runtime)
+    runtime = paths.runtime_dir()
     _private_dir(runtime, uid)
     os.makedirs(os.path.join(runtime, "scratch"), mode=0o711, exist_ok=True)
     os.makedirs(cache_dir, mode=0o755, exist_ok=True)

@@ -118,11 +118,11 @@ def _plan_process(spec: Spec, argv: Sequence[str], term: str | None) -> p.Plan:
                 ops += [p.Mkdir(f"{upper}/{name}"), p.Mkdir(f"{work}/{name}"),
                         p.Overlay(f"{root}/{name}", (f"/{name}",), f"{upper}/{name}", f"{work}/{name}")]
     ops.append(p.Proc(f"{root}/proc"))
-    ops += [p.Mask(f"{root}/proc/{name}") for name in PROC_MASKED]
-    ops += [p.ReadOnly(f"{root}/proc/{name}") for name in PROC_READONLY]
+    # A fresh procfs shows what the host's shows: mask only what exists here.
+    ops += [p.Mask(f"{root}/proc/{name}") for name in PROC_MASKED if os.path.lexists(f"/proc/{name}")]
+    ops += [p.ReadOnly(f"{root}/proc/{name}") for name in PROC_READONLY if os.path.lexists(f"/proc/{name}")]
     ops.append(p.Tmpfs(f"{root}/dev", "mode=0755,size=65536,nr_inodes=256"))
-    ops += [p.Bind(f"/dev/{n}", f"/dev/{n}", root, readonly=False, recursive=False, create="file")
-            for n in DEV_NODES]
+    ops += [p.DevNode(f"/dev/{n}", f"{root}/dev/{n}") for n in DEV_NODES]
     ops += [p.Symlink("/proc/self/fd", f"{root}/dev/fd"), p.Symlink("/proc/self/fd/0", f"{root}/dev/stdin"),
             p.Symlink("/proc/self/fd/1", f"{root}/dev/stdout"),
             p.Symlink("/proc/self/fd/2", f"{root}/dev/stderr"), p.Symlink("pts/ptmx", f"{root}/dev/ptmx"),

@@ -89,6 +89,15 @@ class Bind:
 
 
 @dataclass(frozen=True)
+class DevNode:
+    """Bind a host device node onto ``target``, a path in the sandbox's own fresh /dev tmpfs."""
+
+    source: str
+    target: str
+    name: ClassVar[str] = "dev-node"
+
+
+@dataclass(frozen=True)
 class Proc:
     target: str
     name: ClassVar[str] = "proc"
@@ -142,16 +151,38 @@ class LoopbackUp:
 
 
 Op = Union[
-    MakePrivate, Tmpfs, Mkdir, Symlink, WriteFile, Overlay, Bind, Proc, Devpts, Mask,
+    MakePrivate, Tmpfs, Mkdir, Symlink, WriteFile, Overlay, Bind, DevNode, Proc, Devpts, Mask,
     ReadOnly, Unmount, PivotRoot, Hostname, LoopbackUp,
 ]
 OP_CLASSES: dict[str, type[Any]] = {
     cls.name: cls
-    for cls in (MakePrivate, Tmpfs, Mkdir, Symlink, WriteFile, Overlay, Bind, Proc, Devpts, Mask,
+    for cls in (MakePrivate, Tmpfs, Mkdir, Symlink, WriteFile, Overlay, Bind, DevNode, Proc, Devpts, Mask,
                 ReadOnly, Unmount, PivotRoot, Hostname, LoopbackUp)
 }
 
 NAMESPACES = ("user", "mnt", "pid", "ipc", "uts", "net", "cgroup")
+
+
+_FIELDS: dict[type[Any], tuple[str, ...]] = {}
+_WIRE_CACHE: list[tuple[tuple[Any, ...], tuple[Any, ...]]] = []
+
+
+def _ops_wire(ops: tuple[Op, ...]) -> tuple[Any, ...]:
+    """Wire form of an ops tuple; the last few are cached by identity (a Sandbox sends
+    the same ops with every run)."""
+    for cached_ops, wire in _WIRE_CACHE:
+        if cached_ops is ops:
+            return wire
+    out = []
+    for op in ops:
+        names = _FIELDS.get(type(op))
+        if names is None:
+            names = _FIELDS[type(op)] = tuple(f.name for f in fields(op))
+        out.append((op.name, *(getattr(op, n) for n in names)))
+    wire = tuple(out)
+    _WIRE_CACHE.insert(0, (ops, wire))
+    del _WIRE_CACHE[8:]
+    return wire
 
 
 @dataclass(frozen=True)
@@ -230,7 +261,7 @@ class Plan:
             self.namespaces,
             tuple(astuple(m) for m in self.uid_map),
             tuple(astuple(m) for m in self.gid_map),
-            tuple((op.name, *astuple(op)) for op in self.ops),
+            _ops_wire(self.ops),
             astuple(self.process),
             self.memory,
             self.cpus,

@@ -130,6 +130,7 @@ class Spawner:
             self._kill(job, signal.SIGKILL)
 
     def _on_conn(self, conn: Connection) -> None:
+        self.last_activity = time.monotonic()
         try:
             got = protocol.recv(conn.sock)
         except (OSError, ValueError, EOFError):
@@ -249,11 +250,13 @@ class Spawner:
         job.err_fd = -1
 
     def _on_limit(self, job: Job) -> None:
-        hit = job.cgroup.limit_hit() if job.cgroup is not None else None
-        if hit and job.reason is None:
+        hit = job.cgroup.limit_hit() if job.cgroup is not None else None  # also drains the fds
+        if not hit:
+            return  # e.g. memory.events changed by reclaim, not by an OOM kill: keep watching
+        if job.reason is None:
             job.reason = hit
             self._kill(job, signal.SIGKILL)
-        for fd in job.watch_fds:  # level-triggered fds would spin; one notice is enough
+        for fd in job.watch_fds:
             with contextlib.suppress(KeyError, ValueError):
                 self.sel.unregister(fd)
         job.watch_fds.clear()
@@ -319,7 +322,8 @@ class Spawner:
 
     # loop ---------------------------------------------------------------------------
 
-    def loop(self, idle_exit: float | None = None, stop_when_no_connections: bool = False) -> None:
+    def loop(self, idle_exit: float | None = None, stop_when_no_connections: bool = False,
+             stop_when_retired: bool = False) -> None:
         dispatch: dict[str, Callable[[Any], None]] = {
             "conn": self._on_conn, "exit": self._on_exit, "err": self._on_err, "limit": self._on_limit,
         }
@@ -351,6 +355,8 @@ class Spawner:
             if not events and refill:
                 self._refill_netns()
             if stop_when_no_connections and not self.connections and not self.jobs:
+                break
+            if stop_when_retired and getattr(self, "listener", True) is None and not self.jobs:
                 break
         self.shutdown()
 

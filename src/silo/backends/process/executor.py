@@ -110,6 +110,14 @@ def bind(k: Kernel, op: p.Bind) -> None:
         k.close(src_fd)
 
 
+def dev_node(k: Kernel, op: p.DevNode) -> None:
+    # The target lives in the tmpfs this sandbox just mounted on its /dev: nothing
+    # untrusted can have put a symlink there, so a plain path is safe.
+    target = _b(op.target)
+    k.write_file(target, b"", 0o666)
+    k.mount(_b(op.source), target, None, MS_BIND, None)
+
+
 def proc(k: Kernel, op: p.Proc) -> None:
     k.mount(b"proc", _b(op.target), b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
 
@@ -158,7 +166,7 @@ def loopback_up(k: Kernel, op: p.LoopbackUp) -> None:
 
 _EXECUTORS: dict[type[Any], Callable[[Kernel, Any], None]] = {
     p.MakePrivate: make_private, p.Tmpfs: tmpfs, p.Mkdir: mkdir, p.Symlink: symlink,
-    p.WriteFile: write_file, p.Overlay: overlay, p.Bind: bind, p.Proc: proc, p.Devpts: devpts,
+    p.WriteFile: write_file, p.Overlay: overlay, p.Bind: bind, p.DevNode: dev_node, p.Proc: proc, p.Devpts: devpts,
     p.Mask: mask, p.ReadOnly: read_only, p.Unmount: unmount, p.PivotRoot: pivot_root, p.Hostname: hostname,
     p.LoopbackUp: loopback_up,
 }

@@ -1,0 +1,146 @@
+"""The ``silo run`` / ``silo plan`` command line: argparse in, a validated Spec out.
+
+Used by ``silo plan`` in-process and by the CLI server for ``silo run`` (the client
+only forwards argv, so the interpreter that parses is already warm). Relative paths
+(``--env-file``) are resolved against the *caller's* working directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from typing import NoReturn
+
+from silo.model.errors import SpecError
+from silo.model.spec import (
+    Isolation,
+    Limits,
+    Mount,
+    Spec,
+    User,
+    parse_cap,
+    parse_count,
+    parse_cpus,
+    parse_duration,
+    parse_env_entry,
+    parse_env_file,
+    parse_hostname,
+    parse_rlimit,
+    parse_size,
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise SpecError(f"{message}; see 'silo run --help'")
+
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
+        raise SpecError(message or "bad arguments")
+
+
+def run_parser(prog: str = "silo run") -> argparse.ArgumentParser:
+    ps = _Parser(prog=prog, add_help=False, allow_abbrev=False,
+                 description="Run a command isolated; exits with its exit code.")
+    ps.add_argument("--isolation", default="process", help="process (default) or app (NOT a security boundary)")
+    ps.add_argument("--root", default="host", help="host (default) or an image directory")
+    ps.add_argument("-v", "--volume", action="append", default=[], metavar="HOST:GUEST[:ro]")
+    ps.add_argument("-e", "--env", action="append", default=[], metavar="K=V")
+    ps.add_argument("--env-file", action="append", default=[], metavar="FILE")
+    ps.add_argument("-w", "--workdir", metavar="DIR")
+    ps.add_argument("-u", "--user", metavar="UID[:GID]")
+    ps.add_argument("--hostname")
+    ps.add_argument("--memory", metavar="SIZE")
+    ps.add_argument("--cpus", metavar="N")
+    ps.add_argument("--pids", metavar="N")
+    ps.add_argument("--timeout", metavar="DURATION")
+    ps.add_argument("--cap", action="append", default=[], metavar="CAP")
+    ps.add_argument("--seccomp", default="default", metavar="default|unconfined|FILE")
+    ps.add_argument("--rlimit", action="append", default=[], metavar="NAME=SOFT[:HARD]")
+    ps.add_argument("--tmpfs-size", metavar="SIZE")
+    ps.add_argument("--cow", action="append", default=[], metavar="PATH")
+    ps.add_argument("--keep", metavar="DIR")
+    ps.add_argument("-t", "--tty", action="store_true")
+    ps.add_argument("-i", "--interactive", action="store_true")
+    ps.add_argument("command", nargs=argparse.REMAINDER)
+    return ps
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    spec: Spec
+    argv: tuple[str, ...]
+    tty: bool
+    interactive: bool
+
+
+def _abs(path: str, cwd: str) -> str:
+    return path if os.path.isabs(path) else os.path.normpath(os.path.join(cwd, path))
+
+
+def parse_run(untrusted_argv: list[str], cwd: str) -> RunRequest:
+    """Parse ``silo run`` arguments (without ``run``) into a request; SpecError on bad input."""
+    ns = run_parser().parse_args(untrusted_argv)
+    command = list(ns.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise SpecError("no command given: add it after the options, like: silo run -- /bin/sh")
+    try:
+        isolation = Isolation(ns.isolation)
+    except ValueError:
+        raise SpecError(f"unknown isolation {ns.isolation!r}: use process or app") from None
+    env: dict[str, str] = {}
+    for f in ns.env_file:
+        path = _abs(f, cwd)
+        try:
+            with open(path, encoding="utf-8") as fh:
+                env.update(parse_env_file(fh.read(), f))
+        except OSError as e:
+            raise SpecError(f"cannot read --env-file {f}: {e.strerror}") from None
+    for entry in ns.env:
+        name, value = parse_env_entry(entry)
+        env[name] = value
+    root = ns.root
+    if root != "host":
+        root = _abs(root, cwd)
+        if not os.path.isdir(root):
+            raise SpecError(f"root directory {ns.root} does not exist: unpack an image there or use --root host")
+    spec = Spec(
+        isolation=isolation,
+        root=root,
+        mounts=tuple(Mount.parse(v) for v in ns.volume),
+        env=tuple(env.items()),
+        workdir=ns.workdir,
+        user=User.parse(ns.user) if ns.user else User(),
+        hostname=parse_hostname(ns.hostname) if ns.hostname else "silo",
+        limits=Limits(
+            memory=parse_size(ns.memory, "memory size") if ns.memory else None,
+            cpus=parse_cpus(ns.cpus) if ns.cpus else None,
+            pids=parse_count(ns.pids, "pids limit") if ns.pids else None,
+        ),
+        timeout=parse_duration(ns.timeout, "timeout") if ns.timeout else None,
+        caps=tuple(parse_cap(c) for c in ns.cap),
+        seccomp=ns.seccomp if ns.seccomp in ("default", "unconfined") else _abs(ns.seccomp, cwd),
+        rlimits=tuple(parse_rlimit(r) for r in ns.rlimit),
+        tmpfs_size=parse_size(ns.tmpfs_size, "tmpfs size") if ns.tmpfs_size else 1 << 30,
+        cow=tuple(_abs(c, cwd) for c in ns.cow),
+        keep=_abs(ns.keep, cwd) if ns.keep else None,
+    )
+    return RunRequest(spec, tuple(command), bool(ns.tty), bool(ns.interactive))
+
+
+LIMIT_WORDS = {"memory": "its memory limit", "pids": "its process limit", "timeout": "its timeout"}
+
+
+def describe_limit(reason: str, spec: Spec | None = None) -> str:
+    what = LIMIT_WORDS.get(reason, reason)
+    detail = ""
+    if spec is not None:
+        if reason == "memory" and spec.limits.memory:
+            detail = f" ({spec.limits.memory >> 20}M)"
+        elif reason == "pids" and spec.limits.pids:
+            detail = f" ({spec.limits.pids})"
+        elif reason == "timeout" and spec.timeout:
+            detail = f" ({spec.timeout:g}s)"
+    return f"silo: the sandbox was killed: it hit {what}{detail}"

@@ -1,0 +1,41 @@
+"""Where silo keeps per-user runtime state; import-light (the CLI's fast path uses it)."""
+
+from __future__ import annotations
+
+import os
+
+
+def runtime_dir() -> str:
+    """``/run/silo`` for root, else ``$XDG_RUNTIME_DIR/silo`` or ``/tmp/silo-UID``;
+    ``SILO_RUNTIME_DIR`` overrides."""
+    override = os.environ.get("SILO_RUNTIME_DIR")
+    if override:
+        return override
+    uid = os.geteuid()
+    if uid == 0:
+        return "/run/silo"
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg and os.path.isdir(xdg):
+        return os.path.join(xdg, "silo")
+    return f"/tmp/silo-{uid}"
+
+
+def server_socket() -> str:
+    return os.path.join(runtime_dir(), "spawner.sock")
+
+
+def code_token() -> str:
+    """Changes whenever silo's code changes, so a lingering server never runs stale code."""
+    top = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    newest = 0
+    count = 0
+    stack = [top]
+    while stack:
+        with os.scandir(stack.pop()) as it:
+            for entry in it:
+                if entry.name.endswith(".py"):
+                    newest = max(newest, entry.stat().st_mtime_ns)
+                    count += 1
+                elif entry.is_dir() and not entry.name.startswith(("_", ".")):
+                    stack.append(entry.path)
+    return f"{top}:{count}:{newest}"
