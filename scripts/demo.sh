@@ -23,20 +23,31 @@ step() { printf '\n%s== %s%s\n' "$B" "$*" "$N"; }
 ok() { printf '   %s✓ %s%s\n' "$G" "$*" "$N"; }
 fail() { printf '   %s✗ %s%s\n\ndemo: FAILED\n' "$R" "$*" "$N" >&2; exit 1; }
 
+# The shell's way of writing one word, readably: bare when safe, else in single quotes.
+quote() {
+    if [[ "$1" =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then printf '%s' "$1"
+    else printf "'%s'" "${1//\'/\'\\\'\'}"; fi
+}
+SHOW_LINES=40
+
 # run CMD...: show it (with `silo` for the full launcher path), run it with no stdin
 # and a time limit, show its output; sets RC, OUT and ERR. Never exits by itself.
 run() {
     local shown=() a
     for a in "$@"; do shown+=("${a/#"$SILO"/silo}"); done
     shown=("${shown[@]/#"$PY"/python}")
-    printf '$'; printf ' %q' "${shown[@]}"; printf '\n'
+    printf '$'; for a in "${shown[@]}"; do printf ' %s' "$(quote "$a")"; done; printf '\n'
     set +e
     timeout --kill-after=5 120 "$@" </dev/null >"$WORK/out" 2>"$WORK/err"
     RC=$?
     set -e
     OUT="$(cat "$WORK/out")"
     ERR="$(cat "$WORK/err")"
-    [ -z "$OUT" ] || sed 's/^/    /' "$WORK/out"
+    if [ -n "$OUT" ]; then
+        local total; total="$(wc -l <"$WORK/out")"
+        sed -n "1,${SHOW_LINES}p" "$WORK/out" | sed 's/^/    /'
+        [ "$total" -le "$SHOW_LINES" ] || printf '    ... (%s more lines)\n' "$((total - SHOW_LINES))"
+    fi
     [ -z "$ERR" ] || sed 's/^/    stderr: /' "$WORK/err"
     [ "$RC" -eq 0 ] || printf '    (exit code %s)\n' "$RC"
 }
@@ -47,9 +58,12 @@ printf 'host: %s, user %s, hostname %s, %s processes\n' \
     "$(uname -sr)" "$(id -un)" "$(hostname)" "$(ls -d /proc/[0-9]* | wc -l)"
 
 step "1. Who runs the command? A user of its own, never host root"
-run "$SILO" run -- id
+run "$SILO" run -- sh -c 'id; cat /proc/self/uid_map'
 expect_ok
-ok "the sandbox has its own users (host root is mapped to an unprivileged range)"
+if printf '%s\n' "$OUT" | awk 'NF == 3 && $2 == 0 { found = 1 } END { exit !found }'; then
+    fail "a sandbox id maps to host root"
+fi
+ok "uid_map: the sandbox's ids are an unprivileged host range (inside, host, count)"
 
 step "2. Its own hostname"
 run "$SILO" run --hostname demo-box -- hostname
@@ -65,8 +79,10 @@ n="$(printf '%s\n' "$OUT" | tail -n +2 | wc -l)"
 ok "PID namespace: $n processes inside"
 
 step "4. None of the host's home directories"
-run "$SILO" run -- sh -c 'ls -A /home 2>/dev/null || echo "(no /home)"'
+printf 'host: ls -A /home: %s\n' "$(ls -A /home 2>/dev/null | tr '\n' ' ')"
+run "$SILO" run -- ls -A /home
 expect_ok
+[ -n "$OUT" ] || printf '    (empty)\n'
 for d in /home/*; do
     [ -e "$d" ] || continue
     if printf '%s\n' "$OUT" | grep -qx "$(basename "$d")"; then
@@ -90,7 +106,7 @@ expect_ok
 ok "the host's $target does not exist"
 
 step "7. Limits: a 256 MiB balloon under --memory 64M is killed, and silo says why"
-run "$SILO" run --memory 64M -- python3 -c "b = b'x' * (256 << 20); print('survived')"
+run "$SILO" run --memory 64M -- python3 -c "b = b\"x\" * (256 << 20); print(\"survived\")"
 [ "$RC" -ne 0 ] || fail "the balloon was not stopped"
 if printf '%s\n' "$OUT" | grep -q survived; then fail "the balloon survived"; fi
 printf '%s\n' "$ERR" | grep -qi memory || fail "silo did not name the memory limit"
@@ -100,12 +116,10 @@ step "8. The app level: copy-on-write view of \$HOME and chosen paths (NOT a sec
 mkdir -p "$WORK/project"
 echo "original" >"$WORK/project/kept.txt"
 echo "original" >"$WORK/project/removed.txt"
-run "$SILO" run --isolation app --cow "$WORK/project" --keep "$WORK/upper" -- sh -c "
-    echo changed >> '$WORK/project/kept.txt'
-    rm '$WORK/project/removed.txt'
-    echo new > '$WORK/project/added.txt'
-    echo note > '$NOTE'
-    ls '$WORK/project'"
+cd "$WORK/project"
+run "$SILO" run --isolation app --cow "$WORK/project" --keep "$WORK/upper" -- \
+    sh -c "echo changed >> kept.txt; rm removed.txt; echo new > added.txt; echo note > $NOTE; ls"
+cd "$REPO"
 expect_ok
 [ "$(cat "$WORK/project/kept.txt")" = "original" ] || fail "kept.txt changed on the host"
 [ -e "$WORK/project/removed.txt" ] || fail "removed.txt vanished from the host"
@@ -120,7 +134,7 @@ done
 ok "silo diff lists what the app added, changed and deleted"
 
 step "9. silo plan: what a run would do, without running anything"
-run "$SILO" plan --memory 64M -- /bin/true
+SHOW_LINES=12 run "$SILO" plan --memory 64M -- /bin/true
 expect_ok
 ok "plans are data: printed, diffed and tested without root"
 
