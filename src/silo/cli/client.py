@@ -1,7 +1,7 @@
 """The CLI's fast path: ``silo run`` as a thin client of the per-user CLI server.
 
 Runs under ``python -I -S`` and imports only C-level builtins (``_socket``,
-``_signal``, ``marshal``, ``select``, ``array``), because Python's startup is most
+``_signal``, ``marshal``, ``select``), because Python's startup is most
 of ``silo run``'s cost: the server (:mod:`silo.cli.server`) parses, plans and
 spawns. It passes its own stdio fds to the sandbox, so output is never copied;
 it forwards Ctrl-C and other signals; with ``-t`` it owns a pty pair and pumps it.
@@ -10,9 +10,8 @@ Every other verb is handed to :mod:`silo.cli.main`.
 
 from __future__ import annotations
 
-import _signal
+import _signal  # type: ignore[import-not-found]
 import _socket
-import array
 import marshal
 import os
 import select
@@ -21,25 +20,30 @@ import time
 
 from silo.engine import paths
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
 _FORWARD = (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP, _signal.SIGQUIT, _signal.SIGUSR1,
             _signal.SIGUSR2)
 _EXIT_CODES = {"CommandNotFound": 127, "CommandNotExecutable": 126}
 
 
-def _send(sock: _socket.socket, message: tuple[object, ...], fds: list[int] | None = None) -> None:
-    anc = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+def _send(sock: _socket.socket, message: tuple[Any, ...], fds: list[int] | None = None) -> None:
+    payload = b"".join(fd.to_bytes(4, sys.byteorder) for fd in fds or ())
+    anc = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, payload)] if fds else []
     sock.sendmsg([marshal.dumps(message)], anc)
 
 
-def _recv(sock: _socket.socket) -> tuple[object, ...] | None:
+def _recv(sock: _socket.socket) -> tuple[Any, ...] | None:
     data, anc, _, _ = sock.recvmsg(1 << 20, _socket.CMSG_SPACE(32))
     for level, kind, payload in anc:  # we expect none; never keep one
         if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
-            for fd in array.array("i", payload[: len(payload) - len(payload) % 4]):
-                os.close(fd)
+            for i in range(0, len(payload) - 3, 4):
+                os.close(int.from_bytes(payload[i:i + 4], sys.byteorder))
     if not data:
         return None
-    message = marshal.loads(data)
+    message = marshal.loads(data)  # noqa: S302 - peer is our own server, same uid
     return message if isinstance(message, tuple) and message else None
 
 
@@ -63,7 +67,7 @@ def _start_server() -> None:
                 log = os.open(os.path.join(paths.runtime_dir(), "server.log"),
                               os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
                 os.dup2(log, 2)
-                os.execv(python, [python, "-c", code])
+                os.execv(python, [python, "-c", code])  # noqa: S606
         finally:
             os._exit(0)
     os.waitpid(pid, 0)
@@ -111,6 +115,7 @@ def _run(argv: list[str]) -> None:
         reply = _recv(sock)
     if reply is None:
         _die("silo's server closed the connection; see its log in " + paths.runtime_dir())
+        return
     if reply[0] == "error":
         err = reply[2] if isinstance(reply[2], dict) else {}
         _die(str(err.get("message", "error")), _EXIT_CODES.get(str(err.get("class")), 125))
@@ -143,7 +148,7 @@ def _copy_winsize(master: int) -> None:
         pass
 
 
-def _raw_mode() -> list[object] | None:
+def _raw_mode() -> list[Any] | None:
     import termios
     import tty
 
@@ -163,7 +168,7 @@ def _wait(sock: _socket.socket, job: object, rfd: int, master: int) -> int:
         poll.register(master, select.POLLIN)
         poll.register(0, select.POLLIN)
     while True:
-        for fd, event in poll.poll():
+        for fd, _event in poll.poll():
             if fd == rfd:
                 for signum in os.read(rfd, 64):
                     if signum == _signal.SIGWINCH and master != -1:

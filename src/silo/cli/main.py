@@ -7,7 +7,6 @@ serves every other verb, and ``run --help``. Errors print one line and exit 125
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from typing import NoReturn

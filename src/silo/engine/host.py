@@ -15,6 +15,7 @@ import os
 import shutil
 import stat
 import tempfile
+import time
 from dataclasses import dataclass
 from functools import cache
 
@@ -94,7 +95,7 @@ def _private_dir(path: str, uid: int) -> str:
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid or st.st_mode & 0o066:
         raise SpecError(f"{path} must be a directory owned by uid {uid} that others cannot read "
                         "or write; remove it and retry")
-    os.chmod(path, 0o711)
+    os.chmod(path, 0o711)  # noqa: S103 - traversable, not listable (see docstring)
     return path
 
 
@@ -140,8 +141,25 @@ def _copy_entry(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
+_checked: tuple[float, str] = (0.0, "")
+RECHECK_SECONDS = 2.0
+
+
 def skeleton() -> str:
-    """Path of the skeleton root for this host's current files, building it if needed."""
+    """Path of the skeleton root for this host's current files, building it if needed.
+
+    The host's files are re-checked at most every :data:`RECHECK_SECONDS` per process.
+    """
+    global _checked
+    now = time.monotonic()
+    if now - _checked[0] < RECHECK_SECONDS and os.path.isdir(_checked[1]):
+        return _checked[1]
+    path = _skeleton()
+    _checked = (now, path)
+    return path
+
+
+def _skeleton() -> str:
     h = host()
     key = _etc_fingerprint()
     base = os.path.join(h.cache_dir, "skeleton")
@@ -151,7 +169,7 @@ def skeleton() -> str:
     os.makedirs(base, mode=0o755, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".build-", dir=base)
     try:
-        os.chmod(tmp, 0o755)
+        os.chmod(tmp, 0o755)  # noqa: S103 - the skeleton is read by sandboxes
         for d, mode in (("etc", 0o755), ("proc", 0o555), ("dev", 0o755), ("tmp", 0o1777),
                         ("root", 0o700), ("home", 0o755), ("run", 0o755), ("var", 0o755),
                         ("var/tmp", 0o1777), ("mnt", 0o755), ("opt", 0o755), ("srv", 0o755)):

@@ -135,7 +135,8 @@ def _plan_process(spec: Spec, argv: Sequence[str], term: str | None) -> p.Plan:
     uid_map, gid_map = _id_maps(spec, h)
     seccomp = spec.seccomp
     if seccomp not in ("default", "unconfined") and not os.path.isfile(seccomp):
-        raise NotFoundError(f"seccomp profile {seccomp} does not exist: give a JSON profile file, 'default' or 'unconfined'")
+        raise NotFoundError(
+            f"seccomp profile {seccomp} does not exist: give a JSON profile file, 'default' or 'unconfined'")
     process = p.Process(
         argv=tuple(argv), env=_environment(spec, uid, term), cwd=spec.workdir or "/",
         uid=uid, gid=gid, caps=spec.caps, no_new_privs=True, seccomp=seccomp,

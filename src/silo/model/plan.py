@@ -150,7 +150,7 @@ class LoopbackUp:
     name: ClassVar[str] = "loopback-up"
 
 
-Op = Union[
+Op = Union[  # noqa: UP007 - a runtime alias, kept readable
     MakePrivate, Tmpfs, Mkdir, Symlink, WriteFile, Overlay, Bind, DevNode, Proc, Devpts, Mask,
     ReadOnly, Unmount, PivotRoot, Hostname, LoopbackUp,
 ]

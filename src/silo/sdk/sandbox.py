@@ -275,7 +275,10 @@ class Sandbox:
         ok = False
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
-        in_r, in_w = os.pipe2(os.O_CLOEXEC) if input is not None else (os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC), -1)
+        if input is not None:
+            in_r, in_w = os.pipe2(os.O_CLOEXEC)
+        else:
+            in_r, in_w = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC), -1
         try:
             try:
                 job = _Job(sock, plan, (in_r, out_w, err_w))

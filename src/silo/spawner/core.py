@@ -242,7 +242,7 @@ class Spawner:
             import marshal
 
             try:
-                job.error = error_from_wire(marshal.loads(data))
+                job.error = error_from_wire(marshal.loads(data))  # noqa: S302 - our own child
             except (ValueError, EOFError, TypeError):
                 job.error = InternalError("sandbox setup failed")
         self.sel.unregister(job.err_fd)

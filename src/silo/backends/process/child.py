@@ -72,7 +72,7 @@ def child_main(plan: p.Plan, sync_fd: int, err_fd: int, stdio: tuple[int, int, i
         if isinstance(e.op, p.Bind) and e.error.errno in (2, 20):
             _report(err_fd, UserError(f"cannot map {e.op.source} to {e.op.target}: {e.error.strerror}"))
         _report(err_fd, InternalError(f"sandbox setup failed at {e}"))
-    except BaseException as e:  # noqa: BLE001 - the child must never return into the spawner
+    except BaseException as e:
         _report(err_fd, InternalError(f"sandbox setup failed: {type(e).__name__}: {e}"))
 
 
@@ -149,4 +149,4 @@ def _child(plan: p.Plan, sync_fd: int, err_fd: int, stdio: tuple[int, int, int],
     if proc.init:
         # tini from a sealed memfd: /proc/1/exe is not a host file (CVE-2019-5736).
         sysk.execveat_fd(tini_fd, [b"tini", b"-g", b"--", os.fsencode(path), *argv[1:]], envp)
-    os.execve(path, argv, dict(env))
+    os.execve(path, argv, dict(env))  # noqa: S606 - exec is the point
