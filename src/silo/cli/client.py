@@ -35,12 +35,17 @@ def _send(sock: _socket.socket, message: tuple[Any, ...], fds: list[int] | None 
     sock.sendmsg([marshal.dumps(message)], anc)
 
 
-def _recv(sock: _socket.socket) -> tuple[Any, ...] | None:
+def _recv(sock: _socket.socket, keep_fds: list[int] | None = None) -> tuple[Any, ...] | None:
+    """One message; received fds go to ``keep_fds`` or are closed."""
     data, anc, _, _ = sock.recvmsg(1 << 20, _socket.CMSG_SPACE(32))
-    for level, kind, payload in anc:  # we expect none; never keep one
+    for level, kind, payload in anc:
         if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
             for i in range(0, len(payload) - 3, 4):
-                os.close(int.from_bytes(payload[i:i + 4], sys.byteorder))
+                fd = int.from_bytes(payload[i:i + 4], sys.byteorder)
+                if keep_fds is not None:
+                    keep_fds.append(fd)
+                else:
+                    os.close(fd)
     if not data:
         return None
     message = marshal.loads(data)  # noqa: S302 - peer is our own server, same uid
@@ -105,14 +110,7 @@ def _run(argv: list[str]) -> None:
     env = dict(os.environ)
     cwd = os.getcwd()
     _send(sock, ("cli", 1, argv, cwd, env, False), [0, 1, 2])
-    master = -1
     reply = _recv(sock)
-    if reply is not None and reply[0] == "need-tty":
-        master, slave = os.openpty()
-        _copy_winsize(master)
-        _send(sock, ("cli", 2, argv, cwd, env, True), [slave, slave, slave])
-        os.close(slave)
-        reply = _recv(sock)
     if reply is None:
         _die("silo's server closed the connection; see its log in " + paths.runtime_dir())
         return
@@ -124,17 +122,33 @@ def _run(argv: list[str]) -> None:
     _signal.set_wakeup_fd(wfd)
     for sig in _FORWARD:
         _signal.signal(sig, lambda s, f: None)
-    if master != -1:
-        _signal.signal(_signal.SIGWINCH, lambda s, f: None)
-    saved = _raw_mode() if master != -1 else None
+    _signal.signal(_signal.SIGWINCH, lambda s, f: None)
+    tty = _Tty()
     try:
-        code = _wait(sock, job, rfd, master)
+        code = _wait(sock, job, rfd, tty)
     finally:
-        if saved is not None:
+        tty.restore()
+    sys.exit(code)
+
+
+class _Tty:
+    """The client's end of ``-t``: the sandbox's pty master, and our terminal in raw mode."""
+
+    def __init__(self) -> None:
+        self.master = -1
+        self.saved: list[Any] | None = None
+
+    def attach(self, master: int) -> None:
+        self.master = master
+        _copy_winsize(master)
+        self.saved = _raw_mode()
+
+    def restore(self) -> None:
+        if self.saved is not None:
             import termios
 
-            termios.tcsetattr(0, termios.TCSADRAIN, saved)
-    sys.exit(code)
+            termios.tcsetattr(0, termios.TCSADRAIN, self.saved)
+            self.saved = None
 
 
 def _copy_winsize(master: int) -> None:
@@ -159,14 +173,12 @@ def _raw_mode() -> list[Any] | None:
     return saved
 
 
-def _wait(sock: _socket.socket, job: object, rfd: int, master: int) -> int:
+def _wait(sock: _socket.socket, job: object, rfd: int, tty: _Tty) -> int:
     poll = select.poll()
     poll.register(sock.fileno(), select.POLLIN)
     poll.register(rfd, select.POLLIN)
-    stdin_open = master != -1
-    if master != -1:
-        poll.register(master, select.POLLIN)
-        poll.register(0, select.POLLIN)
+    stdin_open = False
+    master = -1
     while True:
         for fd, _event in poll.poll():
             if fd == rfd:
@@ -192,7 +204,17 @@ def _wait(sock: _socket.socket, job: object, rfd: int, master: int) -> int:
                     poll.unregister(0)
                     stdin_open = False
             elif fd == sock.fileno():
-                reply = _recv(sock)
+                fds: list[int] = []
+                reply = _recv(sock, fds)
+                if reply is not None and reply[0] == "pty" and len(fds) == 1:
+                    master = fds[0]
+                    tty.attach(master)
+                    poll.register(master, select.POLLIN)
+                    poll.register(0, select.POLLIN)
+                    stdin_open = True
+                    continue
+                for extra in fds:
+                    os.close(extra)
                 if reply is None:
                     _die("silo's server went away; the sandbox was killed")
                     return 125

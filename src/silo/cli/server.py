@@ -84,11 +84,11 @@ class CliServer(Spawner):
     def _on_cli(self, conn: Connection, message: tuple[Any, ...], fds: list[int]) -> None:
         """``("cli", job, argv, cwd, env, has_pty)`` + stdin/stdout/stderr fds.
 
-        Replies ``("need-tty", job)`` when ``-t`` was given but no pty came with the
-        request; stdin is replaced by /dev/null unless ``-i`` or ``-t``.
+        With ``-t`` the sandbox makes its own pty and its master reaches the client as
+        ``("pty", job)`` + fd; stdin is /dev/null unless ``-i`` or ``-t``.
         """
         try:
-            _, job_id, untrusted_argv, cwd, untrusted_env, has_pty = message
+            _, job_id, untrusted_argv, cwd, untrusted_env, _reserved = message
         except ValueError:
             raise ProtocolError("malformed cli request") from None
         if not (isinstance(untrusted_argv, list) and all(isinstance(a, str) for a in untrusted_argv)
@@ -96,13 +96,11 @@ class CliServer(Spawner):
             raise ProtocolError("malformed cli request")
         env = {str(k): str(v) for k, v in untrusted_env.items()}
         req = parse_run(untrusted_argv, cwd)
-        if req.tty and not has_pty:
-            conn.reply(("need-tty", job_id))
-            return
         if req.spec.isolation is Isolation.APP and req.spec.keep is not None:
             home = env.get("HOME") or os.path.expanduser("~")
             keepmod.prepare(req.spec.keep, [os.path.realpath(p) for p in (home, *req.spec.cow)])
-        plan = planner.plan(req.spec, req.argv, term=env.get("TERM"), caller_env=env, caller_cwd=cwd)
+        plan = planner.plan(req.spec, req.argv, term=env.get("TERM"), tty=req.tty, caller_env=env,
+                            caller_cwd=cwd)
         if not (req.interactive or req.tty):
             null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
             os.close(fds[0])

@@ -62,15 +62,16 @@ def _environment(spec: Spec, uid: int, term: str | None) -> tuple[tuple[str, str
     return tuple(env.items())
 
 
-def plan(spec: Spec, argv: Sequence[str], *, term: str | None = None,
+def plan(spec: Spec, argv: Sequence[str], *, term: str | None = None, tty: bool = False,
          caller_env: dict[str, str] | None = None, caller_cwd: str | None = None) -> p.Plan:
+    """The plan for running ``argv`` under ``spec``; ``tty`` asks for a pty made inside."""
     if not argv:
         raise SpecError("no command given: add the command to run, like: silo run -- /bin/sh")
     if any("\0" in a for a in argv):
         raise SpecError("the command contains a NUL byte")
     if spec.isolation is Isolation.APP:
-        return _plan_app(spec, argv, caller_env or dict(os.environ), caller_cwd or os.getcwd())
-    return _plan_process(spec, argv, term)
+        return _plan_app(spec, argv, caller_env or dict(os.environ), caller_cwd or os.getcwd(), tty)
+    return _plan_process(spec, argv, term, tty)
 
 
 def _id_maps(spec: Spec, h: hostmod.Host) -> tuple[tuple[p.IdMap, ...], tuple[p.IdMap, ...]]:
@@ -80,7 +81,7 @@ def _id_maps(spec: Spec, h: hostmod.Host) -> tuple[tuple[p.IdMap, ...], tuple[p.
     return (p.IdMap(spec.user.uid, h.uid, 1),), (p.IdMap(spec.user.gid, h.gid, 1),)
 
 
-def _plan_process(spec: Spec, argv: Sequence[str], term: str | None) -> p.Plan:
+def _plan_process(spec: Spec, argv: Sequence[str], term: str | None, tty: bool) -> p.Plan:
     h = hostmod.host()
     uid, gid = spec.user.uid, spec.user.gid
     scratch = h.scratch
@@ -140,7 +141,7 @@ def _plan_process(spec: Spec, argv: Sequence[str], term: str | None) -> p.Plan:
     process = p.Process(
         argv=tuple(argv), env=_environment(spec, uid, term), cwd=spec.workdir or "/",
         uid=uid, gid=gid, caps=spec.caps, no_new_privs=True, seccomp=seccomp,
-        rlimits=spec.rlimits, new_session=True, init=True, harden=True, setgroups=h.is_root,
+        rlimits=spec.rlimits, new_session=True, init=True, harden=True, setgroups=h.is_root, tty=tty,
     )
     return p.Plan(
         isolation=spec.isolation.value, namespaces=p.NAMESPACES, uid_map=uid_map, gid_map=gid_map,
@@ -155,7 +156,7 @@ def keep_layout(keep: str, path: str) -> tuple[str, str]:
     return os.path.join(keep, name, "upper"), os.path.join(keep, name, "work")
 
 
-def _plan_app(spec: Spec, argv: Sequence[str], caller_env: dict[str, str], cwd: str) -> p.Plan:
+def _plan_app(spec: Spec, argv: Sequence[str], caller_env: dict[str, str], cwd: str, tty: bool) -> p.Plan:
     """App level: a copy-on-write view of $HOME and --cow paths. NOT a security boundary."""
     h = hostmod.host()
     home = caller_env.get("HOME") or os.path.expanduser("~")
@@ -187,7 +188,7 @@ def _plan_app(spec: Spec, argv: Sequence[str], caller_env: dict[str, str], cwd: 
     process = p.Process(
         argv=tuple(argv), env=tuple(env.items()), cwd=spec.workdir or cwd, uid=h.uid, gid=h.gid,
         no_new_privs=False, seccomp="unconfined", new_session=True, init=False, harden=False,
-        setgroups=False,
+        setgroups=False, tty=tty,
     )
     return p.Plan(isolation="app", namespaces=namespaces, uid_map=idmap, gid_map=gidmap, ops=tuple(ops),
                   process=process, timeout=spec.timeout)

@@ -211,6 +211,7 @@ class Process:
     init: bool = True  # run under the minimal init as PID 1
     harden: bool = True  # drop capabilities, no_new_privs, seccomp; False only at the app level
     setgroups: bool = True  # False when the user namespace denies setgroups (rootless)
+    tty: bool = False  # stdio is a pty made in the sandbox's own devpts; the master goes to the client
 
 
 @dataclass(frozen=True)

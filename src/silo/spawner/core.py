@@ -236,8 +236,23 @@ class Spawner:
 
     def _on_err(self, job: Job) -> None:
         data = b""
-        with contextlib.suppress(OSError):
-            data = os.read(job.err_fd, 65536)
+        fds: list[int] = []
+        sock = socket.socket(fileno=os.dup(job.err_fd))
+        try:
+            data, fds, _, _ = socket.recv_fds(sock, 65536, 2)
+        except OSError:
+            pass
+        finally:
+            sock.close()
+        if data == b"pty" and len(fds) == 1:
+            # The pty master from the sandbox's own devpts, for the client to drive.
+            if not job.conn.closed:
+                with contextlib.suppress(OSError):
+                    protocol.send(job.conn.sock, ("pty", job.id), fds)
+            os.close(fds[0])
+            return
+        for fd in fds:
+            os.close(fd)
         if data:
             import marshal
 

@@ -54,6 +54,29 @@ def _resolve(argv0: str, env: dict[str, str]) -> str:
     raise CommandNotFound(f"{argv0}: command not found inside the sandbox; check the name and PATH")
 
 
+def _open_pty(err_fd: int) -> None:
+    """A pty from the sandbox's own devpts becomes stdio and the controlling terminal;
+    its master goes to the spawner (and on to the client) over ``err_fd``."""
+    import fcntl
+    import socket
+    import struct
+
+    master = os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    fcntl.ioctl(master, sysk.TIOCSPTLCK, struct.pack("i", 0))
+    number = struct.unpack("I", fcntl.ioctl(master, sysk.TIOCGPTN, b"\0" * 4))[0]
+    slave = os.open(f"/dev/pts/{number}", os.O_RDWR)
+    sysk.set_controlling_tty(slave)
+    for target in (0, 1, 2):
+        os.dup2(slave, target)
+    os.close(slave)
+    sock = socket.socket(fileno=os.dup(err_fd))
+    try:
+        sock.sendmsg([b"pty"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", master))])
+    finally:
+        sock.close()
+        os.close(master)
+
+
 def _report(err_fd: int, error: SiloError) -> NoReturn:
     try:
         os.write(err_fd, marshal.dumps(error.to_wire()))
@@ -132,8 +155,8 @@ def _child(plan: p.Plan, sync_fd: int, err_fd: int, stdio: tuple[int, int, int],
     if proc.new_session:
         # SECURITY: no controlling terminal of the host (SECURITY.md #7).
         os.setsid()
-        if os.isatty(0):
-            sysk.set_controlling_tty(0)
+        if proc.tty:
+            _open_pty(err_fd)
     for name, soft, hard in proc.rlimits:
         resource.setrlimit(_RLIMITS[name], (soft, hard))
     path = _resolve(proc.argv[0], env)

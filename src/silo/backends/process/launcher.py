@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -27,7 +28,7 @@ class CgroupLike(Protocol):
 class Started:
     pid: int
     pidfd: int
-    err_fd: int  # EOF when the command was exec'd; a marshalled error otherwise
+    err_fd: int  # SEQPACKET: an optional pty master (SCM_RIGHTS), then EOF at exec or an error
 
 
 def _write(path: str, data: str) -> None:
@@ -57,7 +58,8 @@ def start(plan: p.Plan, stdio: tuple[int, int, int], tini_fd: int, bpf: bytes | 
     if netns_fd is not None:
         flags &= ~sysk.CLONE_NEWNET
     sync_r, sync_w = os.pipe2(os.O_CLOEXEC)
-    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    err_sock_r, err_sock_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    err_r, err_w = err_sock_r.detach(), err_sock_w.detach()
     orig_net = None
     if netns_fd is not None:
         orig_net = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
