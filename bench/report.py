@@ -100,6 +100,7 @@ def machine_facts() -> list[tuple[str, str]]:
         ("cpu", f"{_cpu_model()}, {os.cpu_count()} logical CPUs ({cpus_usable} usable)"),
         ("memory", _mem_total()),
         ("cgroups", cgroup_layout()),
+        ("load average at start", " ".join(f"{x:.2f}" for x in os.getloadavg())),
         ("running as", "root" if os.geteuid() == 0 else f"uid {os.geteuid()}"),
         ("python", platform.python_version()),
         ("silo", _silo_version()),

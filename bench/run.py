@@ -265,6 +265,8 @@ def main() -> int:
         "## Machine\n\n" + table(["", ""], [[k, v] for k, v in facts]),
         "## Notes\n\n"
         f"- bubblewrap: `{bwrap_line}`.\n"
+        "- silo CLI: `.venv/bin/silo`, the fast launcher; it hands the run to the per-user "
+        "CLI server (started by the warm-up runs, so its start is not in the numbers).\n"
         "- runc and runsc run the same OCI bundle (no capabilities, no_new_privs, pid/net/ipc/"
         "uts/mount/cgroup namespaces, read-only root, `/usr` bound read-only); as root, with no "
         "user namespace (their default). runsc uses its default platform.\n"
