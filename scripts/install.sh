@@ -92,7 +92,7 @@ fi
 # Debian's libseccomp binding (python3-seccomp) is not on PyPI: link it in.
 site="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 shopt -s nullglob
-so_files=(/usr/lib/python3/dist-packages/seccomp.cpython-*-x86_64-linux-gnu.so)
+so_files=(/usr/lib/python3/dist-packages/seccomp.cpython-*.so)
 shopt -u nullglob
 [ "${#so_files[@]}" -gt 0 ] || die "python3-seccomp's module is missing from /usr/lib/python3/dist-packages"
 for so in "${so_files[@]}"; do
