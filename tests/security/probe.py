@@ -24,22 +24,20 @@ Rules the probe keeps so that it can also run on a host to show the opposite res
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import errno
-import json
-import os
-import platform
-import signal
-import socket
-import stat
-import sys
-import tempfile
-import time
+import os  # noqa: I001 - nothing else is imported before the fd table is taken
 
 # ---------------------------------------------------------------------------
-# Fds at start-up: recorded before anything else opens one.
+# Fds at start-up: recorded before any other import can open one (``random``,
+# pulled in by ``tempfile``, may open /dev/urandom when getrandom(2) is refused).
 # ---------------------------------------------------------------------------
+
+_START_FSTAT = []
+for _n in range(1024):
+    try:
+        os.fstat(_n)
+    except OSError:
+        continue
+    _START_FSTAT.append(_n)
 
 
 def _fd_table() -> dict[str, str]:
@@ -48,7 +46,7 @@ def _fd_table() -> dict[str, str]:
     try:
         names = os.listdir(path)
     except OSError as e:
-        return {"error": errno.errorcode.get(e.errno or 0, str(e.errno))}
+        return {"error": str(e.errno)}
     for name in names:
         try:
             table[name] = os.readlink(f"{path}/{name}")
@@ -58,6 +56,18 @@ def _fd_table() -> dict[str, str]:
 
 
 _START_FDS = _fd_table()
+
+import ctypes  # noqa: E402
+import ctypes.util  # noqa: E402
+import errno  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import stat  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
 _START_PTS = sorted(os.listdir("/dev/pts")) if os.path.isdir("/dev/pts") else None
 try:
     with open("/proc/net/unix") as _f:
@@ -83,7 +93,7 @@ SYSCALLS = {
         "kexec_load": 246, "kexec_file_load": 320, "clock_settime": 227,
         "settimeofday": 164, "open_by_handle_at": 304, "mknodat": 259, "setns": 308,
         "pivot_root": 155, "ptrace": 101, "reboot": 169, "swapon": 167, "acct": 163,
-        "iopl": 172, "ioperm": 173,
+        "iopl": 172, "ioperm": 173, "getrandom": 318, "getpid": 39,
     },
     "aarch64": {
         "ioctl": 29, "mount": 40, "umount2": 39, "unshare": 97, "bpf": 280,
@@ -94,6 +104,7 @@ SYSCALLS = {
         "kexec_load": 104, "kexec_file_load": 294, "clock_settime": 112,
         "settimeofday": 170, "open_by_handle_at": 265, "mknodat": 33, "setns": 268,
         "pivot_root": 41, "ptrace": 117, "reboot": 142, "swapon": 224, "acct": 89,
+        "getrandom": 278, "getpid": 172,
     },
 }.get(MACHINE, {})
 
@@ -120,6 +131,7 @@ MNT_DETACH = 2
 TIOCSTI = 0x5412
 TIOCLINUX = 0x541C
 TIOCSCTTY = 0x540E
+NS_GET_USERNS = 0xB701
 
 
 def ename(code: int | None) -> str:
@@ -262,7 +274,20 @@ def in_child(fn, timeout: float = 20.0) -> object:  # type: ignore[no-untyped-de
 
 
 def fresh_dir(tag: str) -> str:
-    return tempfile.mkdtemp(prefix=f"silo-probe-{tag}-")
+    """A new empty directory to mount on; falls back to an existing one when nothing
+    is writable (a mount needs an existing target, or it fails ENOENT before EPERM)."""
+    try:
+        return tempfile.mkdtemp(prefix=f"silo-probe-{tag}-")
+    except OSError:
+        return "/tmp" if os.path.isdir("/tmp") else "/"
+
+
+def drop_dir(path: str) -> None:
+    if os.path.basename(path).startswith("silo-probe-"):
+        try:
+            os.rmdir(path)
+        except OSError:
+            pass
 
 
 def try_mount(source: str, target: str, fstype: str | None, flags: int = 0,
@@ -350,14 +375,8 @@ def check_2(params: dict) -> dict:  # type: ignore[type-arg]
     # The listing's own directory fd reads as "<gone>" or /proc/<pid>/fd: not a leak.
     own = {k for k, v in fds.items() if v == "<gone>" or v == f"/proc/{os.getpid()}/fd"}
     leaked = {k: v for k, v in fds.items() if k not in ("0", "1", "2") and k not in own}
-    # Belt and braces: every fd number up to 4096 that fstat accepts.
-    open_numbers = []
-    for n in range(4096):
-        try:
-            os.fstat(n)
-        except OSError:
-            continue
-        open_numbers.append(n)
+    # Belt and braces: every fd number below 1024 that fstat accepted at start-up.
+    open_numbers = list(_START_FSTAT)
     pid1_fds: dict[str, str] | str
     try:
         pid1_fds = {}
@@ -435,7 +454,7 @@ def check_4(params: dict) -> dict:  # type: ignore[type-arg]
         res["bind_proc"] = try_mount("/proc", target, None, MS_BIND | MS_REC)
         if res["bind_proc"] == "ok":
             syscall("umount2", ctypes.c_char_p(target.encode()), MNT_DETACH)
-        os.rmdir(target)
+        drop_dir(target)
         return res
 
     return {"masked": masked, "knobs": knobs, "dev": dev, "null_open_write": null_write,
@@ -489,7 +508,7 @@ def check_6(params: dict) -> dict:  # type: ignore[type-arg]
         res["mount_cgroup_v1_named"] = try_mount("cgroup", target, "cgroup", 0, "none,name=siloprobe")
         res["mount_cgroup_v1_rdma"] = try_mount("cgroup", target, "cgroup", 0, "rdma")
         res["mount_cgroup2"] = try_mount("cgroup2", target, "cgroup2", 0, None)
-        os.rmdir(target)
+        drop_dir(target)
         return res
 
     def via_userns() -> dict:  # type: ignore[type-arg]
@@ -500,7 +519,7 @@ def check_6(params: dict) -> dict:  # type: ignore[type-arg]
             target = fresh_dir("cgu")
             res["mount_cgroup_v1_named"] = try_mount("cgroup", target, "cgroup", 0, "none,name=siloprobe")
             res["mount_cgroup_v1_memory"] = try_mount("cgroup", target, "cgroup", 0, "memory")
-            os.rmdir(target)
+            drop_dir(target)
         return res
 
     return {"release_agents": agents, "cgroup_mounts": cgroup_mounts,
@@ -588,7 +607,7 @@ def check_8(params: dict) -> dict:  # type: ignore[type-arg]
         bind80 = err(e)
     finally:
         s.close()
-    return {"sets": sets, "NoNewPrivs": st.get("NoNewPrivs"), "Seccomp": st.get("Seccomp"),
+    return {"sets": sets, "net_ns_owner": check_11({})["ns_owner"]["net"], "NoNewPrivs": st.get("NoNewPrivs"), "Seccomp": st.get("Seccomp"),
             "Uid": st.get("Uid"), "Gid": st.get("Gid"), "Groups": st.get("Groups"),
             "bind_port_80": bind80,
             "unprivileged_port_start": (read_text("/proc/sys/net/ipv4/ip_unprivileged_port_start") or "").strip()}
@@ -605,6 +624,11 @@ def check_9(params: dict) -> dict:  # type: ignore[type-arg]
 
     def attempts() -> dict:  # type: ignore[type-arg]
         res: dict[str, str] = {}
+        # Controls: harmless calls that any sane filter allows, so that the refusals
+        # below are specific and not "everything fails".
+        buf = ctypes.create_string_buffer(16)
+        res["control_getrandom"] = syscall("getrandom", buf, 16, 0)
+        res["control_getpid"] = syscall("getpid")
         res["unshare_newuser"] = syscall("unshare", CLONE_NEWUSER)
         res["unshare_newns"] = syscall("unshare", CLONE_NEWNS)
         res["unshare_newnet"] = syscall("unshare", CLONE_NEWNET)
@@ -637,7 +661,6 @@ def check_9(params: dict) -> dict:  # type: ignore[type-arg]
         res["swapon"] = syscall("swapon", null, 0)
         res["acct"] = syscall("acct", ctypes.c_char_p(b"/nonexistent/silo-probe"))
         res["reboot"] = syscall("reboot", 0, 0, 0, null)  # bad magic: EINVAL from the kernel
-        res["ptrace_attach_1"] = syscall("ptrace", 16, 1, 0, 0)  # PTRACE_ATTACH to PID 1
         if MACHINE == "x86_64":
             res["iopl"] = syscall("iopl", 4)  # level 4 is invalid: EINVAL from the kernel
             res["ioperm"] = syscall("ioperm", 0, 0, 1)
@@ -684,7 +707,7 @@ def check_10(params: dict) -> dict:  # type: ignore[type-arg]
                 os.unlink(path)
             except OSError as e:
                 res[f"mknod_{label}"] = err(e)
-        os.rmdir(d)
+        drop_dir(d)
         return res
 
     return {"entries": entries, "pts_at_start": _START_PTS, "forbidden_open": forbidden,
@@ -698,6 +721,26 @@ def check_11(params: dict) -> dict:  # type: ignore[type-arg]
     ns = {}
     for name in ("pid", "net", "ipc", "uts", "cgroup", "mnt", "user", "time"):
         ns[name] = _readlink(f"/proc/self/ns/{name}")
+    # Which user namespace owns each namespace: "own" (the sandbox's), or EPERM when the
+    # owner is outside (an ancestor, e.g. the host's): capabilities inside do not count there.
+    owners = {}
+    try:
+        own_user = os.stat("/proc/self/ns/user").st_ino
+    except OSError:
+        own_user = None
+    for name in ("net", "ipc", "uts", "pid", "cgroup", "mnt"):
+        try:
+            fd = os.open(f"/proc/self/ns/{name}", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            owners[name] = err(e)
+            continue
+        rc, e = syscall_rc("ioctl", fd, ctypes.c_ulong(NS_GET_USERNS), 0)
+        os.close(fd)
+        if rc >= 0:
+            owners[name] = "own" if os.fstat(rc).st_ino == own_user else "other"
+            os.close(rc)
+        else:
+            owners[name] = e
     unix = _START_UNIX
     ifaces = sorted(line.split(":", 1)[0].strip()
                     for line in (read_text("/proc/net/dev") or "").splitlines()[2:])
@@ -710,6 +753,7 @@ def check_11(params: dict) -> dict:  # type: ignore[type-arg]
         text = read_text(f"/proc/sysvipc/{kind}")
         sysvipc[kind] = None if text is None else len(text.splitlines()[1:])
     return {"processes": procs, "count": len(procs), "self": os.getpid(), "ns": ns,
+            "ns_owner": owners,
             "unix_sockets": unix, "interfaces": ifaces, "if_nameindex": if_names,
             "routes": (read_text("/proc/net/route") or "").splitlines()[1:],
             "hostname": socket.gethostname(), "uname_nodename": os.uname().nodename,
@@ -839,7 +883,11 @@ def check_15(params: dict) -> dict:  # type: ignore[type-arg]
         # On a host this contains everything below; inside a sandbox it must be refused.
         res: dict[str, str] = {"unshare_mnt_first": private_mount_ns()}
         target = f"/tmp/silo-probe-mnt-{marker}"
-        os.makedirs(target, exist_ok=True)
+        try:
+            os.makedirs(target, exist_ok=True)
+        except OSError as e:
+            res["mkdir_target"] = err(e)
+            target = "/tmp" if os.path.isdir("/tmp") else "/"
         res["mount_tmpfs"] = try_mount("tmpfs", target, "tmpfs", 0, "size=1m")
         res["make_shared_root"] = syscall("mount", None, ctypes.c_char_p(b"/"), None,
                                           ctypes.c_ulong(MS_SHARED | MS_REC), None)
@@ -850,7 +898,7 @@ def check_15(params: dict) -> dict:  # type: ignore[type-arg]
         res["umount_proc_sys"] = syscall("umount2", ctypes.c_char_p(b"/proc/sys"), MNT_DETACH)
         res["umount_proc_kcore_mask"] = syscall("umount2", ctypes.c_char_p(b"/proc/timer_list"), MNT_DETACH)
         res["fsopen_tmpfs"] = syscall("fsopen", ctypes.c_char_p(b"tmpfs"), 0)
-        os.rmdir(target)
+        drop_dir(target)
         return res
 
     return {"shared": shared, "mounts": len(infos), "attempts": in_child(attempt)}
