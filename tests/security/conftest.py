@@ -80,6 +80,12 @@ def host_processes_with(marker: str) -> list[tuple[int, str]]:
 
 
 @pytest.fixture
+def leftovers() -> Callable[[str], list[tuple[int, str]]]:
+    """``leftovers(marker)``: host processes still carrying ``marker`` in their argv."""
+    return host_processes_with
+
+
+@pytest.fixture
 def marker() -> str:
     return f"silo-sectest-{uuid.uuid4().hex[:12]}"
 

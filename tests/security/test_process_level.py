@@ -25,7 +25,6 @@ import pytest
 
 from silo import SiloError, SpecError
 
-
 REPO = Path(__file__).resolve().parents[2]
 # What a refused open-for-write may say; each test narrows it where it can.
 WRITE_REFUSED = {"EROFS", "EACCES", "EPERM"}
@@ -653,7 +652,7 @@ def test_15_no_shared_mounts_and_mounting_is_denied(sb: Any, marker: str) -> Non
 def assert_no_mapping_to_root(lines: list[str]) -> None:
     assert lines, "empty id map"
     for line in lines:
-        inside, outside, count = (int(x) for x in line.split())
+        _inside, outside, count = (int(x) for x in line.split())
         assert not outside <= 0 < outside + count, f"maps host id 0: {line!r}"
 
 
@@ -699,7 +698,7 @@ def test_16_sandbox_processes_are_not_host_root_seen_from_the_host(sb: Any, mark
     def run() -> None:
         try:
             sb.run(argv)
-        except BaseException as e:  # noqa: BLE001 - handed to the test thread
+        except BaseException as e:
             errors.append(e)
 
     thread = threading.Thread(target=run)
