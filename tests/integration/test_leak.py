@@ -1,0 +1,124 @@
+"""Leak test: 500 sandboxes through one ``Sandbox`` leave the spawner as they found it.
+
+After the runs (450 plain ``/bin/true``, 50 under a memory limit, plus a few killed and
+failed ones): no new host mounts, no child process of the spawner left, the spawner's
+open fd count back to its baseline, no cgroup directory of the spawner's jobs left
+under ``/sys/fs/cgroup/*/silo/``, nothing in the scratch directory, and this process's
+own fd count unchanged.
+
+The spawner is the SDK's per-process helper: a child of this test process whose command
+line runs ``silo.spawner``.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import pytest
+
+from silo import CommandNotFound, Sandbox
+from silo.engine import host as hostmod
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+
+if os.geteuid() != 0:
+    pytest.skip("the leak test runs as root", allow_module_level=True)
+
+T = TypeVar("T")
+
+
+def _ppid(pid: str) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    return int(data[data.rindex(b")") + 2:].split()[1])
+
+
+def _children(pid: int) -> list[int]:
+    return [int(e) for e in os.listdir("/proc") if e.isdigit() and _ppid(e) == pid]
+
+
+def _spawner() -> int:
+    found = []
+    for pid in _children(os.getpid()):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"silo.spawner" in f.read():
+                    found.append(pid)
+        except OSError:
+            continue
+    assert len(found) == 1, f"expected one spawner child of the test process, found {found}"
+    return found[0]
+
+
+def _fds(pid: int) -> list[str]:
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out.append(f"{fd}->{os.readlink(f'/proc/{pid}/fd/{fd}')}")
+        except OSError:
+            continue
+    return sorted(out)
+
+
+def _mounts() -> set[str]:
+    with open("/proc/self/mountinfo") as f:
+        return {" ".join(line.split()[3:5]) for line in f}
+
+
+def _cgroups(spawner: int) -> list[str]:
+    pattern = f"job-{spawner}-*"
+    return sorted(glob.glob(f"/sys/fs/cgroup/*/silo/{pattern}") + glob.glob(f"/sys/fs/cgroup/silo/{pattern}"))
+
+
+def _settle(probe: Callable[[], T], good: Callable[[T], bool], timeout: float = 5.0) -> T:
+    deadline = time.monotonic() + timeout
+    value = probe()
+    while not good(value) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        value = probe()
+    return value
+
+
+def test_500_runs_leave_nothing_behind() -> None:
+    with Sandbox() as sb, Sandbox(memory="64M") as limited:
+        # warm up: the spawner is started, both connections exist and sit idle
+        assert sb.run(["/bin/true"]).exit_code == 0
+        assert limited.run(["/bin/true"]).exit_code == 0
+        spawner = _spawner()
+        time.sleep(0.5)  # the spawner refills its network-namespace pool when idle
+        fds_before = _fds(spawner)
+        own_fds_before = len(os.listdir("/proc/self/fd"))
+        mounts_before = _mounts()
+
+        start = time.monotonic()
+        for _ in range(450):
+            r = sb.run(["/bin/true"])
+            assert r.exit_code == 0, r.stderr
+        for _ in range(50):
+            r = limited.run(["/bin/true"])
+            assert r.exit_code == 0, r.stderr
+        # and some that end badly
+        for _ in range(5):
+            assert sb.run(["sleep", "5"], timeout=0.05).exit_code == 137
+            with pytest.raises(CommandNotFound):
+                sb.run(["no-such-command"])
+            proc = limited.start(["sleep", "30"])
+            proc.kill()
+            assert proc.wait(timeout=10).exit_code == 137
+        elapsed = time.monotonic() - start
+        assert elapsed < 120, f"500 runs took {elapsed:.1f}s"
+
+        assert _settle(lambda: _children(spawner), lambda v: not v) == [], "processes left under the spawner"
+        assert _settle(lambda: _cgroups(spawner), lambda v: not v) == [], "cgroups left behind"
+        fds_after = _settle(lambda: _fds(spawner), lambda v: len(v) <= len(fds_before))
+        assert len(fds_after) <= len(fds_before), sorted(set(fds_after) - set(fds_before))
+        assert _mounts() - mounts_before == set()
+        assert os.listdir(hostmod.host().scratch) == []
+        assert len(os.listdir("/proc/self/fd")) <= own_fds_before

@@ -1,0 +1,423 @@
+"""The planner turns a Spec into the exact list of operations; nothing is executed.
+
+The planner reads the host (system directories, the skeleton cache, mount sources);
+these tests let it, but give it a fake :class:`~silo.engine.host.Host` whose runtime
+and cache directories are temporary, so planning "as root" and "as uid 1000" can both
+be checked on any machine, without root.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import marshal
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from silo.engine import host as hostmod
+from silo.engine import planner
+from silo.model import plan as p
+from silo.model.errors import NotFoundError, ProtocolError, SpecError
+from silo.model.spec import Isolation, Limits, Mount, Spec, User
+
+BASE = 1_000_000_000
+DEV_NODES = {"null", "zero", "full", "random", "urandom", "tty"}
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("silo-cache")
+
+
+@pytest.fixture
+def fake_host(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, cache_dir: Path) -> Callable[[int], hostmod.Host]:
+    """``fake_host(uid)`` makes the planner see a host where silo runs as ``uid``."""
+
+    def use(uid: int) -> hostmod.Host:
+        runtime = tmp_path / f"run-{uid}"
+        (runtime / "scratch").mkdir(parents=True, exist_ok=True)
+        base, count = (BASE, 65536) if uid == 0 else (uid, 1)
+        h = hostmod.Host(uid, uid, str(runtime), str(cache_dir), base, count)
+        monkeypatch.setattr(hostmod, "host", lambda: h)
+        monkeypatch.setattr(hostmod, "_checked", (0.0, ""))  # no skeleton from another cache
+        return h
+
+    return use
+
+
+@pytest.fixture
+def root_host(fake_host: Callable[[int], hostmod.Host]) -> hostmod.Host:
+    return fake_host(0)
+
+
+@pytest.fixture
+def every_proc_entry(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Pretend every /proc entry exists (a fresh procfs on another kernel may have them all)."""
+    real = os.path.lexists
+
+    def lexists(path: Any) -> bool:
+        return True if os.fsdecode(path).startswith("/proc/") else real(path)
+
+    monkeypatch.setattr(planner.os.path, "lexists", lexists)
+    yield
+
+
+def _ops(plan: p.Plan, cls: type[Any]) -> list[Any]:
+    return [op for op in plan.ops if isinstance(op, cls)]
+
+
+def _index(plan: p.Plan, op: Any) -> int:
+    return plan.ops.index(op)
+
+
+# process level, root = host ---------------------------------------------------------------------
+
+
+def test_host_root_plan_shape(root_host: hostmod.Host, every_proc_entry: None, tmp_path: Path) -> None:
+    src_dir = tmp_path / "data"
+    src_dir.mkdir()
+    src_file = tmp_path / "conf.txt"
+    src_file.write_text("x")
+    spec = Spec(mounts=(Mount.make(str(src_dir), "/data"), Mount.make(str(src_file), "/etc/app.conf", True)),
+                hostname="box1")
+    plan = planner.plan(spec, ["/bin/true"])
+    scratch = root_host.scratch
+    root = f"{scratch}/root"
+    ops = plan.ops
+
+    # make-private first, pivot-root last
+    assert ops[0] == p.MakePrivate()
+    assert ops[-1] == p.PivotRoot(root)
+    assert len(_ops(plan, p.PivotRoot)) == 1
+
+    # the scratch tmpfs comes right after, before anything is created in it
+    assert isinstance(ops[1], p.Tmpfs) and ops[1].target == scratch
+    assert "size=" in ops[1].options and not ops[1].readonly
+    assert all(_index(plan, m) > 1 for m in _ops(plan, p.Mkdir))
+
+    # the overlay of the skeleton onto the new root, upper and work inside the scratch tmpfs
+    skeleton = hostmod.skeleton()
+    assert skeleton.startswith(str(root_host.cache_dir))
+    root_ov = p.Overlay(root, (skeleton,), f"{scratch}/u/root", f"{scratch}/w/root")
+    assert root_ov in ops
+    for d in (f"{scratch}/u/root", f"{scratch}/w/root"):
+        assert _index(plan, p.Mkdir(d)) < _index(plan, root_ov)
+    # generated passwd/group land in the upper, never the host's
+    passwd = [w for w in _ops(plan, p.WriteFile) if w.path == f"{scratch}/u/root/etc/passwd"]
+    assert len(passwd) == 1 and passwd[0].data.startswith(b"root:x:0:0:")
+    assert all(w.path.startswith(f"{scratch}/u/root/etc/") for w in _ops(plan, p.WriteFile))
+    hosts = [w for w in _ops(plan, p.WriteFile) if w.path.endswith("/etc/hosts")]
+    assert b"box1" in hosts[0].data
+
+    # each of the host's real system directories gets its own overlay, /usr above all
+    usr_ov = p.Overlay(f"{root}/usr", ("/usr",), f"{scratch}/u/usr", f"{scratch}/w/usr")
+    assert usr_ov in ops
+    assert _index(plan, root_ov) < _index(plan, usr_ov)
+    for name, real in hostmod.system_dirs():
+        overlays = [o for o in _ops(plan, p.Overlay) if o.target == f"{root}/{name}"]
+        assert len(overlays) == (1 if real else 0), name
+    assert all(o.userxattr for o in _ops(plan, p.Overlay))
+
+    # a fresh /proc with the masks and read-only /proc/sys, all after the proc mount
+    proc = p.Proc(f"{root}/proc")
+    assert proc in ops
+    masks = {m.path for m in _ops(plan, p.Mask)}
+    for name in ("kcore", "keys", "sysrq-trigger", "timer_list", "sched_debug", "kallsyms"):
+        assert f"{root}/proc/{name}" in masks, name
+    assert all(_index(plan, m) > _index(plan, proc) for m in _ops(plan, p.Mask))
+    ro = p.ReadOnly(f"{root}/proc/sys")
+    assert ro in ops and _index(plan, ro) > _index(plan, proc)
+
+    # /dev: a small tmpfs with exactly these nodes, devpts, shm
+    dev = [t for t in _ops(plan, p.Tmpfs) if t.target == f"{root}/dev"]
+    assert len(dev) == 1
+    nodes = _ops(plan, p.DevNode)
+    assert {n.target for n in nodes} == {f"{root}/dev/{n}" for n in DEV_NODES}
+    assert len(nodes) == len(DEV_NODES)
+    assert all(n.source == "/dev/" + n.target.rsplit("/", 1)[1] for n in nodes)
+    assert all(_index(plan, n) > _index(plan, dev[0]) for n in nodes)
+    assert p.Devpts(f"{root}/dev/pts") in ops
+    assert p.Symlink("pts/ptmx", f"{root}/dev/ptmx") in ops
+    assert any(t.target == f"{root}/dev/shm" for t in _ops(plan, p.Tmpfs))
+
+    # user mounts: resolved inside the new root (within=root), after the root is built
+    binds = _ops(plan, p.Bind)
+    assert binds == [
+        p.Bind(str(src_dir), "/data", root, readonly=False, create="dir"),
+        p.Bind(str(src_file), "/etc/app.conf", root, readonly=True, create="file"),
+    ]
+    assert all(_index(plan, b) > _index(plan, usr_ov) for b in binds)
+    assert all(_index(plan, b) > _index(plan, dev[0]) for b in binds)
+
+    assert p.Hostname("box1") in ops
+    assert p.LoopbackUp() in ops
+    assert plan.namespaces == ("user", "mnt", "pid", "ipc", "uts", "net", "cgroup")
+    proc_ = plan.process
+    assert proc_.harden and proc_.init and proc_.no_new_privs and proc_.new_session
+    assert proc_.seccomp == "default" and proc_.caps == ()
+
+
+def test_masks_only_what_the_host_has(root_host: hostmod.Host) -> None:
+    plan = planner.plan(Spec(), ["true"])
+    root = f"{root_host.scratch}/root"
+    masked = {m.path.rsplit("/", 1)[1] for m in _ops(plan, p.Mask)}
+    for name in planner.PROC_MASKED:
+        assert (name in masked) == os.path.lexists(f"/proc/{name}"), name
+    assert p.ReadOnly(f"{root}/proc/sys") in plan.ops  # /proc/sys always exists
+
+
+def test_uid_map_as_root_never_maps_host_zero(root_host: hostmod.Host) -> None:
+    for user in (User(0, 0), User(1000, 1000), User(65535, 65535)):
+        plan = planner.plan(Spec(user=user), ["id"])
+        for maps in (plan.uid_map, plan.gid_map):
+            assert maps == (p.IdMap(0, BASE, 65536),)
+            for m in maps:
+                assert not (m.outside <= 0 < m.outside + m.count)
+        assert plan.process.uid == user.uid and plan.process.gid == user.gid
+        assert plan.process.setgroups is True
+
+
+def test_uid_map_unprivileged_maps_only_the_caller(fake_host: Callable[[int], hostmod.Host]) -> None:
+    fake_host(1000)
+    plan = planner.plan(Spec(), ["id"])
+    assert plan.uid_map == (p.IdMap(0, 1000, 1),)
+    assert plan.gid_map == (p.IdMap(0, 1000, 1),)
+    assert plan.process.setgroups is False  # rootless: setgroups is denied
+    plan = planner.plan(Spec(user=User(1234, 99)), ["id"])
+    assert plan.uid_map == (p.IdMap(1234, 1000, 1),)
+    assert plan.gid_map == (p.IdMap(99, 1000, 1),)
+    assert (plan.process.uid, plan.process.gid) == (1234, 99)
+
+
+@pytest.mark.parametrize("raw", ["0:65536", "-5:10", "1:0", "x:y", "100"])
+def test_idmap_config_refuses_ranges_with_host_zero(monkeypatch: pytest.MonkeyPatch, raw: str) -> None:
+    monkeypatch.setenv("SILO_IDMAP", raw)
+    with pytest.raises(SpecError):
+        hostmod.idmap_config()
+
+
+def test_idmap_config_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SILO_IDMAP", "200000:1000")
+    assert hostmod.idmap_config() == (200000, 1000)
+
+
+def test_non_root_sandbox_user_gets_a_home(root_host: hostmod.Host) -> None:
+    plan = planner.plan(Spec(user=User(1000, 1001)), ["id"])
+    upper = f"{root_host.scratch}/u/root"
+    assert p.Mkdir(f"{upper}/home/user", 0o755, 1000, 1001) in plan.ops
+    passwd = next(w for w in _ops(plan, p.WriteFile) if w.path.endswith("/passwd"))
+    assert b"user:x:1000:1001:" in passwd.data
+    assert dict(plan.process.env)["HOME"] == "/home/user"
+
+
+def test_environment_is_only_spec_env_and_path_home_term(root_host: hostmod.Host,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "hunter2")
+    monkeypatch.setenv("LD_PRELOAD", "/evil.so")
+    spec = Spec(env=(("A", "1"), ("PATH", "/opt/bin")))
+    env = dict(planner.plan(spec, ["env"], term="xterm-256color").process.env)
+    assert env == {"PATH": "/opt/bin", "HOME": "/root", "TERM": "xterm-256color", "A": "1"}
+    env = dict(planner.plan(Spec(), ["env"]).process.env)
+    assert env == {"PATH": planner.DEFAULT_PATH, "HOME": "/root"}
+
+
+def test_limits_and_timeout_are_carried(root_host: hostmod.Host) -> None:
+    spec = Spec(limits=Limits(memory=32 << 20, cpus=1.5, pids=16), timeout=2.5,
+                rlimits=(("nofile", 64, 64),), caps=("NET_BIND_SERVICE",), workdir="/w")
+    plan = planner.plan(spec, ["x"])
+    assert (plan.memory, plan.cpus, plan.pids, plan.timeout) == (32 << 20, 1.5, 16, 2.5)
+    assert plan.process.rlimits == (("nofile", 64, 64),)
+    assert plan.process.caps == ("NET_BIND_SERVICE",)
+    assert plan.process.cwd == "/w"
+
+
+# errors ----------------------------------------------------------------------------------
+
+
+def test_missing_mount_source(root_host: hostmod.Host, tmp_path: Path) -> None:
+    missing = tmp_path / "nope"
+    with pytest.raises(NotFoundError, match=f"mount source {missing} does not exist"):
+        planner.plan(Spec(mounts=(Mount.make(str(missing), "/data"),)), ["true"])
+
+
+def test_relative_mount_source(root_host: hostmod.Host, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(SpecError, match="absolute host path"):
+        Mount.parse("data:/data")
+    # A Mount built directly (silo.Mount is public) bypasses Mount.make: the planner must
+    # still refuse a relative source, even when it happens to exist in the planner's cwd.
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SpecError):
+        planner.plan(Spec(mounts=(Mount("data", "/data"),)), ["true"])
+
+
+def test_no_command(root_host: hostmod.Host) -> None:
+    with pytest.raises(SpecError, match="no command given"):
+        planner.plan(Spec(), [])
+    with pytest.raises(SpecError, match="NUL"):
+        planner.plan(Spec(), ["a\0b"])
+
+
+def test_missing_root_dir(root_host: hostmod.Host, tmp_path: Path) -> None:
+    with pytest.raises(NotFoundError, match=r"root directory .* does not exist"):
+        planner.plan(Spec(root=str(tmp_path / "image")), ["true"])
+
+
+def test_missing_seccomp_profile(root_host: hostmod.Host, tmp_path: Path) -> None:
+    with pytest.raises(NotFoundError, match="seccomp profile"):
+        planner.plan(Spec(seccomp=str(tmp_path / "p.json")), ["true"])
+
+
+# image root ----------------------------------------------------------------------------------
+
+
+def test_image_root_plan(root_host: hostmod.Host, tmp_path: Path) -> None:
+    image = tmp_path / "image"
+    (image / "etc").mkdir(parents=True)
+    (image / "bin").mkdir()
+    link = tmp_path / "image-link"
+    link.symlink_to(image)
+    plan = planner.plan(Spec(root=str(link), hostname="img"), ["/bin/sh"])
+    scratch = root_host.scratch
+    root, upper = f"{scratch}/root", f"{scratch}/u/root"
+    overlays = _ops(plan, p.Overlay)
+    # only the image as the lower layer (its real path), no host system directories
+    assert overlays == [p.Overlay(root, (str(image),), upper, f"{scratch}/w/root")]
+    assert not any(o.lower == ("/usr",) for o in overlays)
+    assert p.Mkdir(f"{upper}/proc") in plan.ops
+    assert p.Mkdir(f"{upper}/dev") in plan.ops
+    assert p.Mkdir(f"{upper}/tmp", 0o1777) in plan.ops
+    written = {w.path: w.data for w in _ops(plan, p.WriteFile)}
+    assert written == {f"{upper}/etc/hosts": planner._hosts("img"), f"{upper}/etc/hostname": b"img\n"}
+    assert plan.ops[0] == p.MakePrivate() and plan.ops[-1] == p.PivotRoot(root)
+    assert p.Proc(f"{root}/proc") in plan.ops
+    assert {n.target for n in _ops(plan, p.DevNode)} == {f"{root}/dev/{n}" for n in DEV_NODES}
+
+
+def test_image_root_without_etc_writes_no_etc(root_host: hostmod.Host, tmp_path: Path) -> None:
+    image = tmp_path / "image"
+    image.mkdir()
+    plan = planner.plan(Spec(root=str(image)), ["/bin/sh"])
+    assert _ops(plan, p.WriteFile) == []
+
+
+# app level ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("uid", [0, 1000])
+def test_app_level_plan(fake_host: Callable[[int], hostmod.Host], tmp_path: Path, uid: int) -> None:
+    h = fake_host(uid)
+    home = tmp_path / "home"
+    home.mkdir()
+    cow = tmp_path / "project"
+    cow.mkdir()
+    spec = Spec(isolation=Isolation.APP, cow=(str(cow),), env=(("X", "1"),))
+    caller_env = {"HOME": str(home), "PATH": "/usr/bin", "SSH_AUTH_SOCK": "/tmp/agent"}
+    plan = planner.plan(spec, ["make"], caller_env=caller_env, caller_cwd=str(cow))
+    scratch = h.scratch
+    assert plan.isolation == "app"
+    assert plan.ops[0] == p.MakePrivate()
+    assert plan.ops[1] == p.Tmpfs(scratch, plan.ops[1].options)
+    assert _ops(plan, p.Overlay) == [
+        p.Overlay(str(home), (str(home),), f"{scratch}/u0", f"{scratch}/w0", userxattr=uid != 0),
+        p.Overlay(str(cow), (str(cow),), f"{scratch}/u1", f"{scratch}/w1", userxattr=uid != 0),
+    ]
+    assert plan.ops[-1] == p.Unmount(scratch)  # the overlays keep their own references
+    for absent in (p.PivotRoot, p.Proc, p.DevNode, p.Bind, p.Hostname):
+        assert _ops(plan, absent) == []
+    proc = plan.process
+    assert proc.seccomp == "unconfined" and not proc.harden and not proc.no_new_privs and not proc.init
+    assert (proc.uid, proc.gid) == (uid, uid)  # the calling user
+    assert proc.cwd == str(cow)
+    assert dict(proc.env) == {**caller_env, "X": "1"}  # the caller's environment, plus the spec's
+    if uid == 0:
+        assert plan.namespaces == ("mnt",) and plan.uid_map == ()
+    else:
+        assert plan.namespaces == ("user", "mnt")
+        assert plan.uid_map == (p.IdMap(1000, 1000, 1),) and plan.gid_map == (p.IdMap(1000, 1000, 1),)
+    assert "net" not in plan.namespaces  # the host's network
+
+
+def test_app_level_keep_uses_the_keep_dir(root_host: hostmod.Host, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    keep = tmp_path / "keep"
+    spec = Spec(isolation=Isolation.APP, keep=str(keep))
+    plan = planner.plan(spec, ["true"], caller_env={"HOME": str(home)}, caller_cwd="/")
+    upper, work = planner.keep_layout(str(keep), str(home))
+    assert upper.startswith(str(keep)) and work.startswith(str(keep))
+    assert _ops(plan, p.Overlay) == [p.Overlay(str(home), (str(home),), upper, work, userxattr=False)]
+    assert _ops(plan, p.Tmpfs) == [] and _ops(plan, p.Unmount) == []
+
+
+def test_app_level_missing_cow(root_host: hostmod.Host, tmp_path: Path) -> None:
+    spec = Spec(isolation=Isolation.APP, cow=(str(tmp_path / "missing"),))
+    with pytest.raises(NotFoundError, match="--cow path"):
+        planner.plan(spec, ["true"], caller_env={"HOME": str(tmp_path)}, caller_cwd="/")
+
+
+# the wire form and describe() ----------------------------------------------------------------------
+
+
+def _full_plan(tmp_path: Path) -> p.Plan:
+    src = tmp_path / "src"
+    src.mkdir()
+    spec = Spec(mounts=(Mount.make(str(src), "/src", True),), env=(("A", "1"),), user=User(1000, 1000),
+                limits=Limits(memory=256 << 20, cpus=0.5, pids=64), timeout=3.0,
+                rlimits=(("nofile", 64, 128),), caps=("CHOWN",))
+    return planner.plan(spec, ["sh", "-c", "echo hi"], term="xterm")
+
+
+def test_wire_round_trip(root_host: hostmod.Host, tmp_path: Path) -> None:
+    plan = _full_plan(tmp_path)
+    wire = plan.to_wire()
+    assert p.Plan.from_wire(wire) == plan
+    # the spawner receives it through marshal
+    assert p.Plan.from_wire(marshal.loads(marshal.dumps(wire))) == plan
+    # every op kind survives
+    kinds = {op.name for op in plan.ops}
+    assert {"make-private", "tmpfs", "mkdir", "symlink", "write-file", "overlay", "bind", "dev-node",
+            "proc", "devpts", "read-only", "hostname", "loopback-up", "pivot-root"} <= kinds
+    app = planner.plan(Spec(isolation=Isolation.APP), ["true"], caller_env={"HOME": str(tmp_path)},
+                       caller_cwd="/")
+    assert p.Plan.from_wire(marshal.loads(marshal.dumps(app.to_wire()))) == app
+    # the identity cache of the wire form does not confuse two equal-looking plans
+    other = dataclasses.replace(plan, ops=plan.ops[:-1])
+    assert p.Plan.from_wire(other.to_wire()) == other
+
+
+@pytest.mark.parametrize("bad", [
+    None, (), ("process",), 42,
+    ("process", (), (), (), (("no-such-op",),), ("true",), None, None, None, None),
+])
+def test_from_wire_rejects_garbage(bad: Any) -> None:
+    with pytest.raises(ProtocolError, match="malformed plan"):
+        p.Plan.from_wire(bad)
+
+
+def test_describe(root_host: hostmod.Host, tmp_path: Path) -> None:
+    plan = _full_plan(tmp_path)
+    lines = plan.describe()
+    root = f"{root_host.scratch}/root"
+    assert lines[0] == "isolation process"
+    assert lines[1] == "unshare user mnt pid ipc uts net cgroup"
+    assert f"map uid 0 -> host {BASE} (count 65536)" in lines
+    assert f"map gid 0 -> host {BASE} (count 65536)" in lines
+    assert f"limit memory {256 << 20}" in lines
+    assert "limit cpus 0.5" in lines and "limit pids 64" in lines and "limit timeout 3.0" in lines
+    assert "make-private" in lines
+    assert f"pivot-root new_root={root}" in lines
+    assert f"proc target={root}/proc" in lines
+    assert f"bind source={tmp_path / 'src'} target=/src within={root} readonly=True recursive=True create=dir" in lines
+    passwd = [line for line in lines if line.startswith("write-file") and "/etc/passwd" in line]
+    assert len(passwd) == 1 and "data=<" in passwd[0] and " bytes>" in passwd[0]
+    assert "identity uid=1000 gid=1000 caps=CHOWN no_new_privs=True seccomp=default" in lines
+    assert "rlimit nofile 64:128" in lines
+    assert lines[-2] == "env PATH HOME TERM A"  # names only, never values
+    assert lines[-1] == "exec cwd=/ sh -c echo hi"
+    # one line per operation, in plan order
+    op_lines = [line for line in lines if line.split(" ", 1)[0] in p.OP_CLASSES]
+    assert [line.split(" ", 1)[0] for line in op_lines] == [op.name for op in plan.ops]
