@@ -273,8 +273,8 @@ def test_unprivileged_user(silo_cli: list[str]) -> None:
     os.chown(changed, user.pw_uid, user.pw_gid)
     env = {"PATH": "/usr/bin:/bin", "HOME": str(uhome), "SILO_RUNTIME_DIR": rt}
     base = ["runuser", "-u", TEST_USER, "--", "env", "-i", *(f"{k}={v}" for k, v in env.items())]
-    before = _snapshot(uhome)
     try:
+        before = _snapshot(uhome)
         script = (f'id -u; echo x > "$HOME/{name}"; echo more >> "$HOME/{name}-changed"; '
                   f'cat "$HOME/{name}"; readlink /proc/self/ns/net')
         cp = subprocess.run([*base, *silo_cli, "run", "--isolation", "app", "--keep", keep, "--",
