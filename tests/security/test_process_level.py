@@ -204,6 +204,15 @@ def make_image(base: Path, links: dict[str, str]) -> Path:
     return root
 
 
+def test_04_control_a_plain_image_runs_the_probe(sb: Any, world_dir: Path) -> None:
+    """Without this, the hostile-image tests below could pass only because image roots
+    never work at all."""
+    root = make_image(world_dir, {})
+    f = sb.probe("4", root=str(root), mounts=["/usr:/usr:ro"])["4"]
+    assert_masked(f["masked"])
+    assert f["dev"]["null"].get("dev") == [1, 3], f["dev"]
+
+
 @pytest.mark.parametrize("image", sorted(HOSTILE_IMAGES))
 def test_04_masks_hold_in_an_image_with_symlinked_dev_entries(
         sb: Any, world_dir: Path, image: str) -> None:
