@@ -102,12 +102,11 @@ def _private_dir(path: str, uid: int) -> str:
 @cache
 def host() -> Host:
     uid, gid = os.geteuid(), os.getegid()
-    if uid == 0:
-        cache_dir = "/var/cache/silo"
-    else:
-        cache_dir = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "silo")
     runtime = paths.runtime_dir()
     _private_dir(runtime, uid)
+    # Rootless, the cache sits in the runtime dir: the skeleton's path shows in the
+    # sandbox's mountinfo, and a home directory's path is the host's business.
+    cache_dir = "/var/cache/silo" if uid == 0 else os.path.join(runtime, "cache")
     os.makedirs(os.path.join(runtime, "scratch"), mode=0o711, exist_ok=True)
     os.makedirs(cache_dir, mode=0o755, exist_ok=True)
     base, count = idmap_config() if uid == 0 else (uid, 1)
@@ -115,7 +114,7 @@ def host() -> Host:
 
 
 def _etc_fingerprint() -> str:
-    h = hashlib.sha256(b"silo-skeleton-v1")
+    h = hashlib.sha256(b"silo-skeleton-v2")
     for name in SYSTEM_DIRS + tuple("etc/" + e for e in ETC_ENTRIES) + ("etc/ssl/certs",):
         try:
             st = os.lstat("/" + name)
@@ -186,6 +185,7 @@ def _skeleton() -> str:
             if os.path.lexists(src):
                 with contextlib.suppress(OSError):
                     _copy_entry(src, os.path.join(tmp, "etc", entry))
+        _chown_tree(tmp, h.idmap_base, h.gid if not h.is_root else h.idmap_base)
         try:
             os.rename(tmp, path)
         except OSError:
@@ -199,6 +199,22 @@ def _skeleton() -> str:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _chown_tree(top: str, uid: int, gid: int) -> None:
+    """Give the skeleton to the sandbox's root (its id 0 maps to ``uid``).
+
+    Overlay copy-up recreates an entry with its owner; an owner the sandbox's user
+    namespace does not map (host root) makes every write below it fail with EOVERFLOW.
+    Nothing in the skeleton is secret, and the sandbox only ever sees it as a
+    read-only lower layer.
+    """
+    if os.geteuid() != 0:
+        return  # rootless: already the user's own, which is what the sandbox maps
+    for root, dirs, files in os.walk(top):
+        for name in (*dirs, *files):
+            os.lchown(os.path.join(root, name), uid, gid)
+    os.lchown(top, uid, gid)
 
 
 def system_dirs() -> list[tuple[str, bool]]:

@@ -33,7 +33,7 @@ def code_token() -> str:
     while stack:
         with os.scandir(stack.pop()) as it:
             for entry in it:
-                if entry.name.endswith(".py"):
+                if entry.name.endswith((".py", ".json")):
                     newest = max(newest, entry.stat().st_mtime_ns)
                     count += 1
                 elif entry.is_dir() and not entry.name.startswith(("_", ".")):

@@ -200,7 +200,10 @@ class Spawner:
         if plan.memory is not None or plan.cpus is not None or plan.pids is not None:
             job.cgroup = self._cgroup_manager().create(
                 f"job-{os.getpid()}-{next(self._seq)}", plan.memory, plan.cpus, plan.pids)
-        netns = self._netns.pop() if (self._netns and "net" in plan.namespaces) else None
+        # A pooled netns belongs to the host's user namespace: a sandbox that keeps a
+        # capability (e.g. NET_BIND_SERVICE) needs one its own user namespace owns.
+        use_pool = self._netns and "net" in plan.namespaces and not proc.caps
+        netns = self._netns.pop() if use_pool else None
         try:
             started = launcher.start(plan, (fds[0], fds[1], fds[2]), self.tini_fd, bpf, job.cgroup, netns)
         except OSError as e:
