@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import os
 import re
 import socket
@@ -547,6 +548,55 @@ def test_11_ipc_namespace_is_private(sb: Any, host_bait: Any) -> None:
     f = sb.probe("11")["11"]
     assert f["sysvipc"] == {"shm": 0, "msg": 0, "sem": 0}, f["sysvipc"]
     assert f["mqueue"]["exists"] is False, f["mqueue"]
+
+
+LISTENER = """
+import json, os, socket, sys, time
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.bind("\\0" + sys.argv[1])
+s.listen(1)
+start = time.time()
+time.sleep(float(sys.argv[2]))
+ns = {n: os.readlink("/proc/self/ns/" + n) for n in ("net", "ipc", "uts", "pid", "mnt", "user", "cgroup")}
+print(json.dumps({"from": start, "to": time.time(), "ns": ns}))
+"""
+CONNECTOR = """
+import errno, json, os, socket, sys, time
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+at = time.time()
+try:
+    s.connect("\\0" + sys.argv[1])
+    got = "ok"
+except OSError as e:
+    got = errno.errorcode[e.errno]
+ns = {n: os.readlink("/proc/self/ns/" + n) for n in ("net", "ipc", "uts", "pid", "mnt", "user", "cgroup")}
+print(json.dumps({"at": at, "connect": got, "ns": ns}))
+"""
+
+
+def test_11_concurrent_sandboxes_share_no_namespace(sb: Any, marker: str) -> None:
+    """Another workspace is as foreign as the host: its abstract socket is unreachable
+    and none of its namespaces is shared (a pooled namespace must never be reused)."""
+    out: list[Any] = []
+
+    def listen() -> None:
+        try:
+            out.append(sb.run(["/usr/bin/python3", "-c", LISTENER, marker, "3"]))
+        except BaseException as e:
+            out.append(e)
+
+    thread = threading.Thread(target=listen)
+    thread.start()
+    time.sleep(1.0)
+    other = sb.run(["/usr/bin/python3", "-c", CONNECTOR, marker])
+    thread.join(60)
+    assert out and not isinstance(out[0], BaseException), out
+    a = json.loads(out[0].stdout)
+    b = json.loads(other.stdout)
+    assert a["from"] < b["at"] < a["to"], "the listener was not up during the attempt; timing too tight"
+    assert b["connect"] == "ECONNREFUSED", b
+    shared = {n for n in a["ns"] if a["ns"][n] == b["ns"][n]}
+    assert shared == set(), f"namespaces shared between two sandboxes: {shared}"
 
 
 # --------------------------------------------------------------------------------------
