@@ -359,9 +359,26 @@ def test_root_dir_image(cli, image: Path, hostdir: Path) -> None:  # type: ignor
     assert sorted(os.listdir(image)) == ["bin", "etc"]
 
 
-def test_root_dir_image_is_writable_through_the_overlay(cli, image: Path) -> None:  # type: ignore[no-untyped-def]
+def test_root_dir_image_is_writable_through_the_overlay(cli, shared: Path) -> None:  # type: ignore[no-untyped-def]
+    # An image owned by silo's id range (what a root-run sandbox's root maps to) is
+    # writable through the overlay; the image itself never changes.
+    image = _make_image(shared / "image-owned")
+    base = 1_000_000_000
+    for root, dirs, files in os.walk(image):
+        for name in (*dirs, *files):
+            os.lchown(os.path.join(root, name), base, base)
+    os.lchown(image, base, base)
     script = "echo changed > /etc/image-release && cat /etc/image-release; echo t > /tmp/t && cat /tmp/t"
     assert _ok(cli("run", "--root", str(image), "--", "sh", "-c", script)) == "changed\nt\n"
+    assert (image / "etc" / "image-release").read_text() == "tiny\n"
+
+
+def test_root_dir_image_owned_by_host_root_stays_read_only(cli, image: Path) -> None:  # type: ignore[no-untyped-def]
+    # Host root is never mapped into a sandbox (SECURITY.md #16): its files in an image
+    # show as nobody's and the sandbox's root cannot change them, even through the overlay.
+    cp = cli("run", "--root", str(image), "--", "sh", "-c", "echo changed > /etc/image-release")
+    assert cp.returncode != 0
+    assert b"Permission denied" in cp.stderr
     assert (image / "etc" / "image-release").read_text() == "tiny\n"
 
 

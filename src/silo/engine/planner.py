@@ -49,6 +49,8 @@ def _hosts(hostname: str) -> bytes:
 
 def _check_source(source: str) -> bool:
     """Returns whether the mount source is a directory; raises if it is missing."""
+    if not os.path.isabs(source):
+        raise SpecError(f"bad mount source {source!r}: it must be an absolute host path (try $PWD/{source})")
     if not os.path.exists(source):
         raise NotFoundError(f"mount source {source} does not exist: create it or fix the path")
     return os.path.isdir(source)
@@ -180,14 +182,16 @@ def _plan_app(spec: Spec, argv: Sequence[str], caller_env: dict[str, str], cwd: 
         ops.append(p.Overlay(path, (path,), upper, work, userxattr=not h.is_root))
     if spec.keep is None:
         ops.append(p.Unmount(scratch))
+    ops.append(p.Proc("/proc"))  # of the app's own pid namespace
     env = dict(caller_env)
     env.update(dict(spec.env))
-    namespaces = ("mnt",) if h.is_root else ("user", "mnt")
+    # A pid namespace (and tini as its init) so nothing the app starts outlives it.
+    namespaces = ("mnt", "pid") if h.is_root else ("user", "mnt", "pid")
     idmap = () if h.is_root else (p.IdMap(h.uid, h.uid, 1),)
     gidmap = () if h.is_root else (p.IdMap(h.gid, h.gid, 1),)
     process = p.Process(
         argv=tuple(argv), env=tuple(env.items()), cwd=spec.workdir or cwd, uid=h.uid, gid=h.gid,
-        no_new_privs=False, seccomp="unconfined", new_session=True, init=False, harden=False,
+        no_new_privs=False, seccomp="unconfined", new_session=True, init=True, harden=False,
         setgroups=False, tty=tty,
     )
     return p.Plan(isolation="app", namespaces=namespaces, uid_map=idmap, gid_map=gidmap, ops=tuple(ops),

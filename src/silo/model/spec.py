@@ -49,8 +49,8 @@ RLIMITS = ("nofile", "nproc", "core", "stack", "fsize", "as", "cpu", "memlock")
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$", re.IGNORECASE)
-_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_HOSTNAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+_ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_HOSTNAME_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
@@ -180,7 +180,7 @@ class Limits:
 
 def parse_env_entry(untrusted: str) -> tuple[str, str]:
     name, sep, value = untrusted.partition("=")
-    if not sep or not _ENV_NAME_RE.match(name):
+    if not sep or not _ENV_NAME_RE.fullmatch(name):
         raise SpecError(f"bad environment entry {untrusted!r}: use NAME=VALUE")
     if "\0" in value:
         raise SpecError(f"bad environment entry {name!r}: the value contains a NUL byte")
@@ -216,7 +216,7 @@ def parse_cap(untrusted: str) -> str:
 
 
 def parse_hostname(untrusted: str) -> str:
-    if not _HOSTNAME_RE.match(untrusted):
+    if not _HOSTNAME_RE.fullmatch(untrusted):
         raise SpecError(f"bad hostname {untrusted!r}: use letters, digits and '-', at most 63")
     return untrusted
 

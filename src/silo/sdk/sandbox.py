@@ -20,6 +20,7 @@ import signal as _signal
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -174,6 +175,12 @@ class Process:
     def kill(self) -> None:
         self.send_signal(_signal.SIGKILL)
 
+    def close(self) -> None:
+        """Kill the sandbox if it still runs and drop the connection (the spawner reaps it)."""
+        if self._result is None:
+            self._result = Result(-1, b"", b"", None, time.monotonic() - self._job.started)
+            client.release(self._sock)  # the spawner kills a disconnected client's sandboxes
+
     def wait(self, timeout: float | None = None) -> Result:
         if self._result is not None:
             return self._result
@@ -206,6 +213,7 @@ class Sandbox:
         self._idle: list[socket.socket] = []
         self._closed = False
         self._base: p.Plan | None = None
+        self._started: weakref.WeakSet[Process] = weakref.WeakSet()
 
     # context management ---------------------------------------------------------
 
@@ -221,8 +229,11 @@ class Sandbox:
         with self._lock:
             self._closed = True
             idle, self._idle = self._idle, []
+            started = list(self._started)
         for sock in idle:
             client.release(sock)
+        for process in started:
+            process.close()
 
     # planning --------------------------------------------------------------------
 
@@ -359,7 +370,10 @@ class Sandbox:
             fds = [null if fd is None else fd for fd in (stdin, stdout, stderr)]
             try:
                 job = _Job(sock, plan, fds)
-                return Process(self, job, sock)
+                process = Process(self, job, sock)
+                with self._lock:
+                    self._started.add(process)
+                return process
             except BaseException:
                 client.release(sock)
                 raise

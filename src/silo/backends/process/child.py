@@ -119,13 +119,13 @@ def _child(plan: p.Plan, sync_fd: int, err_fd: int, stdio: tuple[int, int, int],
         k.unshare(sysk.CLONE_NEWCGROUP)
     executor.execute(k, plan.ops)
     env = dict(proc.env)
-    if "mnt" in plan.namespaces and proc.harden:
+    if "mnt" in plan.namespaces and proc.harden and not os.path.isdir(proc.cwd):
         try:
-            os.makedirs(proc.cwd, exist_ok=True)
-            if proc.uid != 0 and proc.cwd != "/":
+            os.makedirs(proc.cwd)
+            if proc.uid != 0:
                 os.chown(proc.cwd, proc.uid, proc.gid)
-        except OSError:
-            pass
+        except OSError as e:
+            raise UserError(f"cannot create working directory {proc.cwd}: {e.strerror}") from None
     try:
         os.chdir(proc.cwd)
     except OSError as e:
@@ -162,8 +162,10 @@ def _child(plan: p.Plan, sync_fd: int, err_fd: int, stdio: tuple[int, int, int],
     path = _resolve(proc.argv[0], env)
     envp = [f"{k_}={v}".encode() for k_, v in env.items()]
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGPIPE, signal.SIGCHLD):
-        signal.signal(sig, signal.SIG_DFL)
+    # Default dispositions for everything the spawner (or Python: SIGPIPE, SIGXFSZ) changed.
+    for sig in signal.valid_signals():
+        if sig not in (signal.SIGKILL, signal.SIGSTOP) and signal.getsignal(sig) is not signal.SIG_DFL:
+            signal.signal(sig, signal.SIG_DFL)
     # SECURITY: only stdio crosses into the sandbox (SECURITY.md #2).
     sysk.close_range_cloexec(3)
     if bpf is not None:
