@@ -574,20 +574,23 @@ print(json.dumps({"at": at, "connect": got, "ns": ns}))
 """
 
 
-def test_11_concurrent_sandboxes_share_no_namespace(sb: Any, marker: str) -> None:
+def test_11_concurrent_sandboxes_share_no_namespace(sb: Any, marker: str, leftovers: Any) -> None:
     """Another workspace is as foreign as the host: its abstract socket is unreachable
     and none of its namespaces is shared (a pooled namespace must never be reused)."""
     out: list[Any] = []
 
     def listen() -> None:
         try:
-            out.append(sb.run(["/usr/bin/python3", "-c", LISTENER, marker, "3"]))
+            out.append(sb.run(["/usr/bin/python3", "-c", LISTENER, marker, "6"]))
         except BaseException as e:
             out.append(e)
 
     thread = threading.Thread(target=listen)
     thread.start()
-    time.sleep(1.0)
+    deadline = time.monotonic() + 30
+    while not leftovers(marker) and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # the listener is running: give it time to bind
     other = sb.run(["/usr/bin/python3", "-c", CONNECTOR, marker])
     thread.join(60)
     assert out and not isinstance(out[0], BaseException), out
