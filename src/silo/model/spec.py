@@ -265,7 +265,11 @@ class Spec:
 
     def __post_init__(self) -> None:
         if self.workdir is not None:
-            object.__setattr__(self, "workdir", _check_guest_path(self.workdir, "working directory"))
+            workdir = _check_guest_path(self.workdir, "working directory")
+            if workdir == "/proc" or workdir.startswith("/proc/"):
+                # SECURITY: /proc/self/fd/N as a cwd was runc's CVE-2024-21626.
+                raise SpecError(f"bad working directory {self.workdir!r}: it cannot be inside /proc")
+            object.__setattr__(self, "workdir", workdir)
         if self.root != "host" and not self.root.startswith("/"):
             raise SpecError(f"bad root {self.root!r}: use 'host' or an absolute path to an image directory")
         if self.isolation is not Isolation.APP and (self.cow or self.keep):

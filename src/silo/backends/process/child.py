@@ -128,8 +128,12 @@ def _child(plan: p.Plan, sync_fd: int, err_fd: int, stdio: tuple[int, int, int],
             raise UserError(f"cannot create working directory {proc.cwd}: {e.strerror}") from None
     try:
         os.chdir(proc.cwd)
+        # SECURITY: a cwd outside the new root has no path from it (CVE-2024-21626).
+        inside = "pid" not in plan.namespaces or os.getcwd().startswith("/")
     except OSError as e:
         raise UserError(f"working directory {proc.cwd}: {e.strerror}") from None
+    if not inside:
+        raise UserError(f"working directory {proc.cwd} is outside the sandbox")
     if proc.harden:
         keep = 0
         for name in proc.caps:
