@@ -97,8 +97,8 @@ expect_ok
 if printf '%s\n' "$OUT" | grep -v '^lo ' | grep -q .; then fail "an interface other than lo"; fi
 ok "network namespace: lo only"
 
-step "6. Writes to /usr land in an overlay and vanish with the sandbox"
-target="/usr/silo-demo-$$"
+step "6. Writes to the system (/etc here) land in an overlay and vanish with the sandbox"
+target="/etc/silo-demo-$$"
 run "$SILO" run -- sh -c "echo written inside > $target && cat $target"
 expect_ok
 [ "$OUT" = "written inside" ] || fail "the write inside did not read back"
