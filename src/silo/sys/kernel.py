@@ -189,6 +189,19 @@ def execveat_fd(fd: int, argv: list[bytes], envp: list[bytes]) -> None:
     raise _fail("execveat")
 
 
+class _KSigaction(ctypes.Structure):
+    _fields_ = [("handler", ctypes.c_void_p), ("flags", ctypes.c_ulong), ("restorer", ctypes.c_void_p),
+                ("mask", ctypes.c_uint64)]
+
+
+def default_signal(signum: int) -> None:
+    """SIG_DFL for ``signum`` through rt_sigaction(2) itself: glibc refuses the signals it
+    reserves (32, 33), which a parent may still have left ignored."""
+    act = _KSigaction(None, 0, None, 0)
+    if _libc.syscall(13, signum, ctypes.byref(act), None, 8) < 0:  # rt_sigaction
+        raise _fail("rt_sigaction")
+
+
 def set_controlling_tty(fd: int) -> None:
     import fcntl
 

@@ -170,6 +170,8 @@ def _child(plan: p.Plan, sync_fd: int, err_fd: int, stdio: tuple[int, int, int],
     for sig in signal.valid_signals():
         if sig not in (signal.SIGKILL, signal.SIGSTOP) and signal.getsignal(sig) is not signal.SIG_DFL:
             signal.signal(sig, signal.SIG_DFL)
+    for reserved in (32, 33):  # glibc's reserved signals: invisible to the signal module
+        sysk.default_signal(reserved)
     # SECURITY: only stdio crosses into the sandbox (SECURITY.md #2).
     sysk.close_range_cloexec(3)
     if bpf is not None:
