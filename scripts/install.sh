@@ -132,5 +132,12 @@ elif [ "$(id -u)" -eq 0 ]; then
 else
     say "not root: skipping the test user $TEST_USER (tests that need it will skip)"
 fi
+# Tests run .venv/bin/silo as the test user: the checkout must be reachable by them.
+if [ "$(id -u)" -eq 0 ] && id -u "$TEST_USER" >/dev/null 2>&1 \
+    && ! runuser -u "$TEST_USER" -- test -x "$VENV/bin/python" 2>/dev/null; then
+    say "warning: $TEST_USER cannot reach $VENV (a parent directory is not searchable by"
+    say "  others, e.g. /root); the tests that run silo as $TEST_USER will fail. Put the"
+    say "  checkout under a directory others can enter, such as /srv or /opt."
+fi
 
 say "done"
