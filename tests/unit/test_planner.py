@@ -325,18 +325,20 @@ def test_app_level_plan(fake_host: Callable[[int], hostmod.Host], tmp_path: Path
         p.Overlay(str(home), (str(home),), f"{scratch}/u0", f"{scratch}/w0", userxattr=uid != 0),
         p.Overlay(str(cow), (str(cow),), f"{scratch}/u1", f"{scratch}/w1", userxattr=uid != 0),
     ]
-    assert plan.ops[-1] == p.Unmount(scratch)  # the overlays keep their own references
-    for absent in (p.PivotRoot, p.Proc, p.DevNode, p.Bind, p.Hostname):
+    assert plan.ops[-2] == p.Unmount(scratch)  # the overlays keep their own references
+    assert plan.ops[-1] == p.Proc("/proc")  # of the app's own pid namespace
+    for absent in (p.PivotRoot, p.DevNode, p.Bind, p.Hostname):
         assert _ops(plan, absent) == []
     proc = plan.process
-    assert proc.seccomp == "unconfined" and not proc.harden and not proc.no_new_privs and not proc.init
+    assert proc.seccomp == "unconfined" and not proc.harden and not proc.no_new_privs
+    assert proc.init  # tini reaps and kills everything the app started when it exits
     assert (proc.uid, proc.gid) == (uid, uid)  # the calling user
     assert proc.cwd == str(cow)
     assert dict(proc.env) == {**caller_env, "X": "1"}  # the caller's environment, plus the spec's
     if uid == 0:
-        assert plan.namespaces == ("mnt",) and plan.uid_map == ()
+        assert plan.namespaces == ("mnt", "pid") and plan.uid_map == ()
     else:
-        assert plan.namespaces == ("user", "mnt")
+        assert plan.namespaces == ("user", "mnt", "pid")
         assert plan.uid_map == (p.IdMap(1000, 1000, 1),) and plan.gid_map == (p.IdMap(1000, 1000, 1),)
     assert "net" not in plan.namespaces  # the host's network
 
