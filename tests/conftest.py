@@ -129,3 +129,12 @@ def silo_cli() -> list[str]:
     if launcher.exists():
         return [str(launcher)]
     return [sys.executable, "-m", "silo.cli.main"]
+
+
+@pytest.fixture
+def user_silo_cli(unpriv_src: Path) -> list[str]:
+    """The CLI as the unprivileged test user can run it, wherever this checkout lives
+    (a clone under a 0700 directory such as /root is out of that user's reach)."""
+    code = (f"import sys; sys.path.insert(0, {str(unpriv_src)!r}); "
+            "from silo.cli.client import main; main()")
+    return ["/usr/bin/python3", "-c", code]

@@ -253,7 +253,7 @@ def test_help_says_not_a_security_boundary(cli) -> None:  # type: ignore[no-unty
 # the unprivileged user ----------------------------------------------------------------------------
 
 
-def test_unprivileged_user(silo_cli: list[str]) -> None:
+def test_unprivileged_user(user_silo_cli: list[str]) -> None:
     try:
         user = pwd.getpwnam(TEST_USER)
     except KeyError:
@@ -277,13 +277,13 @@ def test_unprivileged_user(silo_cli: list[str]) -> None:
         before = _snapshot(uhome)
         script = (f'id -u; echo x > "$HOME/{name}"; echo more >> "$HOME/{name}-changed"; '
                   f'cat "$HOME/{name}"; readlink /proc/self/ns/net')
-        cp = subprocess.run([*base, *silo_cli, "run", "--isolation", "app", "--keep", keep, "--",
+        cp = subprocess.run([*base, *user_silo_cli, "run", "--isolation", "app", "--keep", keep, "--",
                              "sh", "-c", script], capture_output=True, text=True, timeout=60, cwd="/")
         assert cp.returncode == 0, cp.stderr
         assert cp.stdout.splitlines() == [str(user.pw_uid), "x", os.readlink("/proc/self/ns/net")]
         assert not (uhome / name).exists()
         assert _snapshot(uhome) == before
-        cp = subprocess.run([*base, *silo_cli, "diff", keep], capture_output=True, text=True, timeout=60, cwd="/")
+        cp = subprocess.run([*base, *user_silo_cli, "diff", keep], capture_output=True, text=True, timeout=60, cwd="/")
         assert cp.returncode == 0, cp.stderr
         assert sorted(cp.stdout.splitlines()) == sorted([f"A {uhome}/{name}", f"C {uhome}/{name}-changed"])
     finally:

@@ -771,7 +771,7 @@ def _fd_links(pid: int) -> list[str]:
     return out
 
 
-def test_unprivileged_user_can_run(silo_cli: list[str]) -> None:
+def test_unprivileged_user_can_run(user_silo_cli: list[str]) -> None:
     """The same CLI as a plain user (its own server, in its own runtime dir)."""
     import pwd
 
@@ -787,7 +787,7 @@ def test_unprivileged_user_can_run(silo_cli: list[str]) -> None:
     env = {"PATH": "/usr/bin:/bin", "HOME": user.pw_dir, "SILO_RUNTIME_DIR": rt}
     base = ["runuser", "-u", "silotest", "--", "env", *(f"{k}={v}" for k, v in env.items())]
     try:
-        cp = subprocess.run([*base, *silo_cli, "run", "--", "sh", "-c",
+        cp = subprocess.run([*base, *user_silo_cli, "run", "--", "sh", "-c",
                              "id -u; cat /proc/self/uid_map; echo x > /tmp/f && cat /tmp/f"],
                             capture_output=True, timeout=60, cwd="/")
         assert cp.returncode == 0, cp.stderr
@@ -795,10 +795,10 @@ def test_unprivileged_user_can_run(silo_cli: list[str]) -> None:
         assert uid == "0"
         assert uid_map.split() == ["0", str(user.pw_uid), "1"]
         assert x == "x"
-        cp = subprocess.run([*base, *silo_cli, "run", "-v", "/nonexistent:/x", "--", "true"],
+        cp = subprocess.run([*base, *user_silo_cli, "run", "-v", "/nonexistent:/x", "--", "true"],
                             capture_output=True, timeout=60, cwd="/")
         _assert_silo_error(cp, 125, "does not exist")
     finally:
-        subprocess.run([*base, *silo_cli, "server", "stop"], capture_output=True, timeout=30, cwd="/")
+        subprocess.run([*base, *user_silo_cli, "server", "stop"], capture_output=True, timeout=30, cwd="/")
         time.sleep(0.1)
         shutil.rmtree(rt, ignore_errors=True)
