@@ -13,22 +13,7 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from silo.model.errors import SpecError
-from silo.model.spec import (
-    Isolation,
-    Limits,
-    Mount,
-    Spec,
-    User,
-    parse_cap,
-    parse_count,
-    parse_cpus,
-    parse_duration,
-    parse_env_entry,
-    parse_env_file,
-    parse_hostname,
-    parse_rlimit,
-    parse_size,
-)
+from silo.model.spec import Spec, build_spec, parse_env_entry, parse_env_file, parse_rlimit
 
 
 class _Parser(argparse.ArgumentParser):
@@ -79,17 +64,18 @@ def _abs(path: str, cwd: str) -> str:
 
 
 def parse_run(untrusted_argv: list[str], cwd: str) -> RunRequest:
-    """Parse ``silo run`` arguments (without ``run``) into a request; SpecError on bad input."""
+    """Parse ``silo run`` arguments (without ``run``) into a request; SpecError on bad input.
+
+    Only what is particular to a command line happens here (paths relative to the
+    caller's cwd, env files, ``NAME=SOFT:HARD`` rlimits); every value is validated by
+    :func:`silo.model.spec.build_spec`, the same function the SDK uses.
+    """
     ns = run_parser().parse_args(untrusted_argv)
     command = list(ns.command)
     if command and command[0] == "--":
         command = command[1:]
     if not command:
         raise SpecError("no command given: add it after the options, like: silo run -- /bin/sh")
-    try:
-        isolation = Isolation(ns.isolation)
-    except ValueError:
-        raise SpecError(f"unknown isolation {ns.isolation!r}: use process or app") from None
     env: dict[str, str] = {}
     for f in ns.env_file:
         path = _abs(f, cwd)
@@ -106,41 +92,12 @@ def parse_run(untrusted_argv: list[str], cwd: str) -> RunRequest:
         root = _abs(root, cwd)
         if not os.path.isdir(root):
             raise SpecError(f"root directory {ns.root} does not exist: unpack an image there or use --root host")
-    spec = Spec(
-        isolation=isolation,
-        root=root,
-        mounts=tuple(Mount.parse(v) for v in ns.volume),
-        env=tuple(env.items()),
-        workdir=ns.workdir,
-        user=User.parse(ns.user) if ns.user else User(),
-        hostname=parse_hostname(ns.hostname) if ns.hostname else "silo",
-        limits=Limits(
-            memory=parse_size(ns.memory, "memory size") if ns.memory else None,
-            cpus=parse_cpus(ns.cpus) if ns.cpus else None,
-            pids=parse_count(ns.pids, "pids limit") if ns.pids else None,
-        ),
-        timeout=parse_duration(ns.timeout, "timeout") if ns.timeout else None,
-        caps=tuple(parse_cap(c) for c in ns.cap),
-        seccomp=ns.seccomp if ns.seccomp in ("default", "unconfined") else _abs(ns.seccomp, cwd),
-        rlimits=tuple(parse_rlimit(r) for r in ns.rlimit),
-        tmpfs_size=parse_size(ns.tmpfs_size, "tmpfs size") if ns.tmpfs_size else 1 << 30,
-        cow=tuple(_abs(c, cwd) for c in ns.cow),
+    rlimits = {name: (soft, hard) for name, soft, hard in map(parse_rlimit, ns.rlimit)}
+    spec = build_spec(
+        isolation=ns.isolation, root=root, mounts=ns.volume, env=env, workdir=ns.workdir, user=ns.user,
+        hostname=ns.hostname, memory=ns.memory, cpus=ns.cpus, pids=ns.pids, timeout=ns.timeout,
+        caps=ns.cap, seccomp=ns.seccomp if ns.seccomp in ("default", "unconfined") else _abs(ns.seccomp, cwd),
+        rlimits=rlimits, tmpfs_size=ns.tmpfs_size, cow=[_abs(c, cwd) for c in ns.cow],
         keep=_abs(ns.keep, cwd) if ns.keep else None,
     )
     return RunRequest(spec, tuple(command), bool(ns.tty), bool(ns.interactive))
-
-
-LIMIT_WORDS = {"memory": "its memory limit", "pids": "its process limit", "timeout": "its timeout"}
-
-
-def describe_limit(reason: str, spec: Spec | None = None) -> str:
-    what = LIMIT_WORDS.get(reason, reason)
-    detail = ""
-    if spec is not None:
-        if reason == "memory" and spec.limits.memory:
-            detail = f" ({spec.limits.memory >> 20}M)"
-        elif reason == "pids" and spec.limits.pids:
-            detail = f" ({spec.limits.pids})"
-        elif reason == "timeout" and spec.timeout:
-            detail = f" ({spec.timeout:g}s)"
-    return f"silo: the sandbox was killed: it hit {what}{detail}"

@@ -12,7 +12,9 @@ from __future__ import annotations
 import enum
 import math
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from silo.model.errors import SpecError
 
@@ -279,3 +281,58 @@ class Spec:
         for path in self.cow:
             if not path.startswith("/"):
                 raise SpecError(f"bad --cow {path!r}: it must be an absolute path")
+
+
+def coerce_duration(value: float | str | None, what: str) -> float | None:
+    """Seconds from a number or a duration string like ``30s``; None stays None."""
+    if value is None or isinstance(value, (int, float)):
+        if value is not None and value <= 0:
+            raise SpecError(f"bad {what} {value!r}: it must be greater than zero")
+        return None if value is None else float(value)
+    return parse_duration(value, what)
+
+
+def build_spec(*, isolation: str | Isolation = "process", root: str = "host",
+               mounts: Iterable[Mount | str] = (), env: Mapping[str, str] | None = None,
+               workdir: str | None = None, user: str | int | User | None = None,
+               hostname: str | None = None, memory: str | int | None = None,
+               cpus: float | str | None = None, pids: int | str | None = None,
+               timeout: float | str | None = None, caps: Iterable[str] = (),
+               seccomp: str = "default", rlimits: Mapping[str, int | tuple[int, int]] | None = None,
+               tmpfs_size: str | int | None = None, cow: Iterable[str] = (),
+               keep: str | None = None) -> Spec:
+    """Validate SDK-style arguments into a :class:`Spec` (SpecError on bad input)."""
+    try:
+        iso = isolation if isinstance(isolation, Isolation) else Isolation(isolation)
+    except ValueError:
+        raise SpecError(f"unknown isolation {isolation!r}: use one of "
+                        f"{', '.join(i.value for i in Isolation)}") from None
+    mount_list = tuple(m if isinstance(m, Mount) else Mount.parse(m) for m in mounts)
+    env_pairs = tuple(parse_env_entry(f"{k}={v}") for k, v in (env or {}).items())
+    if user is None:
+        usr = User()
+    elif isinstance(user, User):
+        usr = user
+    else:
+        usr = User.parse(str(user))
+    limits = Limits(
+        memory=None if memory is None else (memory if isinstance(memory, int) else parse_size(memory, "memory size")),
+        cpus=None if cpus is None else parse_cpus(cpus),
+        pids=None if pids is None else parse_count(pids, "pids limit"),
+    )
+    rl = []
+    for name, value in (rlimits or {}).items():
+        soft, hard = (value, value) if isinstance(value, int) else value
+        rl.append(parse_rlimit(f"{name}={soft}:{hard}"))
+    seccomp_src = seccomp
+    if seccomp not in ("default", "unconfined") and not seccomp.startswith("/"):
+        raise SpecError(f"bad seccomp {seccomp!r}: use default, unconfined or an absolute path to a profile")
+    extra: dict[str, Any] = {}
+    if tmpfs_size is not None:
+        extra["tmpfs_size"] = tmpfs_size if isinstance(tmpfs_size, int) else parse_size(tmpfs_size, "tmpfs size")
+    return Spec(
+        isolation=iso, root=root, mounts=mount_list, env=env_pairs, workdir=workdir, user=usr,
+        hostname=parse_hostname(hostname) if hostname else "silo", limits=limits,
+        timeout=coerce_duration(timeout, "timeout"), caps=tuple(parse_cap(c) for c in caps),
+        seccomp=seccomp_src, rlimits=tuple(rl), cow=tuple(cow), keep=keep, **extra,
+    )
