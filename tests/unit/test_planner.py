@@ -81,7 +81,7 @@ def test_host_root_plan_shape(root_host: hostmod.Host, every_proc_entry: None, t
     src_dir.mkdir()
     src_file = tmp_path / "conf.txt"
     src_file.write_text("x")
-    spec = Spec(mounts=(Mount.make(str(src_dir), "/data"), Mount.make(str(src_file), "/etc/app.conf", True)),
+    spec = Spec(mounts=(Mount(str(src_dir), "/data"), Mount(str(src_file), "/etc/app.conf", True)),
                 hostname="box1")
     plan = planner.plan(spec, ["/bin/true"])
     scratch = root_host.scratch
@@ -240,14 +240,14 @@ def test_limits_and_timeout_are_carried(root_host: hostmod.Host) -> None:
 def test_missing_mount_source(root_host: hostmod.Host, tmp_path: Path) -> None:
     missing = tmp_path / "nope"
     with pytest.raises(NotFoundError, match=f"mount source {missing} does not exist"):
-        planner.plan(Spec(mounts=(Mount.make(str(missing), "/data"),)), ["true"])
+        planner.plan(Spec(mounts=(Mount(str(missing), "/data"),)), ["true"])
 
 
 def test_relative_mount_source(root_host: hostmod.Host, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(SpecError, match="absolute host path"):
         Mount.parse("data:/data")
-    # A Mount built directly (silo.Mount is public) bypasses Mount.make: the planner must
-    # still refuse a relative source, even when it happens to exist in the planner's cwd.
+    # A Mount built directly (silo.Mount is public) is validated too: a relative source is
+    # refused even when it happens to exist in the planner's cwd.
     (tmp_path / "data").mkdir()
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SpecError):
@@ -367,7 +367,7 @@ def test_app_level_missing_cow(root_host: hostmod.Host, tmp_path: Path) -> None:
 def _full_plan(tmp_path: Path) -> p.Plan:
     src = tmp_path / "src"
     src.mkdir()
-    spec = Spec(mounts=(Mount.make(str(src), "/src", True),), env=(("A", "1"),), user=User(1000, 1000),
+    spec = Spec(mounts=(Mount(str(src), "/src", True),), env=(("A", "1"),), user=User(1000, 1000),
                 limits=Limits(memory=256 << 20, cpus=0.5, pids=64), timeout=3.0,
                 rlimits=(("nofile", 64, 128),), caps=("CHOWN",))
     return planner.plan(spec, ["sh", "-c", "echo hi"], term="xterm")

@@ -171,13 +171,13 @@ def test_mount_relative_source_says_how_to_fix() -> None:
     ("//./", "map a folder below the root"),
 ])
 def test_mount_bad_target(target: str, match: str) -> None:
-    _raises(Mount.make, "/srv", target, match=match)
+    _raises(Mount, "/srv", target, match=match)
 
 
 def test_mount_nul_bytes() -> None:
-    _raises(Mount.make, "/srv\0x", "/data", match="NUL byte")
-    _raises(Mount.make, "/srv", "/da\0ta", match="NUL byte")
-    _raises(Mount.make, "/srv", "/" + "a" * 5000, match="too long")
+    _raises(Mount, "/srv\0x", "/data", match="NUL byte")
+    _raises(Mount, "/srv", "/da\0ta", match="NUL byte")
+    _raises(Mount, "/srv", "/" + "a" * 5000, match="too long")
 
 
 # users ----------------------------------------------------------------------------------

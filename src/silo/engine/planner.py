@@ -49,8 +49,6 @@ def _hosts(hostname: str) -> bytes:
 
 def _check_source(source: str) -> bool:
     """Returns whether the mount source is a directory; raises if it is missing."""
-    if not os.path.isabs(source):
-        raise SpecError(f"bad mount source {source!r}: it must be an absolute host path (try $PWD/{source})")
     if not os.path.exists(source):
         raise NotFoundError(f"mount source {source} does not exist: create it or fix the path")
     return os.path.isdir(source)

@@ -133,21 +133,21 @@ class Mount:
             mode = parts[2]
         if len(parts) not in (2, 3) or mode not in ("ro", "rw") or not parts[0] or not parts[1]:
             raise SpecError(f"bad mount {untrusted!r}: use HOST:GUEST or HOST:GUEST:ro")
-        return cls.make(parts[0], parts[1], readonly=mode == "ro")
+        return cls(parts[0], parts[1], readonly=mode == "ro")
 
-    @classmethod
-    def make(cls, untrusted_source: str, untrusted_target: str, readonly: bool = False) -> Mount:
-        if not untrusted_source.startswith("/"):
+    def __post_init__(self) -> None:
+        """Every Mount is validated, however it was built (``silo.Mount`` is public)."""
+        if not self.source.startswith("/"):
             raise SpecError(
-                f"bad mount source {untrusted_source!r}: it must be an absolute host path "
-                f"(try $PWD/{untrusted_source})"
+                f"bad mount source {self.source!r}: it must be an absolute host path "
+                f"(try $PWD/{self.source})"
             )
-        if "\0" in untrusted_source:
+        if "\0" in self.source:
             raise SpecError("bad mount source: it contains a NUL byte")
-        target = _check_guest_path(untrusted_target, "mount target")
+        target = _check_guest_path(self.target, "mount target")
         if target == "/":
             raise SpecError("bad mount target '/': map a folder below the root, like /data")
-        return cls(untrusted_source, target, readonly)
+        object.__setattr__(self, "target", target)
 
 
 @dataclass(frozen=True)
