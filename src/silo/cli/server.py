@@ -27,7 +27,7 @@ from silo.engine import keep as keepmod
 from silo.engine import paths, planner
 from silo.model.errors import ProtocolError, SiloError
 from silo.model.spec import Isolation
-from silo.spawner.core import NETNS_POOL, Connection, Spawner
+from silo.spawner.core import Connection, Spawner
 
 
 class CliServer(Spawner):
@@ -40,7 +40,7 @@ class CliServer(Spawner):
         self.handlers["cli"] = self._on_cli
         self.handlers["hello"] = self._on_hello
         self.handlers["stop"] = self._on_stop
-        self.extra_dispatch = {"accept": self._on_accept}
+        self.extra_dispatch["accept"] = self._on_accept
         self.sel.register(listener, selectors.EVENT_READ, ("accept", None))
 
     def retire(self) -> None:
@@ -54,6 +54,7 @@ class CliServer(Spawner):
                 os.unlink(self.path)
         self.listener.close()
         self.listener = None
+        self.retired = True
         os.close(self.lock_fd)
         self.lock_fd = -1
 
@@ -134,11 +135,10 @@ def main() -> None:
     listener.listen(128)
     listener.setblocking(False)
     server = CliServer(listener, paths.code_token(), lock_fd, path)
-    for _ in range(NETNS_POOL):
-        server._refill_netns()
+    server.fill_netns_pool()
     idle = float(os.environ.get("SILO_SERVER_IDLE", "60"))
     try:
-        server.loop(idle_exit=idle, stop_when_retired=True)
+        server.loop(idle_exit=idle)
     finally:
         server.retire()
 

@@ -174,12 +174,11 @@ def _skeleton() -> str:
                         ("var/tmp", 0o1777), ("mnt", 0o755), ("opt", 0o755), ("srv", 0o755)):
             os.mkdir(os.path.join(tmp, d))
             os.chmod(os.path.join(tmp, d), mode)
-        for name in SYSTEM_DIRS:
-            src = "/" + name
-            if os.path.islink(src):
-                os.symlink(os.readlink(src), os.path.join(tmp, name))
-            elif os.path.isdir(src):
-                os.mkdir(os.path.join(tmp, name), 0o755)
+        for name, real in system_dirs():
+            if real:
+                os.mkdir(os.path.join(tmp, name), 0o755)  # a mount point for its overlay
+            else:
+                os.symlink(os.readlink("/" + name), os.path.join(tmp, name))
         for entry in ETC_ENTRIES:
             src = os.path.join("/etc", entry)
             if os.path.lexists(src):

@@ -122,8 +122,6 @@ class Process:
                 done = self._job.handle()
                 if done is not None:
                     break
-        except TimeoutError:
-            raise
         finally:
             self._sock.settimeout(None)
         self._result = Result(done[1], b"", b"", done[2], time.monotonic() - self._job.started)

@@ -17,6 +17,7 @@ import errno
 import fcntl
 import heapq
 import itertools
+import marshal
 import os
 import selectors
 import signal
@@ -103,6 +104,8 @@ class Spawner:
         self.is_root = os.geteuid() == 0
         self.last_activity = time.monotonic()
         self.running = True
+        self.retired = False  # a server that stopped taking clients (see cli.server)
+        self.extra_dispatch: dict[str, Callable[[Any], None]] = {}  # selector kinds of subclasses
 
     # connections -------------------------------------------------------------
 
@@ -257,8 +260,6 @@ class Spawner:
         for fd in fds:
             os.close(fd)
         if data:
-            import marshal
-
             try:
                 job.error = error_from_wire(marshal.loads(data))  # noqa: S302 - our own child
             except (ValueError, EOFError, TypeError):
@@ -338,15 +339,18 @@ class Spawner:
         finally:
             os.close(orig)
 
+    def fill_netns_pool(self) -> None:
+        """Fill the pool at start-up, before the first client waits on it."""
+        for _ in range(NETNS_POOL):
+            self._refill_netns()
+
     # loop ---------------------------------------------------------------------------
 
-    def loop(self, idle_exit: float | None = None, stop_when_no_connections: bool = False,
-             stop_when_retired: bool = False) -> None:
+    def loop(self, idle_exit: float | None = None, stop_when_no_connections: bool = False) -> None:
         dispatch: dict[str, Callable[[Any], None]] = {
             "conn": self._on_conn, "exit": self._on_exit, "err": self._on_err, "limit": self._on_limit,
         }
-        extra: dict[str, Callable[[Any], None]] = getattr(self, "extra_dispatch", {})
-        dispatch.update(extra)
+        dispatch.update(self.extra_dispatch)
         while self.running:
             timeout: float | None = None
             if self.timers:
@@ -374,7 +378,7 @@ class Spawner:
                 self._refill_netns()
             if stop_when_no_connections and not self.connections and not self.jobs:
                 break
-            if stop_when_retired and getattr(self, "listener", True) is None and not self.jobs:
+            if self.retired and not self.jobs:
                 break
         self.shutdown()
 
@@ -401,8 +405,7 @@ def serve_socketpair(fd: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the SDK process's to handle
     spawner = Spawner()
     spawner.add_connection(socket.socket(fileno=fd))
-    for _ in range(NETNS_POOL):
-        spawner._refill_netns()
+    spawner.fill_netns_pool()
     try:
         spawner.loop(stop_when_no_connections=True)
     except OSError as e:

@@ -81,10 +81,8 @@ class Kernel(Protocol):
     def open_in_root(self, root: bytes, path: bytes, create: str) -> int: ...
     def open_path(self, path: bytes) -> int: ...
     def is_dir(self, path: bytes) -> bool: ...
-    def exists(self, path: bytes) -> bool: ...
     def close(self, fd: int) -> None: ...
     def pivot_root(self, new_root: bytes) -> None: ...
-    def chdir(self, path: bytes) -> None: ...
     def sethostname(self, name: bytes) -> None: ...
     def loopback_up(self) -> None: ...
     def unshare(self, flags: int) -> None: ...
@@ -288,9 +286,6 @@ class LibcKernel:
     def is_dir(self, path: bytes) -> bool:
         return os.path.isdir(path)
 
-    def exists(self, path: bytes) -> bool:
-        return os.path.lexists(path)
-
     def close(self, fd: int) -> None:
         os.close(fd)
 
@@ -302,9 +297,6 @@ class LibcKernel:
             raise _fail("pivot_root", new_root)
         self.umount(b".", MNT_DETACH)
         os.chdir(b"/")
-
-    def chdir(self, path: bytes) -> None:
-        os.chdir(path)
 
     def sethostname(self, name: bytes) -> None:
         if _libc.sethostname(name, len(name)) < 0:
@@ -374,17 +366,11 @@ class RecordingKernel:
     def is_dir(self, path: bytes) -> bool:
         return path in self.existing_dirs
 
-    def exists(self, path: bytes) -> bool:
-        return True
-
     def close(self, fd: int) -> None:
         self.calls.append(("close", fd))
 
     def pivot_root(self, new_root: bytes) -> None:
         self.calls.append(("pivot_root", new_root))
-
-    def chdir(self, path: bytes) -> None:
-        self.calls.append(("chdir", path))
 
     def sethostname(self, name: bytes) -> None:
         self.calls.append(("sethostname", name))
