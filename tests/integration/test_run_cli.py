@@ -47,8 +47,8 @@ MiB = 1 << 20
 # fixtures and helpers ---------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def runtime_dir() -> Iterator[str]:
+@contextlib.contextmanager
+def _private_runtime_dir() -> Iterator[str]:
     """A private runtime dir (own CLI server); the server is stopped at the end."""
     path = tempfile.mkdtemp(prefix="silo-cli-rt-")
     os.chmod(path, 0o711)
@@ -60,6 +60,12 @@ def runtime_dir() -> Iterator[str]:
     while _server_pid(path) and time.monotonic() < deadline:
         time.sleep(0.05)
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def runtime_dir() -> Iterator[str]:
+    with _private_runtime_dir() as path:
+        yield path
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +143,19 @@ def _children(pid: int) -> list[int]:
         if entry.isdigit() and _ppid(int(entry)) == pid:
             out.append(int(entry))
     return out
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _jobs(pid: int) -> list[int]:
+    """The server's children that run a command (not parked warm sandboxes)."""
+    return [kid for kid in _children(pid) if _comm(kid) != "silo-warm"]
 
 
 def _server_pid(runtime_dir: str) -> int | None:
@@ -490,7 +509,7 @@ def test_memory_cpus_pids_land_in_the_cgroup(silo_cli: list[str], runtime_dir: s
         assert proc.stdout.readline() == b"ready\n"
         server = _server_pid(runtime_dir)
         assert server
-        kids = _children(server)
+        kids = _jobs(server)
         assert len(kids) == 1
         cg = _cgroup_of(kids[0])
         if "memory" in cg and os.path.exists(f"{cg['memory']}/memory.limit_in_bytes"):  # v1
@@ -551,7 +570,7 @@ def test_timeout_kills_the_whole_tree(cli, runtime_dir: str) -> None:  # type: i
     assert cp.returncode == 137
     server = _server_pid(runtime_dir)
     assert server
-    assert _wait_for(lambda: not _children(server)), _children(server)
+    assert _wait_for(lambda: not _jobs(server)), _jobs(server)
 
 
 def test_cpus_limits_cpu_time(cli) -> None:  # type: ignore[no-untyped-def]
@@ -733,8 +752,19 @@ def test_plan_prints_and_runs_nothing(hostdir: Path, silo_cli: list[str]) -> Non
 # nothing left behind ----------------------------------------------------------------------------------
 
 
-def test_leaves_nothing_behind(cli, runtime_dir: str, hostdir: Path) -> None:  # type: ignore[no-untyped-def]
-    _ok(cli("run", "--", "true"))  # the server is up
+def test_leaves_nothing_behind(silo_cli: list[str], hostdir: Path) -> None:
+    with _private_runtime_dir() as runtime_dir:
+        _leaves_nothing_behind(silo_cli, runtime_dir, hostdir)
+
+
+def _leaves_nothing_behind(silo_cli: list[str], runtime_dir: str, hostdir: Path) -> None:
+    def c(*args: str) -> subprocess.CompletedProcess[bytes]:
+        # A server of its own whose warm sandboxes (one per plan, built while a run of
+        # that plan runs) expire after 1 s instead of 30 s: "nothing left" covers them.
+        return subprocess.run([*silo_cli, *args], capture_output=True, timeout=60, cwd="/",
+                              env=_env(runtime_dir, {"SILO_WARM_IDLE": "1"}), stdin=subprocess.DEVNULL)
+
+    _ok(c("run", "--", "true"))  # the server is up
     server = _server_pid(runtime_dir)
     assert server
     mounts_before = _mounts()
@@ -742,14 +772,15 @@ def test_leaves_nothing_behind(cli, runtime_dir: str, hostdir: Path) -> None:  #
     time.sleep(0.3)  # let the server refill its netns pool
     fds_before = _fd_count(server)
     # ordinary runs, runs with limits, killed runs and failed runs
-    _ok(cli("run", "-v", f"{hostdir}:/d", "--memory", "64M", "--cpus", "1", "--pids", "64", "--",
+    _ok(c("run", "-v", f"{hostdir}:/d", "--memory", "64M", "--cpus", "1", "--pids", "64", "--",
             "sh", "-c", "sleep 0.1 & mount -t tmpfs none /tmp 2>/dev/null; wait"))
-    assert cli("run", "--timeout", "300ms", "--memory", "64M", "--", "sleep", "10").returncode == 137
-    assert cli("run", "--memory", "32M", "--", "python3", "-c", "b = bytearray(256 << 20)").returncode == 137
-    assert cli("run", "--pids", "8", "--", "sh", "-c", "while :; do sleep 30 & done").returncode != 0
-    assert cli("run", "-v", "/nonexistent/x:/x", "--", "true").returncode == 125
-    assert cli("run", "--memory", "64M", "--", "no-such-command").returncode == 127
-    assert cli("run", "--", "sh", "-c", "kill -KILL $$").returncode == 137
+    assert c("run", "--timeout", "300ms", "--memory", "64M", "--", "sleep", "10").returncode == 137
+    assert c("run", "--memory", "32M", "--", "python3", "-c", "b = bytearray(256 << 20)").returncode == 137
+    assert c("run", "--pids", "8", "--", "sh", "-c", "while :; do sleep 30 & done").returncode != 0
+    assert c("run", "-v", "/nonexistent/x:/x", "--", "true").returncode == 125
+    assert c("run", "--memory", "64M", "--", "no-such-command").returncode == 127
+    assert c("run", "--", "sh", "-c", "kill -KILL $$").returncode == 137
+    assert any(_comm(kid) == "silo-warm" for kid in _children(server)), "no warm sandbox was built"
     assert _wait_for(lambda: not _children(server)), f"processes left under the server: {_children(server)}"
     assert _wait_for(lambda: not _silo_cgroups(server)), _silo_cgroups(server)
     assert _mounts() - mounts_before == set()

@@ -37,6 +37,7 @@ class CliServer(Spawner):
         self.token = token
         self.lock_fd = lock_fd
         self.path = path
+        self.warm_shared = True  # each `silo run` is a new connection
         self.handlers["cli"] = self._on_cli
         self.handlers["hello"] = self._on_hello
         self.handlers["stop"] = self._on_stop

@@ -6,8 +6,18 @@ process. One event loop (``selectors``) serves connections, reaps sandboxes thro
 pidfds, enforces wall-clock timeouts, and watches cgroup limit events.
 
 Owns: tini's sealed memfd, the compiled seccomp programs, the network-namespace
-pool, and every job's cleanup (cgroup, fds). Must not: block in a handler, run
-user code, or keep an fd that a job's sandbox was given once the sandbox started.
+pool, the warm sandboxes, and every job's cleanup (cgroup, fds). Must not: block in
+a handler, run user code, or keep an fd that a job's sandbox was given once the
+sandbox started.
+
+Warm sandboxes: after a run of a plan, the spawner builds the next sandbox of the
+same plan while the first one runs -- namespaces, mounts, identity, capabilities,
+no_new_privs and the default seccomp filter all in place -- and parks it, blocked
+before exec. The next run of that plan only sends it argv, env and stdio, so the
+work left on the caller's clock is the exec. Pool key: the plan's wire form without
+argv and env (everything else -- mounts, ids, limits, cwd, tty -- must match).
+One per key, at most ``WARM_MAX`` keys, dropped after ``WARM_IDLE`` seconds, with
+the connection that caused them (the SDK), or with the server (the CLI).
 """
 
 from __future__ import annotations
@@ -27,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from silo.backends.process import launcher
+from silo.backends.process import child, launcher
 from silo.model import plan as p
 from silo.model.errors import InternalError, ProtocolError, SiloError, error_from_wire
 from silo.spawner import protocol
@@ -35,8 +45,28 @@ from silo.sys import kernel as sysk
 
 TINI_PATHS = ("/usr/bin/tini-static", "/usr/bin/tini")
 NETNS_POOL = 4
+WARM_MAX = 4
+WARM_IDLE = 30.0  # SILO_WARM_IDLE overrides; 0 turns warm sandboxes off
 
 Handler = Callable[["Connection", tuple[Any, ...], list[int]], None]
+
+
+def _env_seconds(name: str, default: float) -> float:
+    try:
+        return max(0.0, float(os.environ.get(name, default)))
+    except ValueError:
+        return default
+
+
+def _has_cap_sys_nice() -> bool:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> 23 & 1)
+    except OSError:
+        pass
+    return False
 
 
 def _sealed_tini() -> int:
@@ -69,6 +99,30 @@ class Job:
     reason: str | None = None
     error: SiloError | None = None
     watch_fds: list[int] = field(default_factory=list)
+    # A run handed to a warm sandbox keeps its plan and copies of its stdio until the
+    # sandbox acknowledges it; if it dies first, the run starts cold from these.
+    plan: p.Plan | None = None
+    spare: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Warm:
+    """A built sandbox blocked before exec, waiting for a run of its plan."""
+
+    key: bytes
+    owner: Connection | None
+    started: launcher.Started
+    cgroup: Any
+    since: float
+
+
+def warm_key(plan: p.Plan, wire: tuple[Any, ...]) -> bytes | None:
+    """The pool key of a plan (its wire form without argv and env), or None when
+    runs of it are not pooled: the app level (a fresh upper per run), no init, a pty."""
+    proc = plan.process
+    if plan.isolation != "process" or not proc.harden or not proc.init or proc.tty:
+        return None
+    return marshal.dumps((wire[:5], tuple(wire[5])[2:], wire[6:9]))
 
 
 class Connection:
@@ -106,6 +160,15 @@ class Spawner:
         self.running = True
         self.retired = False  # a server that stopped taking clients (see cli.server)
         self.extra_dispatch: dict[str, Callable[[Any], None]] = {}  # selector kinds of subclasses
+        self.warm_shared = False  # warm sandboxes outlive the connection (the CLI server)
+        self.warm_idle = _env_seconds("SILO_WARM_IDLE", WARM_IDLE)
+        # Warm sandboxes are built on idle CPU only (SCHED_IDLE) so they never slow the
+        # run that asked for them -- where we can give them normal scheduling back
+        # before their own run (CAP_SYS_NICE); otherwise at normal priority.
+        self._renice = _has_cap_sys_nice()
+        self._warm: dict[bytes, Warm] = {}
+        self._to_warm: dict[bytes, tuple[p.Plan, Connection]] = {}
+        self._devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
 
     # connections -------------------------------------------------------------
 
@@ -131,6 +194,12 @@ class Spawner:
         self.connections.remove(conn)
         for job in list(conn.jobs.values()):
             self._kill(job, signal.SIGKILL)
+        for key, warm in list(self._warm.items()):
+            if warm.owner is conn:
+                self._discard(key)
+        for key, (_, owner) in list(self._to_warm.items()):
+            if owner is conn and not self.warm_shared:
+                del self._to_warm[key]
 
     def _on_conn(self, conn: Connection) -> None:
         self.last_activity = time.monotonic()
@@ -170,7 +239,7 @@ class Spawner:
         if len(message) != 3 or not isinstance(message[1], int):
             raise ProtocolError("malformed run request")
         plan = p.Plan.from_wire(message[2])
-        self.run_job(conn, message[1], plan, fds)
+        self.run_job(conn, message[1], plan, fds, message[2])
 
     # jobs ----------------------------------------------------------------------
 
@@ -191,37 +260,58 @@ class Spawner:
             self._cgroups = cgroups.open_manager()
         return self._cgroups
 
-    def run_job(self, conn: Connection, job_id: int, plan: p.Plan, fds: list[int]) -> None:
-        """Start ``plan`` with ``fds`` as its stdio; replies come on ``conn``."""
-        if len(fds) != 3:
-            raise ProtocolError("run needs three stdio fds")
-        if job_id in conn.jobs:
-            raise ProtocolError(f"job {job_id} is already running")
+    def _launch(self, plan: p.Plan, stdio: tuple[int, int, int], warm: bool) -> tuple[launcher.Started, Any]:
+        """Clone a sandbox of ``plan`` (in its own cgroup when it has limits)."""
         proc = plan.process
         bpf = self._seccomp(proc.seccomp) if proc.harden and proc.seccomp != "unconfined" else None
-        job = Job(conn, job_id)
+        cgroup = None
         if plan.memory is not None or plan.cpus is not None or plan.pids is not None:
-            job.cgroup = self._cgroup_manager().create(
+            cgroup = self._cgroup_manager().create(
                 f"job-{os.getpid()}-{next(self._seq)}", plan.memory, plan.cpus, plan.pids)
         # A pooled netns belongs to the host's user namespace: a sandbox that keeps a
         # capability (e.g. NET_BIND_SERVICE) needs one its own user namespace owns.
         use_pool = self._netns and "net" in plan.namespaces and not proc.caps
         netns = self._netns.pop() if use_pool else None
         try:
-            started = launcher.start(plan, (fds[0], fds[1], fds[2]), self.tini_fd, bpf, job.cgroup, netns)
+            started = launcher.start(plan, stdio, self.tini_fd, bpf, cgroup, netns, warm)
         except OSError as e:
-            if job.cgroup is not None:
-                job.cgroup.destroy()
+            if cgroup is not None:
+                cgroup.destroy()
             raise InternalError(f"cannot start the sandbox: {e}") from None
         except BaseException:
-            if job.cgroup is not None:
-                job.cgroup.destroy()
+            if cgroup is not None:
+                cgroup.destroy()
             raise
         finally:
             if netns is not None:
                 os.close(netns)
-        job.pid, job.pidfd, job.err_fd = started.pid, started.pidfd, started.err_fd
+        return started, cgroup
+
+    def run_job(self, conn: Connection, job_id: int, plan: p.Plan, fds: list[int],
+                wire: tuple[Any, ...] | None = None) -> None:
+        """Start ``plan`` with ``fds`` as its stdio; replies come on ``conn``.
+
+        ``wire`` is the plan's wire form when the caller has it (saves encoding it
+        again for the warm-pool key).
+        """
+        if len(fds) != 3:
+            raise ProtocolError("run needs three stdio fds")
+        if job_id in conn.jobs:
+            raise ProtocolError(f"job {job_id} is already running")
+        stdio = (fds[0], fds[1], fds[2])
+        key = warm_key(plan, wire if wire is not None else plan.to_wire())
+        job = Job(conn, job_id, plan=plan)
+        got = self._go(key, plan, stdio) if key is not None else None
+        if got is not None:
+            job.spare = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3) for fd in stdio]
+        started, job.cgroup = got if got is not None else self._launch(plan, stdio, warm=False)
+        if key is not None and self.warm_idle > 0 and self.running and not self.retired:
+            self._to_warm[key] = (plan, conn)
         conn.jobs[job_id] = job
+        self._track(job, started)
+
+    def _track(self, job: Job, started: launcher.Started) -> None:
+        job.pid, job.pidfd, job.err_fd = started.pid, started.pidfd, started.err_fd
         self.jobs[job.pid] = job
         self.sel.register(job.pidfd, selectors.EVENT_READ, ("exit", job))
         self.sel.register(job.err_fd, selectors.EVENT_READ, ("err", job))
@@ -229,9 +319,119 @@ class Spawner:
             for fd in job.cgroup.event_fds():
                 self.sel.register(fd, selectors.EVENT_READ, ("limit", job))
                 job.watch_fds.append(fd)
-        if plan.timeout is not None:
-            heapq.heappush(self.timers, (time.monotonic() + plan.timeout, job.pid, next(self._seq)))
-        conn.reply(("started", job_id, job.pid))
+        if job.spare:
+            return  # "started" once the warm sandbox took the run (see _on_err)
+        assert job.plan is not None
+        if job.plan.timeout is not None:
+            heapq.heappush(self.timers, (time.monotonic() + job.plan.timeout, job.pid, next(self._seq)))
+        job.conn.reply(("started", job.id, job.pid))
+
+    def _taken(self, job: Job) -> None:
+        """A warm sandbox acknowledged its run: the run is really started."""
+        for fd in job.spare:
+            os.close(fd)
+        job.spare = []
+        assert job.plan is not None
+        if job.plan.timeout is not None:
+            heapq.heappush(self.timers, (time.monotonic() + job.plan.timeout, job.pid, next(self._seq)))
+        job.conn.reply(("started", job.id, job.pid))
+
+    def _restart_cold(self, job: Job) -> None:
+        """The warm sandbox died before it took the run: run it from scratch instead."""
+        stdio, job.spare = job.spare, []
+        assert job.plan is not None
+        try:
+            started, job.cgroup = self._launch(job.plan, (stdio[0], stdio[1], stdio[2]), warm=False)
+        except SiloError as e:
+            job.conn.jobs.pop(job.id, None)
+            job.conn.reply(("error", job.id, e.to_wire()))
+            return
+        finally:
+            for fd in stdio:
+                os.close(fd)
+        job.reason, job.error, job.watch_fds = None, None, []
+        self._track(job, started)
+
+    # warm sandboxes -------------------------------------------------------------------
+
+    def _go(self, key: bytes, plan: p.Plan, stdio: tuple[int, int, int]) -> tuple[launcher.Started, Any] | None:
+        """Hand a run to the warm sandbox of ``key``; None when there is none (or it died)."""
+        warm = self._warm.get(key)
+        if warm is None:
+            return None
+        message = child.go_message(plan.process.argv, plan.process.env)
+        if len(message) > child.GO_MAX:
+            return None
+        del self._warm[key]
+        self.sel.unregister(warm.started.pidfd)
+        if self._renice:
+            with contextlib.suppress(OSError):
+                os.sched_setscheduler(warm.started.pid, os.SCHED_OTHER, os.sched_param(0))
+        sock = socket.socket(fileno=os.dup(warm.started.err_fd))
+        try:
+            socket.send_fds(sock, [message], list(stdio))
+        except OSError:
+            self._reap_warm(warm)  # it died before it saw the run: start cold
+            return None
+        finally:
+            sock.close()
+        return warm.started, warm.cgroup
+
+    def _prestart(self) -> None:
+        """Build the warm sandboxes the last runs asked for."""
+        while self._to_warm:
+            key, (plan, owner) = self._to_warm.popitem()
+            if key in self._warm or (owner.closed and not self.warm_shared):
+                continue
+            if len(self._warm) >= WARM_MAX:
+                oldest = min(self._warm.values(), key=lambda w: w.since)
+                self._discard(oldest.key)
+            null = self._devnull
+            try:
+                started, cgroup = self._launch(plan, (null, null, null), warm=True)
+            except SiloError:
+                continue  # the run itself reports why this plan cannot start
+            if self._renice:
+                with contextlib.suppress(OSError):
+                    os.sched_setscheduler(started.pid, os.SCHED_IDLE, os.sched_param(0))
+            warm = Warm(key, None if self.warm_shared else owner, started, cgroup, time.monotonic())
+            self._warm[key] = warm
+            self.sel.register(started.pidfd, selectors.EVENT_READ, ("warm", warm))
+
+    def _on_warm_exit(self, warm: Warm) -> None:
+        """A parked sandbox died (a setup error, a kill): forget it."""
+        if self._warm.get(warm.key) is warm:
+            del self._warm[warm.key]
+        with contextlib.suppress(KeyError, ValueError):
+            self.sel.unregister(warm.started.pidfd)
+        self._reap_warm(warm)
+
+    def _discard(self, key: bytes) -> None:
+        warm = self._warm.pop(key)
+        self.sel.unregister(warm.started.pidfd)
+        with contextlib.suppress(ProcessLookupError, OSError):
+            signal.pidfd_send_signal(warm.started.pidfd, signal.SIGKILL)
+        self._reap_warm(warm)
+
+    def _reap_warm(self, warm: Warm) -> None:
+        with contextlib.suppress(ProcessLookupError, OSError):
+            signal.pidfd_send_signal(warm.started.pidfd, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(warm.started.pid, 0)
+        os.close(warm.started.pidfd)
+        os.close(warm.started.err_fd)
+        if warm.cgroup is not None:
+            warm.cgroup.destroy()
+
+    def _expire_warm(self) -> float | None:
+        """Drop warm sandboxes idle for WARM_IDLE; seconds until the next expiry."""
+        now = time.monotonic()
+        for key, warm in list(self._warm.items()):
+            if now - warm.since >= self.warm_idle:
+                self._discard(key)
+        if not self._warm:
+            return None
+        return max(0.0, min(w.since for w in self._warm.values()) + self.warm_idle - now)
 
     def _kill(self, job: Job, signum: int) -> None:
         with contextlib.suppress(ProcessLookupError, OSError):
@@ -250,6 +450,9 @@ class Spawner:
             pass
         finally:
             sock.close()
+        if data == child.TAKEN and not fds and job.spare:
+            self._taken(job)
+            return
         if data == b"pty" and len(fds) == 1:
             # The pty master from the sandbox's own devpts, for the client to drive.
             if not job.conn.closed:
@@ -285,13 +488,19 @@ class Spawner:
             _, status = os.waitpid(job.pid, os.WNOHANG)
         except ChildProcessError:
             status = 0
-        if job.err_fd != -1:
-            self._on_err(job)
+        while job.err_fd != -1:
+            self._on_err(job)  # an acknowledgement, an error, then end of stream
         self.sel.unregister(job.pidfd)
         os.close(job.pidfd)
         for fd in job.watch_fds:
             with contextlib.suppress(KeyError, ValueError):
                 self.sel.unregister(fd)
+        if job.spare:  # a warm sandbox that died before it took the run
+            if job.cgroup is not None:
+                job.cgroup.destroy()
+            del self.jobs[job.pid]
+            self._restart_cold(job)
+            return
         code = os.waitstatus_to_exitcode(status)
         if code < 0:
             code = 128 - code
@@ -349,12 +558,14 @@ class Spawner:
     def loop(self, idle_exit: float | None = None, stop_when_no_connections: bool = False) -> None:
         dispatch: dict[str, Callable[[Any], None]] = {
             "conn": self._on_conn, "exit": self._on_exit, "err": self._on_err, "limit": self._on_limit,
+            "warm": self._on_warm_exit,
         }
         dispatch.update(self.extra_dispatch)
         while self.running:
-            timeout: float | None = None
+            timeout = self._expire_warm()
             if self.timers:
-                timeout = max(0.0, self.timers[0][0] - time.monotonic())
+                until = max(0.0, self.timers[0][0] - time.monotonic())
+                timeout = until if timeout is None else min(timeout, until)
             refill = self.is_root and len(self._netns) < NETNS_POOL
             if refill:
                 # Refill while a sandbox runs (we only wait then), or after a quiet spell,
@@ -374,6 +585,8 @@ class Spawner:
                 kind, obj = key.data
                 dispatch[kind](obj)
             self._fire_timers()
+            if self._to_warm and self.running and not self.retired:
+                self._prestart()
             if not events and refill:
                 self._refill_netns()
             if stop_when_no_connections and not self.connections and not self.jobs:
@@ -383,6 +596,9 @@ class Spawner:
         self.shutdown()
 
     def shutdown(self) -> None:
+        self._to_warm.clear()
+        for warm_key_ in list(self._warm):
+            self._discard(warm_key_)
         for job in list(self.jobs.values()):
             self._kill(job, signal.SIGKILL)
         deadline = time.monotonic() + 5

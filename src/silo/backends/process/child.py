@@ -12,6 +12,13 @@ error on ``err_fd`` and exits. Order matters and is the security argument:
 5. drop the bounding set, switch to the sandbox user, set the remaining capability
    sets, no_new_privs, parent-death signal, new session, rlimits;
 6. mark every fd but stdio close-on-exec, load the seccomp filter, exec.
+
+A *warm* child stops between 6's first half and the exec: it
+is a finished sandbox, hardened and (for the default profile) already filtered,
+blocked on ``err_fd`` until the spawner sends the command -- ``(argv, env)`` and
+three stdio fds (:func:`go_message`). Only argv, env and stdio differ between runs
+of one plan (the spawner's pool key says so), so a warm sandbox is the same
+sandbox a cold start would have built.
 """
 
 from __future__ import annotations
@@ -77,6 +84,59 @@ def _open_pty(err_fd: int) -> None:
         os.close(master)
 
 
+def _dup_stdio(stdio: tuple[int, int, int]) -> None:
+    for target, fd in enumerate(stdio):
+        if fd != target:
+            os.dup2(fd, target)  # dup2 clears close-on-exec on the target
+
+
+def _close_all_but(*keep: int) -> None:
+    low = 3
+    for fd in sorted(k for k in keep if k >= 3):
+        if fd > low:
+            os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, 1 << 30)
+
+
+def _name_warm() -> None:
+    """``silo-warm`` in ps and /proc/PID/comm until the exec renames it."""
+    fd = os.open("/proc/thread-self/comm", os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, b"silo-warm")
+    finally:
+        os.close(fd)
+
+
+def go_message(argv: tuple[str, ...], env: tuple[tuple[str, str], ...]) -> bytes:
+    """What the spawner sends a warm child (with three stdio fds as SCM_RIGHTS)."""
+    return marshal.dumps((argv, env))
+
+
+def _await_command(err_fd: int) -> tuple[tuple[str, ...], dict[str, str]]:
+    """Block until the spawner sends the command; make its fds our stdio."""
+    import socket
+
+    sock = socket.socket(fileno=os.dup(err_fd))
+    try:
+        data, fds, _, _ = socket.recv_fds(sock, GO_MAX, 3, socket.MSG_CMSG_CLOEXEC)
+    finally:
+        sock.close()
+    if len(fds) != 3 or not data:
+        os._exit(125)  # the spawner dropped us: nothing to report to
+    os.write(err_fd, TAKEN)  # from here on, this sandbox runs the command or reports why not
+    _dup_stdio((fds[0], fds[1], fds[2]))
+    for fd in fds:
+        if fd > 2:
+            os.close(fd)
+    argv, env = marshal.loads(data)  # noqa: S302 - from the spawner that cloned us
+    return tuple(argv), dict(env)
+
+
+GO_MAX = 1 << 16  # larger commands start cold
+TAKEN = b"taken"
+
+
 def _report(err_fd: int, error: SiloError) -> NoReturn:
     try:
         os.write(err_fd, marshal.dumps(error.to_wire()))
@@ -85,10 +145,11 @@ def _report(err_fd: int, error: SiloError) -> NoReturn:
 
 
 def child_main(plan: p.Plan, sync_fd: int, err_fd: int, stdio: tuple[int, int, int],
-               tini_fd: int, bpf: bytes | None) -> NoReturn:
-    """Entry point in the cloned child. ``stdio`` fds become 0, 1, 2."""
+               tini_fd: int, bpf: bytes | None, warm: bool = False) -> NoReturn:
+    """Entry point in the cloned child. ``stdio`` fds become 0, 1, 2; a ``warm`` child
+    then waits for its command and the run's stdio on ``err_fd``."""
     try:
-        _child(plan, sync_fd, err_fd, stdio, tini_fd, bpf)
+        _child(plan, sync_fd, err_fd, stdio, tini_fd, bpf, warm)
     except SiloError as e:
         _report(err_fd, e)
     except executor.SetupError as e:
@@ -100,12 +161,16 @@ def child_main(plan: p.Plan, sync_fd: int, err_fd: int, stdio: tuple[int, int, i
 
 
 def _child(plan: p.Plan, sync_fd: int, err_fd: int, stdio: tuple[int, int, int],
-           tini_fd: int, bpf: bytes | None) -> NoReturn:
-    for target, fd in enumerate(stdio):
-        if fd != target:
-            os.dup2(fd, target)  # dup2 clears close-on-exec on the target
+           tini_fd: int, bpf: bytes | None, warm: bool) -> NoReturn:
+    _dup_stdio(stdio)
+    if warm:
+        _name_warm()
     if os.read(sync_fd, 1) != b"g":
         os._exit(125)  # the parent gave up on us
+    if warm:
+        # A parked sandbox may wait for minutes: it must not hold what the spawner
+        # had open when it was cloned (another run's pipes would never see EOF).
+        _close_all_but(err_fd, tini_fd)
     proc = plan.process
     k = sysk.LibcKernel()
     if "user" in plan.namespaces and proc.setgroups:
@@ -163,8 +228,6 @@ def _child(plan: p.Plan, sync_fd: int, err_fd: int, stdio: tuple[int, int, int],
             _open_pty(err_fd)
     for name, soft, hard in proc.rlimits:
         resource.setrlimit(_RLIMITS[name], (soft, hard))
-    path = _resolve(proc.argv[0], env)
-    envp = [f"{k_}={v}".encode() for k_, v in env.items()]
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
     # Default dispositions for everything the spawner (or Python: SIGPIPE, SIGXFSZ) changed.
     for sig in signal.valid_signals():
@@ -174,9 +237,19 @@ def _child(plan: p.Plan, sync_fd: int, err_fd: int, stdio: tuple[int, int, int],
         sysk.default_signal(reserved)
     # SECURITY: only stdio crosses into the sandbox (SECURITY.md #2).
     sysk.close_range_cloexec(3)
+    argv_s: tuple[str, ...] = proc.argv
+    if warm:
+        if bpf is not None and proc.seccomp == "default":
+            # The default profile allows what waiting takes (recvmsg, dup2, execveat);
+            # a custom one might not, so it is loaded after the command arrives.
+            seccomp.install(bpf)
+            bpf = None
+        argv_s, env = _await_command(err_fd)
+    path = _resolve(argv_s[0], env)
+    envp = [f"{k_}={v}".encode() for k_, v in env.items()]
     if bpf is not None:
         seccomp.install(bpf)
-    argv = [os.fsencode(a) for a in proc.argv]
+    argv = [os.fsencode(a) for a in argv_s]
     if proc.init:
         # tini from a sealed memfd: /proc/1/exe is not a host file (CVE-2019-5736).
         sysk.execveat_fd(tini_fd, [b"tini", b"-g", b"--", os.fsencode(path), *argv[1:]], envp)

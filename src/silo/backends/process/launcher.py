@@ -49,8 +49,12 @@ def _write_maps(pid: int, plan: p.Plan) -> None:
 
 
 def start(plan: p.Plan, stdio: tuple[int, int, int], tini_fd: int, bpf: bytes | None,
-          cgroup: CgroupLike | None, netns_fd: int | None = None) -> Started:
-    """Clone and release the sandbox's first process. On failure nothing is left running."""
+          cgroup: CgroupLike | None, netns_fd: int | None = None, warm: bool = False) -> Started:
+    """Clone and release the sandbox's first process. On failure nothing is left running.
+
+    A ``warm`` sandbox is built and then waits for its command on ``err_fd`` (see
+    :mod:`silo.backends.process.child`); ``stdio`` is then only what it holds meanwhile.
+    """
     flags = 0
     for name in plan.namespaces:
         if name != "cgroup":  # unshared by the child once it is in its cgroup
@@ -71,7 +75,7 @@ def start(plan: p.Plan, stdio: tuple[int, int, int], tini_fd: int, bpf: bytes | 
     if pid == 0:
         os.close(sync_w)
         os.close(err_r)
-        child_main(plan, sync_r, err_w, stdio, tini_fd, bpf)
+        child_main(plan, sync_r, err_w, stdio, tini_fd, bpf, warm)
     if orig_net is not None:
         sysk.setns(orig_net, sysk.CLONE_NEWNET)
         os.close(orig_net)
