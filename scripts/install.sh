@@ -8,11 +8,12 @@
 #   1. apt packages (apt-get update only when one is missing); needs root (or sudo);
 #   2. .venv made with Debian's /usr/bin/python3 (not a pyenv/conda python on PATH),
 #      with Debian's libseccomp binding (python3-seccomp) linked into it;
-#   3. `pip install -e '.[dev]'` (PyPI), then `python -m silo.cli.launcher install`
-#      (the fast `silo` launcher) when that module exists;
+#   3. `pip install -e '.[dev]'` (PyPI), then builds silo's C helpers: the sandbox
+#      init (`python -m silo.native build silo-init`) and the fast `silo` launcher
+#      (`python -m silo.cli.launcher install`);
 #   4. the unprivileged test user `silotest` (root only).
 # Steps 2-3 are remembered in .venv/.silo-install-stamp, a hash of the inputs they
-# depend on (pyproject.toml, this script, the launcher's source).
+# depend on (pyproject.toml, this script, the launcher's and the C helpers' sources).
 #
 # Environment: SILO_TEST_USER (default silotest), SILO_FORCE_INSTALL=1 redoes steps 2-3.
 set -euo pipefail
@@ -104,14 +105,22 @@ done
 launcher_src="$REPO/src/silo/cli/launcher.py"
 stamp_inputs=(pyproject.toml scripts/install.sh)
 [ -f "$launcher_src" ] && stamp_inputs+=(src/silo/cli/launcher.py)
+shopt -s nullglob
+stamp_inputs+=(src/silo/native/*.c src/silo/native/__init__.py)
+shopt -u nullglob
 want_stamp="$(cat "${stamp_inputs[@]}" | sha256sum | cut -d' ' -f1) $("$VENV/bin/python" -V 2>&1)"
 have_stamp="$(cat "$STAMP" 2>/dev/null || true)"
 
 if [ "${SILO_FORCE_INSTALL:-0}" = 1 ] || [ "$want_stamp" != "$have_stamp" ] \
-    || [ ! -x "$VENV/bin/pytest" ] || [ ! -e "$VENV/bin/silo" ]; then
+    || [ ! -x "$VENV/bin/pytest" ] || [ ! -e "$VENV/bin/silo" ] \
+    || { [ -f src/silo/native/init.c ] && [ ! -x src/silo/native/bin/silo-init ]; }; then
     rm -f "$STAMP"
     say "pip install -e '.[dev]'"
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e '.[dev]' </dev/null
+    if [ -f src/silo/native/init.c ]; then
+        say "building silo-init (src/silo/native/bin)"
+        "$VENV/bin/python" -m silo.native build silo-init
+    fi
     if [ -f "$launcher_src" ]; then
         say "installing the fast launcher (.venv/bin/silo)"
         "$VENV/bin/python" -m silo.cli.launcher install

@@ -6,6 +6,7 @@ resolved to a silo module. The rules:
 
 * ``model`` imports nothing from silo but ``model``;
 * ``sys`` imports only ``model`` and ``sys``;
+* ``native`` (the C helpers' build and lookup) imports only ``model``;
 * ``backends`` import only ``model``, ``sys`` and ``backends``, and no backend
   subpackage imports another one;
 * ``engine`` imports none of ``spawner``, ``sdk``, ``cli``;
@@ -89,6 +90,7 @@ def _backend(module: str) -> str | None:
 ALLOWED_ONLY = {
     "model": {"model"},
     "sys": {"model", "sys"},
+    "native": {"model", "native"},
     "backends": {"model", "sys", "backends"},
 }
 FORBIDDEN = {
@@ -125,7 +127,7 @@ def _graph() -> dict[str, set[str]]:
 def test_every_module_parses_and_is_in_a_known_layer() -> None:
     graph = _graph()
     assert len(graph) > 20
-    known = {"silo", "model", "sys", "backends", "engine", "spawner", "sdk", "cli"}
+    known = {"silo", "model", "sys", "native", "backends", "engine", "spawner", "sdk", "cli"}
     assert {_layer(m) for m in graph} <= known
     for layer in ("model", "sys", "backends", "engine", "spawner", "sdk", "cli"):
         assert any(_layer(m) == layer for m in graph), layer

@@ -124,7 +124,8 @@ def test_500_runs_leave_nothing_behind() -> None:
         assert elapsed < 120, f"500 runs took {elapsed:.1f}s"
 
         # what stays while the Sandboxes are open: one parked warm sandbox per plan
-        warm = _settle(lambda: _children(spawner), lambda v: len(v) <= 2)
+        warm = _settle(lambda: _children(spawner),
+                       lambda v: len(v) <= 2 and all(_comm(pid) == "silo-warm" for pid in v))
         assert len(warm) <= 2 and all(_comm(pid) == "silo-warm" for pid in warm), warm
     # closing the Sandboxes drops their warm sandboxes: nothing is left
     assert _settle(lambda: _children(spawner), lambda v: not v) == [], "processes left under the spawner"

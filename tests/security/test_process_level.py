@@ -50,10 +50,10 @@ def test_01_no_host_runtime_process_visible(sb: Any) -> None:
     # Only the sandbox's init and the probe itself: no spawner, no python of the host.
     assert set(procs) == {1, f["self"]}, f["processes"]
     init = procs[1]
-    # PID 1 is tini run from a sealed memfd, never a file of the host that could be
-    # reopened through /proc/1/exe and overwritten.
-    assert init["exe"].startswith("/memfd:"), init
-    assert "tini" in init["comm"] or (init["cmdline"] and "tini" in init["cmdline"][0]), init
+    # PID 1 is silo-init run from a sealed memfd, never a file of the host that could
+    # be reopened through /proc/1/exe and overwritten.
+    assert init["exe"].startswith("/memfd:silo-init"), init
+    assert init["comm"] == "silo-init" or (init["cmdline"] and init["cmdline"][0] == "silo-init"), init
     for p in procs.values():
         assert "/work" not in p["exe"] and ".venv" not in p["exe"], p
 
@@ -521,7 +521,7 @@ def test_11_only_the_sandbox_processes_are_visible(sb: Any) -> None:
     with open("/proc/1/cmdline", "rb") as fh:
         host_init = [a.decode() for a in fh.read().split(b"\0") if a]
     assert init["cmdline"] != host_init, init
-    assert init["cmdline"] and init["cmdline"][0] == "tini", init
+    assert init["cmdline"] and init["cmdline"][0] == "silo-init", init
 
 
 def test_11_network_is_loopback_only(sb: Any) -> None:

@@ -109,20 +109,15 @@ def _run(argv: list[str]) -> None:
     sock = _connect(paths.code_token())
     env = dict(os.environ)
     cwd = os.getcwd()
-    _send(sock, ("cli", 1, argv, cwd, env, False), [0, 1, 2])
-    reply = _recv(sock)
-    if reply is None:
-        _die("silo's server closed the connection; see its log in " + paths.runtime_dir())
-        return
-    if reply[0] == "error":
-        err = reply[2] if isinstance(reply[2], dict) else {}
-        _die(str(err.get("message", "error")), _EXIT_CODES.get(str(err.get("class")), 125))
-    job = reply[1]
+    job = 1
+    # Signals are caught (and later forwarded) from before the request: the command
+    # may already run when the server's first reply arrives.
     rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     _signal.set_wakeup_fd(wfd)
     for sig in _FORWARD:
         _signal.signal(sig, lambda s, f: None)
     _signal.signal(_signal.SIGWINCH, lambda s, f: None)
+    _send(sock, ("cli", job, argv, cwd, env, False), [0, 1, 2])
     tty = _Tty()
     try:
         code = _wait(sock, job, rfd, tty)

@@ -5,7 +5,7 @@ or endangers, a sandbox's start: it clones from a small, warm, single-threaded
 process. One event loop (``selectors``) serves connections, reaps sandboxes through
 pidfds, enforces wall-clock timeouts, and watches cgroup limit events.
 
-Owns: tini's sealed memfd, the compiled seccomp programs, the network-namespace
+Owns: silo-init's sealed memfd, the compiled seccomp programs, the network-namespace
 pool, the warm sandboxes, and every job's cleanup (cgroup, fds). Must not: block in
 a handler, run user code, or keep an fd that a job's sandbox was given once the
 sandbox started.
@@ -39,16 +39,29 @@ from typing import Any
 
 from silo.backends.process import child, launcher
 from silo.model import plan as p
-from silo.model.errors import InternalError, ProtocolError, SiloError, error_from_wire
+from silo.model.errors import (
+    CommandNotExecutable,
+    CommandNotFound,
+    InternalError,
+    ProtocolError,
+    SiloError,
+    error_from_wire,
+)
 from silo.spawner import protocol
 from silo.sys import kernel as sysk
 
-TINI_PATHS = ("/usr/bin/tini-static", "/usr/bin/tini")
 NETNS_POOL = 4
 WARM_MAX = 4
 WARM_IDLE = 30.0  # SILO_WARM_IDLE overrides; 0 turns warm sandboxes off
 
 Handler = Callable[["Connection", tuple[Any, ...], list[int]], None]
+
+
+def _init_error(data: bytes) -> bytes:
+    """silo-init's ``init-error CODE MESSAGE`` as the error wire the Python child sends."""
+    _, code, message = (data.decode("utf-8", "replace").split(" ", 2) + ["", ""])[:3]
+    cls = {"127": CommandNotFound, "126": CommandNotExecutable}.get(code, InternalError)
+    return marshal.dumps(cls(message or "the command could not be started").to_wire())
 
 
 def _env_seconds(name: str, default: float) -> float:
@@ -69,17 +82,13 @@ def _has_cap_sys_nice() -> bool:
     return False
 
 
-def _sealed_tini() -> int:
-    for path in TINI_PATHS:
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-            break
-        except OSError:
-            continue
-    else:
-        raise InternalError("tini is not installed: run 'make install' (Debian package tini)")
-    fd = os.memfd_create("tini", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+def _sealed_init() -> int:
+    from silo import native
+
+    path = native.built("silo-init")
+    with open(path, "rb") as f:
+        data = f.read()
+    fd = os.memfd_create("silo-init", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     os.write(fd, data)
     # SECURITY: sealed, so nobody - least of all a sandbox through /proc/1/exe - can
     # rewrite the init every sandbox runs (CVE-2019-5736).
@@ -122,6 +131,8 @@ def warm_key(plan: p.Plan, wire: tuple[Any, ...]) -> bytes | None:
     proc = plan.process
     if plan.isolation != "process" or not proc.harden or not proc.init or proc.tty:
         return None
+    if proc.seccomp not in ("default", "unconfined"):
+        return None  # silo-init would have to load it after the command arrives
     return marshal.dumps((wire[:5], tuple(wire[5])[2:], wire[6:9]))
 
 
@@ -144,7 +155,7 @@ class Connection:
 class Spawner:
     def __init__(self) -> None:
         self.sel = selectors.DefaultSelector()
-        self.tini_fd = _sealed_tini()
+        self.init_fd = _sealed_init()
         self.handlers: dict[str, Handler] = {
             "run": self._on_run, "signal": self._on_signal, "attach": self._on_attach,
         }
@@ -273,7 +284,7 @@ class Spawner:
         use_pool = self._netns and "net" in plan.namespaces and not proc.caps
         netns = self._netns.pop() if use_pool else None
         try:
-            started = launcher.start(plan, stdio, self.tini_fd, bpf, cgroup, netns, warm)
+            started = launcher.start(plan, stdio, self.init_fd, bpf, cgroup, netns, warm)
         except OSError as e:
             if cgroup is not None:
                 cgroup.destroy()
@@ -453,6 +464,8 @@ class Spawner:
         if data == child.TAKEN and not fds and job.spare:
             self._taken(job)
             return
+        if data.startswith(child.INIT_ERROR):
+            data = _init_error(data)
         if data == b"pty" and len(fds) == 1:
             # The pty master from the sandbox's own devpts, for the client to drive.
             if not job.conn.closed:

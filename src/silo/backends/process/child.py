@@ -2,7 +2,7 @@
 
 Runs in the child that :func:`silo.backends.process.launcher.start` cloned into new
 namespaces; it is PID 1 of its pid namespace. It never returns: it either execs
-(tini from a sealed memfd, or the command itself at the app level) or reports an
+(silo-init from a sealed memfd, or the command itself at the app level) or reports an
 error on ``err_fd`` and exits. Order matters and is the security argument:
 
 1. wait until the parent has written the id maps (and placed us in our cgroup);
@@ -13,12 +13,12 @@ error on ``err_fd`` and exits. Order matters and is the security argument:
    sets, no_new_privs, parent-death signal, new session, rlimits;
 6. mark every fd but stdio close-on-exec, load the seccomp filter, exec.
 
-A *warm* child stops between 6's first half and the exec: it
-is a finished sandbox, hardened and (for the default profile) already filtered,
-blocked on ``err_fd`` until the spawner sends the command -- ``(argv, env)`` and
-three stdio fds (:func:`go_message`). Only argv, env and stdio differ between runs
-of one plan (the spawner's pool key says so), so a warm sandbox is the same
-sandbox a cold start would have built.
+A *warm* child does all of that except knowing its command: it execs silo-init in
+``--wait`` mode, a finished sandbox (hardened, filtered, PID 1 running) parked on
+``err_fd`` until the spawner sends argv, env and three stdio fds
+(:func:`go_message`). Only argv, env and stdio differ between runs of one plan (the
+spawner's pool key says so; plans with a custom seccomp profile are not pooled), so
+a warm sandbox is the same sandbox a cold start would have built.
 """
 
 from __future__ import annotations
@@ -109,32 +109,16 @@ def _name_warm() -> None:
 
 
 def go_message(argv: tuple[str, ...], env: tuple[tuple[str, str], ...]) -> bytes:
-    """What the spawner sends a warm child (with three stdio fds as SCM_RIGHTS)."""
-    return marshal.dumps((argv, env))
+    """The request silo-init --wait reads (with three stdio fds as SCM_RIGHTS):
+    ``ARGC\\0ARGV...\\0KEY=VALUE\\0...``."""
+    parts = [str(len(argv)).encode(), *(os.fsencode(a) for a in argv),
+             *(os.fsencode(f"{k}={v}") for k, v in env)]
+    return b"\0".join(parts) + b"\0"
 
 
-def _await_command(err_fd: int) -> tuple[tuple[str, ...], dict[str, str]]:
-    """Block until the spawner sends the command; make its fds our stdio."""
-    import socket
-
-    sock = socket.socket(fileno=os.dup(err_fd))
-    try:
-        data, fds, _, _ = socket.recv_fds(sock, GO_MAX, 3, socket.MSG_CMSG_CLOEXEC)
-    finally:
-        sock.close()
-    if len(fds) != 3 or not data:
-        os._exit(125)  # the spawner dropped us: nothing to report to
-    os.write(err_fd, TAKEN)  # from here on, this sandbox runs the command or reports why not
-    _dup_stdio((fds[0], fds[1], fds[2]))
-    for fd in fds:
-        if fd > 2:
-            os.close(fd)
-    argv, env = marshal.loads(data)  # noqa: S302 - from the spawner that cloned us
-    return tuple(argv), dict(env)
-
-
-GO_MAX = 1 << 16  # larger commands start cold
+GO_MAX = 1 << 16  # larger commands start cold (silo-init's buffer)
 TAKEN = b"taken"
+INIT_ERROR = b"init-error "
 
 
 def _report(err_fd: int, error: SiloError) -> NoReturn:
@@ -145,11 +129,11 @@ def _report(err_fd: int, error: SiloError) -> NoReturn:
 
 
 def child_main(plan: p.Plan, sync_fd: int, err_fd: int, stdio: tuple[int, int, int],
-               tini_fd: int, bpf: bytes | None, warm: bool = False) -> NoReturn:
+               init_fd: int, bpf: bytes | None, warm: bool = False) -> NoReturn:
     """Entry point in the cloned child. ``stdio`` fds become 0, 1, 2; a ``warm`` child
     then waits for its command and the run's stdio on ``err_fd``."""
     try:
-        _child(plan, sync_fd, err_fd, stdio, tini_fd, bpf, warm)
+        _child(plan, sync_fd, err_fd, stdio, init_fd, bpf, warm)
     except SiloError as e:
         _report(err_fd, e)
     except executor.SetupError as e:
@@ -161,7 +145,7 @@ def child_main(plan: p.Plan, sync_fd: int, err_fd: int, stdio: tuple[int, int, i
 
 
 def _child(plan: p.Plan, sync_fd: int, err_fd: int, stdio: tuple[int, int, int],
-           tini_fd: int, bpf: bytes | None, warm: bool) -> NoReturn:
+           init_fd: int, bpf: bytes | None, warm: bool) -> NoReturn:
     _dup_stdio(stdio)
     if warm:
         _name_warm()
@@ -170,7 +154,7 @@ def _child(plan: p.Plan, sync_fd: int, err_fd: int, stdio: tuple[int, int, int],
     if warm:
         # A parked sandbox may wait for minutes: it must not hold what the spawner
         # had open when it was cloned (another run's pipes would never see EOF).
-        _close_all_but(err_fd, tini_fd)
+        _close_all_but(err_fd, init_fd)
     proc = plan.process
     k = sysk.LibcKernel()
     if "user" in plan.namespaces and proc.setgroups:
@@ -237,20 +221,19 @@ def _child(plan: p.Plan, sync_fd: int, err_fd: int, stdio: tuple[int, int, int],
         sysk.default_signal(reserved)
     # SECURITY: only stdio crosses into the sandbox (SECURITY.md #2).
     sysk.close_range_cloexec(3)
-    argv_s: tuple[str, ...] = proc.argv
     if warm:
-        if bpf is not None and proc.seccomp == "default":
-            # The default profile allows what waiting takes (recvmsg, dup2, execveat);
-            # a custom one might not, so it is loaded after the command arrives.
+        if bpf is not None:
             seccomp.install(bpf)
-            bpf = None
-        argv_s, env = _await_command(err_fd)
-    path = _resolve(argv_s[0], env)
+        # silo-init from a sealed memfd, parked until the spawner sends the command on
+        # err_fd (kept open across this exec, closed by silo-init once the command runs).
+        os.set_inheritable(err_fd, True)
+        sysk.execveat_fd(init_fd, [b"silo-init", b"--wait", str(err_fd).encode()], [])
+    path = _resolve(proc.argv[0], env)
     envp = [f"{k_}={v}".encode() for k_, v in env.items()]
     if bpf is not None:
         seccomp.install(bpf)
-    argv = [os.fsencode(a) for a in argv_s]
+    argv = [os.fsencode(a) for a in proc.argv]
     if proc.init:
-        # tini from a sealed memfd: /proc/1/exe is not a host file (CVE-2019-5736).
-        sysk.execveat_fd(tini_fd, [b"tini", b"-g", b"--", os.fsencode(path), *argv[1:]], envp)
+        # silo-init from a sealed memfd: /proc/1/exe is not a host file (CVE-2019-5736).
+        sysk.execveat_fd(init_fd, [b"silo-init", b"--", os.fsencode(path), *argv], envp)
     os.execve(path, argv, dict(env))  # noqa: S606 - exec is the point

@@ -48,7 +48,7 @@ def _write_maps(pid: int, plan: p.Plan) -> None:
     _write(f"/proc/{pid}/gid_map", "".join(f"{m.inside} {m.outside} {m.count}\n" for m in plan.gid_map))
 
 
-def start(plan: p.Plan, stdio: tuple[int, int, int], tini_fd: int, bpf: bytes | None,
+def start(plan: p.Plan, stdio: tuple[int, int, int], init_fd: int, bpf: bytes | None,
           cgroup: CgroupLike | None, netns_fd: int | None = None, warm: bool = False) -> Started:
     """Clone and release the sandbox's first process. On failure nothing is left running.
 
@@ -75,7 +75,7 @@ def start(plan: p.Plan, stdio: tuple[int, int, int], tini_fd: int, bpf: bytes | 
     if pid == 0:
         os.close(sync_w)
         os.close(err_r)
-        child_main(plan, sync_r, err_w, stdio, tini_fd, bpf, warm)
+        child_main(plan, sync_r, err_w, stdio, init_fd, bpf, warm)
     if orig_net is not None:
         sysk.setns(orig_net, sysk.CLONE_NEWNET)
         os.close(orig_net)

@@ -1,0 +1,80 @@
+"""silo's two small C programs, built from source by ``make install``.
+
+- ``silo-init`` (``init.c``): the sandbox's PID 1, statically linked because it runs
+  inside image roots that have no libc of the host's. Reaps zombies, forwards signals
+  to the command's process group, exits with the command's status; in ``--wait`` mode
+  it is a warm sandbox's init, parked until the spawner sends the command.
+- ``silo`` (``client.c``): the CLI's fast path for ``silo run``, which hands anything
+  else to the Python CLI. Built by :mod:`silo.cli.launcher` with the virtualenv's
+  interpreter and source path compiled in.
+
+Why C and not Python or tini: see docs/design.md ("Native helpers").
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Mapping
+
+from silo.model.errors import InternalError
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BIN = os.path.join(HERE, "bin")
+CFLAGS = ("-O2", "-std=gnu11", "-Wall", "-Wextra", "-Werror", "-D_GNU_SOURCE")
+PROGRAMS = {"silo-init": ("init.c", ("-static",)), "silo": ("client.c", ())}
+
+
+def source(name: str) -> str:
+    return os.path.join(HERE, PROGRAMS[name][0])
+
+
+def built(name: str) -> str:
+    """Path of a built program; a one-line InternalError when it is missing or stale."""
+    path = os.path.join(BIN, name)
+    try:
+        fresh = os.stat(path).st_mtime_ns >= os.stat(source(name)).st_mtime_ns
+    except FileNotFoundError:
+        fresh = False
+    if not fresh:
+        raise InternalError(f"{path} is missing or older than its source: run 'make install'")
+    return path
+
+
+def build(name: str, out: str | None = None, defines: Mapping[str, str] | None = None) -> str:
+    """Compile ``name`` to ``out`` (default ``bin/NAME``) atomically; returns the path."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise InternalError("no C compiler: install gcc and libc6-dev (make install does)")
+    src, extra = PROGRAMS[name]
+    out = out or os.path.join(BIN, name)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=os.path.dirname(out))
+    os.close(fd)
+    args = [cc, *CFLAGS, *extra, *(f"-D{k}={_c_string(v)}" for k, v in (defines or {}).items()),
+            "-o", tmp, os.path.join(HERE, src)]
+    try:
+        proc = subprocess.run(args, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise InternalError(f"building {name} failed: {proc.stderr.strip()}")
+        os.chmod(tmp, 0o755)  # noqa: S103 - a program everyone may run
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def _c_string(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] != ["build"]:
+        print("usage: python -m silo.native build [NAME...]")
+        return 2
+    for name in argv[1:] or ["silo-init"]:
+        print(build(name))
+    return 0

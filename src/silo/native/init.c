@@ -1,0 +1,285 @@
+/*
+ * silo-init: PID 1 of a process-level sandbox.
+ *
+ *   silo-init -- PATH ARGV0 [ARG...]    run PATH (already resolved by the spawner's
+ *                                       child) with the environment we were given
+ *   silo-init --wait FD                 a warm sandbox: wait on the SOCK_SEQPACKET
+ *                                       socket FD for the command, then run it
+ *
+ * In both modes it forks the command into its own process group (made the
+ * foreground group when stdin is a terminal), forwards every signal it receives to
+ * that group, reaps every zombie, and exits with the command's status (128+N when
+ * signal N killed it). When it exits the kernel kills whatever else is left in the
+ * pid namespace. It does what `tini -g` does; it exists because tini cannot be
+ * parked before the command is known (see docs/design.md, "Native helpers").
+ *
+ * The warm request is one packet: "ARGC\0ARGV0\0...ARGVn\0ENV0\0...ENVm\0" (the
+ * environment entries are "KEY=VALUE") with exactly three fds attached (SCM_RIGHTS)
+ * that become stdin, stdout and stderr. We answer "taken" at once (the spawner may
+ * then forget its copies of the fds), and later "init-error CODE MESSAGE" if the
+ * command cannot be started (127: not found, 126: not executable).
+ *
+ * Everything here runs inside the sandbox with its seccomp filter, capabilities
+ * already dropped and no_new_privs set; it trusts the spawner (which made the
+ * socket) and nothing else. Statically linked: image roots have no host libc.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#define GO_MAX (64 * 1024) /* the spawner starts larger commands cold */
+#define MAX_ARGS 8192
+
+static void die(const char *fmt, ...) {
+    va_list ap;
+    fputs("silo-init: ", stderr);
+    va_start(ap, fmt);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fputc('\n', stderr);
+    exit(125);
+}
+
+/* Report why the command cannot start on the warm channel, then exit with code. */
+static void fail(int chan, int code, const char *fmt, ...) {
+    char msg[1024];
+    char packet[1100];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    if (chan >= 0) {
+        int n = snprintf(packet, sizeof packet, "init-error %d %s", code, msg);
+        if (n > 0 && write(chan, packet, (size_t)(n < (int)sizeof packet ? n : (int)sizeof packet - 1)) < 0) {
+            /* the spawner is gone: nobody to tell */
+        }
+    } else {
+        fprintf(stderr, "silo: %s\n", msg);
+    }
+    exit(code);
+}
+
+/* Receive the command: argv and envp point into buf; fds[3] become our stdio. */
+static void receive(int chan, char *buf, size_t size, char ***argv_out, char ***envp_out) {
+    union {
+        struct cmsghdr hdr;
+        char space[CMSG_SPACE(3 * sizeof(int))];
+    } control;
+    struct iovec iov = {.iov_base = buf, .iov_len = size - 1};
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1,
+                         .msg_control = control.space, .msg_controllen = sizeof control.space};
+    ssize_t n;
+    do {
+        n = recvmsg(chan, &msg, MSG_CMSG_CLOEXEC);
+    } while (n < 0 && errno == EINTR);
+    if (n <= 0)
+        exit(125); /* the spawner dropped us before sending a run */
+    if (msg.msg_flags & (MSG_TRUNC | MSG_CTRUNC))
+        die("warm request truncated");
+    buf[n] = '\0';
+
+    struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+    if (!c || c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS ||
+        c->cmsg_len != CMSG_LEN(3 * sizeof(int)))
+        die("warm request without its three stdio fds");
+    int fds[3];
+    memcpy(fds, CMSG_DATA(c), sizeof fds);
+
+    /* Acknowledge before anything can fail: from here on this sandbox owns the run. */
+    if (write(chan, "taken", 5) != 5)
+        exit(125);
+    for (int i = 0; i < 3; i++)
+        if (dup2(fds[i], i) < 0)
+            die("dup2: %s", strerror(errno));
+    for (int i = 0; i < 3; i++)
+        if (fds[i] > 2)
+            close(fds[i]);
+
+    /* Split "ARGC\0ARGV...\0ENV...\0". */
+    char *p = buf, *end = buf + n;
+    char *stop;
+    long argc = strtol(p, &stop, 10);
+    if (*stop != '\0' || argc < 1 || argc > MAX_ARGS)
+        die("malformed warm request");
+    p = stop + 1;
+    size_t strings = 0;
+    for (char *q = p; q < end; q++)
+        strings += (*q == '\0');
+    if ((size_t)argc > strings || strings > 2 * MAX_ARGS)
+        die("malformed warm request");
+    char **argv = calloc((size_t)argc + 1, sizeof *argv);
+    char **envp = calloc(strings - (size_t)argc + 1, sizeof *envp);
+    if (!argv || !envp)
+        die("out of memory");
+    size_t i = 0, j = 0;
+    for (; p < end; p += strlen(p) + 1) {
+        if (i < (size_t)argc)
+            argv[i++] = p;
+        else
+            envp[j++] = p;
+    }
+    *argv_out = argv;
+    *envp_out = envp;
+}
+
+static const char *env_get(char **envp, const char *key) {
+    size_t len = strlen(key);
+    for (; *envp; envp++)
+        if (strncmp(*envp, key, len) == 0 && (*envp)[len] == '=')
+            return *envp + len + 1;
+    return NULL;
+}
+
+/* PATH lookup as the spawner's child does it (silo.backends.process.child._resolve). */
+static void resolve(int chan, const char *name, char **envp, char *out, size_t size) {
+    if (strchr(name, '/')) {
+        struct stat st;
+        if (stat(name, &st) == 0) {
+            if (S_ISREG(st.st_mode) && access(name, X_OK) == 0) {
+                snprintf(out, size, "%s", name);
+                return;
+            }
+            fail(chan, 126, "%s: not executable inside the sandbox (%s); check its mode", name, name);
+        }
+        fail(chan, 127, "%s: command not found inside the sandbox; check the name and PATH", name);
+    }
+    const char *path = env_get(envp, "PATH");
+    if (!path)
+        path = "";
+    char denied[PATH_MAX] = "";
+    const char *dir = path;
+    for (;;) {
+        const char *colon = strchr(dir, ':');
+        size_t dlen = colon ? (size_t)(colon - dir) : strlen(dir);
+        char candidate[PATH_MAX];
+        int n = dlen ? snprintf(candidate, sizeof candidate, "%.*s/%s", (int)dlen, dir, name)
+                     : snprintf(candidate, sizeof candidate, "./%s", name);
+        struct stat st;
+        if (n > 0 && (size_t)n < sizeof candidate && stat(candidate, &st) == 0) {
+            if (S_ISREG(st.st_mode) && access(candidate, X_OK) == 0) {
+                snprintf(out, size, "%s", candidate);
+                return;
+            }
+            if (!denied[0])
+                snprintf(denied, sizeof denied, "%s", candidate);
+        }
+        if (!colon)
+            break;
+        dir = colon + 1;
+    }
+    if (denied[0])
+        fail(chan, 126, "%s: not executable inside the sandbox (%s); check its mode", name, denied);
+    fail(chan, 127, "%s: command not found inside the sandbox; check the name and PATH", name);
+}
+
+static int exit_code(int status) {
+    if (WIFEXITED(status))
+        return WEXITSTATUS(status);
+    if (WIFSIGNALED(status))
+        return 128 + WTERMSIG(status);
+    return 125;
+}
+
+int main(int argc, char **argv) {
+    extern char **environ;
+    int chan = -1;
+    char **cmd, **envp = environ;
+    char path[PATH_MAX];
+    static char request[GO_MAX + 1];
+
+    if (argc >= 3 && strcmp(argv[1], "--wait") == 0) {
+        chan = atoi(argv[2]);
+        prctl(PR_SET_NAME, "silo-warm", 0, 0, 0);
+        receive(chan, request, sizeof request, &cmd, &envp);
+        prctl(PR_SET_NAME, "silo-init", 0, 0, 0);
+        resolve(chan, cmd[0], envp, path, sizeof path);
+    } else if (argc >= 4 && strcmp(argv[1], "--") == 0) {
+        snprintf(path, sizeof path, "%s", argv[2]);
+        cmd = argv + 3;
+    } else {
+        die("usage: silo-init -- PATH ARGV0 [ARG...] | silo-init --wait FD");
+    }
+
+    /* All signals wait for sigtimedwait below, except the synchronous ones. */
+    sigset_t all;
+    sigfillset(&all);
+    static const int synchronous[] = {SIGILL, SIGTRAP, SIGABRT, SIGBUS, SIGFPE, SIGSEGV, SIGSYS};
+    for (size_t k = 0; k < sizeof synchronous / sizeof *synchronous; k++)
+        sigdelset(&all, synchronous[k]);
+    sigprocmask(SIG_SETMASK, &all, NULL);
+    signal(SIGTTIN, SIG_IGN);
+    signal(SIGTTOU, SIG_IGN);
+
+    /* exec failures come back through this pipe (closed on a successful exec) */
+    int report[2];
+    if (pipe2(report, O_CLOEXEC) < 0)
+        die("pipe: %s", strerror(errno));
+
+    pid_t child = fork();
+    if (child < 0)
+        fail(chan, 125, "cannot start %s: fork: %s", cmd[0], strerror(errno));
+    if (child == 0) {
+        close(report[0]);
+        setpgid(0, 0);
+        if (isatty(STDIN_FILENO))
+            tcsetpgrp(STDIN_FILENO, getpgrp()); /* Ctrl-C on a -t terminal reaches the command */
+        signal(SIGTTIN, SIG_DFL);
+        signal(SIGTTOU, SIG_DFL);
+        sigset_t none;
+        sigemptyset(&none);
+        sigprocmask(SIG_SETMASK, &none, NULL);
+        if (chan >= 0)
+            close(chan);
+        execve(path, cmd, envp);
+        int err = errno;
+        if (write(report[1], &err, sizeof err) < 0) {
+            /* nothing else to do */
+        }
+        _exit(err == ENOENT ? 127 : 126);
+    }
+    close(report[1]);
+    int err = 0;
+    ssize_t got;
+    do {
+        got = read(report[0], &err, sizeof err);
+    } while (got < 0 && errno == EINTR);
+    close(report[0]);
+    if (got == (ssize_t)sizeof err) {
+        int status;
+        waitpid(child, &status, 0);
+        fail(chan, err == ENOENT ? 127 : 126, "%s: cannot execute inside the sandbox: %s", cmd[0], strerror(err));
+    }
+    if (chan >= 0)
+        close(chan); /* the spawner sees the end of the channel: the command runs */
+
+    for (;;) {
+        siginfo_t info;
+        struct timespec tick = {.tv_sec = 1};
+        int sig = sigtimedwait(&all, &info, &tick);
+        if (sig > 0 && sig != SIGCHLD) {
+            /* forward to the command's process group, or to it alone if it left it */
+            if (kill(-child, sig) < 0)
+                kill(child, sig);
+            continue;
+        }
+        for (;;) {
+            int status;
+            pid_t pid = waitpid(-1, &status, WNOHANG);
+            if (pid <= 0)
+                break;
+            if (pid == child)
+                return exit_code(status); /* the kernel kills what is left */
+        }
+    }
+}
