@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import glob
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 import pytest
@@ -135,3 +138,27 @@ def test_500_runs_leave_nothing_behind() -> None:
     assert _mounts() - mounts_before == set()
     assert os.listdir(hostmod.host().scratch) == []
     assert len(os.listdir("/proc/self/fd")) <= own_fds_before
+
+
+_BACK_TO_BACK = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+from silo import Sandbox
+with Sandbox() as sb:
+    for _ in range(int(sys.argv[2])):
+        r = sb.run(["/bin/true"])
+        assert r.exit_code == 0, r
+print("ok")
+"""
+
+
+def test_two_processes_running_back_to_back_both_finish() -> None:
+    """Each process has its own spawner, warm sandboxes hand over and exit in the same
+    event batches; a spawner that mishandled a batch (a closed fd used again) dropped
+    its clients here."""
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    procs = [subprocess.Popen([sys.executable, "-c", _BACK_TO_BACK, src, "400"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE) for _ in range(2)]
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0 and out == b"ok\n", err.decode()[-2000:]

@@ -23,7 +23,6 @@ the connection that caused them (the SDK), or with the server (the CLI).
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import heapq
 import itertools
@@ -59,7 +58,7 @@ Handler = Callable[["Connection", tuple[Any, ...], list[int]], None]
 
 def _init_error(data: bytes) -> bytes:
     """silo-init's ``init-error CODE MESSAGE`` as the error wire the Python child sends."""
-    _, code, message = (data.decode("utf-8", "replace").split(" ", 2) + ["", ""])[:3]
+    _, code, message = [*data.decode("utf-8", "replace").split(" ", 2), "", ""][:3]
     cls = {"127": CommandNotFound, "126": CommandNotExecutable}.get(code, InternalError)
     return marshal.dumps(cls(message or "the command could not be started").to_wire())
 
@@ -452,6 +451,8 @@ class Spawner:
                 job.cgroup.kill()
 
     def _on_err(self, job: Job) -> None:
+        if job.err_fd == -1:
+            return
         data = b""
         fds: list[int] = []
         sock = socket.socket(fileno=os.dup(job.err_fd))
@@ -594,7 +595,12 @@ class Spawner:
                 events = self.sel.select(timeout)
             except InterruptedError:
                 continue
+            registered = self.sel.get_map()
             for key, _ in events:
+                # A handler earlier in this batch may have closed or re-registered
+                # this fd (a job's exit drains and closes its error channel).
+                if registered.get(key.fd) is not key:
+                    continue
                 kind, obj = key.data
                 dispatch[kind](obj)
             self._fire_timers()
@@ -616,7 +622,11 @@ class Spawner:
             self._kill(job, signal.SIGKILL)
         deadline = time.monotonic() + 5
         while self.jobs and time.monotonic() < deadline:
-            for key, _ in self.sel.select(0.1):
+            events = self.sel.select(0.1)
+            registered = self.sel.get_map()
+            for key, _ in events:
+                if registered.get(key.fd) is not key:
+                    continue
                 kind, obj = key.data
                 if kind == "exit":
                     self._on_exit(obj)
@@ -635,8 +645,4 @@ def serve_socketpair(fd: int) -> None:
     spawner = Spawner()
     spawner.add_connection(socket.socket(fileno=fd))
     spawner.fill_netns_pool()
-    try:
-        spawner.loop(stop_when_no_connections=True)
-    except OSError as e:
-        if e.errno != errno.EBADF:
-            raise
+    spawner.loop(stop_when_no_connections=True)
