@@ -107,6 +107,7 @@ class Case:
     samples: list[float] = field(default_factory=list)
     status: str = "ok"
     runner: Runner | None = None
+    pause: float = 0.0  # seconds of idle before each timed call (not timed)
 
     @property
     def ok(self) -> bool:
@@ -146,6 +147,8 @@ def run_latency(cases: list[Case], rounds: int, progress: Callable[[str], None])
             try:
                 for _ in range(share):
                     counter += 1
+                    if case.pause:
+                        time.sleep(case.pause)
                     t0 = time.perf_counter()
                     case.runner(counter)
                     case.samples.append(time.perf_counter() - t0)

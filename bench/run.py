@@ -40,7 +40,7 @@ SILO_CLI = REPO / ".venv" / "bin" / "silo"
 
 # Timed runs per tool at --scale 1 (the slow peers get fewer).
 ITERATIONS = {
-    "sdk": 500, "cli": 200, "bwrap": 300, "runc": 100, "runsc": 30, "firejail": 60, "true": 500,
+    "sdk": 500, "sdk-paced": 200, "cli": 200, "bwrap": 300, "runc": 100, "runsc": 30, "firejail": 60, "true": 500,
 }
 
 # Budgets of issue 2 (medians, ratios to the peer measured beside them).
@@ -70,6 +70,8 @@ def make_cases(scale: float) -> list[Case]:
     return [
         Case("sdk", "silo SDK", 'Sandbox().run(["/bin/true"]) (one Sandbox, per call)',
              n("sdk"), measure.sdk_runner),
+        Case("sdk-paced", "silo SDK, paced", "the same, 20 ms idle before each call (not timed)",
+             n("sdk-paced"), measure.sdk_runner, pause=0.02),
         Case("cli", "silo CLI", "silo run -- /bin/true", n("cli"), cli),
         Case("bwrap", "bubblewrap", "bwrap --unshare-all ... /bin/true (see notes)", n("bwrap"),
              from_peer(peers.bwrap)),
@@ -265,6 +267,12 @@ def main() -> int:
         "## Machine\n\n" + table(["", ""], [[k, v] for k, v in facts]),
         "## Notes\n\n"
         f"- bubblewrap: `{bwrap_line}`.\n"
+        "- silo SDK rows are warm: while a run executes, the spawner builds the next sandbox "
+        "of the same spec and parks it before exec (PID 1 `silo-init` waiting), so a run pays "
+        "for the hand-over, the command and the teardown. Back to back, that build competes "
+        "for the 2 CPUs with the run (the first row); with idle time between calls it does not "
+        "(the paced row). The first run of a spec is cold (every sandbox is built on the "
+        "caller's clock, about 6-8 ms here).\n"
         "- silo CLI: `.venv/bin/silo`, the fast launcher; it hands the run to the per-user "
         "CLI server (started by the warm-up runs, so its start is not in the numbers).\n"
         "- runc and runsc run the same OCI bundle (no capabilities, no_new_privs, pid/net/ipc/"

@@ -29,8 +29,8 @@ TEST_USER="${SILO_TEST_USER:-silotest}"
 APT_PACKAGES=(
     # Python: Debian's interpreter, venv support, headers, the libseccomp binding
     python3 python3-venv python3-dev python3-seccomp libseccomp2
-    # sandbox plumbing: init, subordinate ids, netlink/ip, runuser/unshare/nsenter, ps
-    tini uidmap iproute2 util-linux procps
+    # sandbox plumbing: subordinate ids, netlink/ip, runuser/unshare/nsenter, ps
+    uidmap iproute2 util-linux procps
     # peers measured by `make bench`
     bubblewrap runc runsc firejail hyperfine
     # building native helpers

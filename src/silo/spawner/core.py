@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import gc
 import heapq
 import itertools
 import marshal
@@ -575,6 +576,10 @@ class Spawner:
             "warm": self._on_warm_exit,
         }
         dispatch.update(self.extra_dispatch)
+        # Everything alive now (modules, code, caches) lives as long as we do: keep the
+        # collector off it, so a collection in a cloned child does not write to (and so
+        # copy) pages shared with us.
+        gc.freeze()
         while self.running:
             timeout = self._expire_warm()
             if self.timers:

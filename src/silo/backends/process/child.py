@@ -23,6 +23,7 @@ a warm sandbox is the same sandbox a cold start would have built.
 
 from __future__ import annotations
 
+import gc
 import marshal
 import os
 import resource
@@ -132,6 +133,7 @@ def child_main(plan: p.Plan, sync_fd: int, err_fd: int, stdio: tuple[int, int, i
                init_fd: int, bpf: bytes | None, warm: bool = False) -> NoReturn:
     """Entry point in the cloned child. ``stdio`` fds become 0, 1, 2; a ``warm`` child
     then waits for its command and the run's stdio on ``err_fd``."""
+    gc.disable()  # a collection would touch (copy) every page it shares with the spawner
     try:
         _child(plan, sync_fd, err_fd, stdio, init_fd, bpf, warm)
     except SiloError as e:
