@@ -19,13 +19,10 @@ import fcntl
 import glob
 import hashlib
 import os
-import pty
-import select
 import shutil
 import signal
 import struct
 import subprocess
-import sys
 import tempfile
 import termios
 import time
@@ -33,6 +30,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cli_servers import client_env as _env
+from cli_servers import private_runtime_dir, pty_run, server_pid
 
 pytestmark = pytest.mark.root
 
@@ -47,24 +46,9 @@ MiB = 1 << 20
 # fixtures and helpers ---------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _private_runtime_dir() -> Iterator[str]:
-    """A private runtime dir (own CLI server); the server is stopped at the end."""
-    path = tempfile.mkdtemp(prefix="silo-cli-rt-")
-    os.chmod(path, 0o711)
-    yield path
-    env = {**os.environ, "SILO_RUNTIME_DIR": path}
-    subprocess.run([sys.executable, "-m", "silo.cli.main", "server", "stop"], env=env,
-                   capture_output=True, timeout=30)
-    deadline = time.monotonic() + 10
-    while _server_pid(path) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    shutil.rmtree(path, ignore_errors=True)
-
-
 @pytest.fixture(scope="module")
 def runtime_dir() -> Iterator[str]:
-    with _private_runtime_dir() as path:
+    with private_runtime_dir() as path:
         yield path
 
 
@@ -96,14 +80,6 @@ def cli(silo_cli: list[str], runtime_dir: str):  # type: ignore[no-untyped-def]
                               stdin=None if input is not None else subprocess.DEVNULL)
 
     return run
-
-
-def _env(runtime_dir: str, extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SILO_")}
-    env["SILO_RUNTIME_DIR"] = runtime_dir
-    env.setdefault("TERM", "dumb")
-    env.update(extra or {})
-    return env
 
 
 def _out(cp: subprocess.CompletedProcess[bytes]) -> str:
@@ -156,24 +132,6 @@ def _comm(pid: int) -> str:
 def _jobs(pid: int) -> list[int]:
     """The server's children that run a command (not parked warm sandboxes)."""
     return [kid for kid in _children(pid) if _comm(kid) != "silo-warm"]
-
-
-def _server_pid(runtime_dir: str) -> int | None:
-    marker = f"SILO_RUNTIME_DIR={runtime_dir}".encode()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read()
-            if b"silo.cli.server" not in cmdline:
-                continue
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                if marker in f.read().split(b"\0"):
-                    return int(entry)
-        except OSError:
-            continue
-    return None
 
 
 def _mounts() -> set[str]:
@@ -507,7 +465,7 @@ def test_memory_cpus_pids_land_in_the_cgroup(silo_cli: list[str], runtime_dir: s
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline() == b"ready\n"
-        server = _server_pid(runtime_dir)
+        server = server_pid(runtime_dir)
         assert server
         kids = _jobs(server)
         assert len(kids) == 1
@@ -568,7 +526,7 @@ def test_timeout_kills_and_says_so(cli) -> None:  # type: ignore[no-untyped-def]
 def test_timeout_kills_the_whole_tree(cli, runtime_dir: str) -> None:  # type: ignore[no-untyped-def]
     cp = cli("run", "--timeout", "500ms", "--", "sh", "-c", "sleep 60 & sleep 60 & sleep 60", timeout=30)
     assert cp.returncode == 137
-    server = _server_pid(runtime_dir)
+    server = server_pid(runtime_dir)
     assert server
     assert _wait_for(lambda: not _jobs(server)), _jobs(server)
 
@@ -651,41 +609,8 @@ def test_ctrl_c_reaches_the_command(silo_cli: list[str], runtime_dir: str) -> No
     assert time.monotonic() - start < 5
 
 
-def _pty_run(argv: list[str], env: dict[str, str], rows: int, cols: int, on_output=None,  # type: ignore[no-untyped-def]
-             timeout: float = 15) -> tuple[bytes, int]:
-    """Run ``argv`` as the session leader of a fresh pty of ``rows`` x ``cols``."""
-    pid, master = pty.fork()
-    if pid == 0:  # pragma: no cover - the child only execs
-        try:
-            fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
-            os.execve(argv[0], argv, env)
-        finally:
-            os._exit(127)
-    buf = b""
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([master], [], [], 0.2)
-            if ready:
-                try:
-                    data = os.read(master, 4096)
-                except OSError:
-                    break
-                if not data:
-                    break
-                buf += data
-                if on_output is not None:
-                    on_output(master, buf)
-        else:
-            os.kill(pid, signal.SIGKILL)
-        _, status = os.waitpid(pid, 0)
-    finally:
-        os.close(master)
-    return buf, os.waitstatus_to_exitcode(status)
-
-
 def test_tty_gives_a_pty_with_the_window_size(silo_cli: list[str], runtime_dir: str) -> None:
-    out, code = _pty_run([*silo_cli, "run", "-t", "--", "sh", "-c", "tty; stty size; test -t 0 && echo stdin-tty"],
+    out, code = pty_run([*silo_cli, "run", "-t", "--", "sh", "-c", "tty; stty size; test -t 0 && echo stdin-tty"],
                          _env(runtime_dir), 33, 97)
     lines = out.decode(errors="replace").replace("\r", "").splitlines()
     assert code == 0, out
@@ -699,12 +624,12 @@ def test_tty_resize_propagates(silo_cli: list[str], runtime_dir: str) -> None:
               'i=0; while [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done; echo no-winch')
     resized = []
 
-    def resize(master: int, buf: bytes) -> None:
+    def resize(pid: int, master: int, buf: bytes) -> None:
         if b"ready" in buf and not resized:
             fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 132, 0, 0))
             resized.append(True)
 
-    out, code = _pty_run([*silo_cli, "run", "-t", "--", "sh", "-c", script], _env(runtime_dir), 24, 80,
+    out, code = pty_run([*silo_cli, "run", "-t", "--", "sh", "-c", script], _env(runtime_dir), 24, 80,
                          on_output=resize)
     assert resized
     assert b"50 132" in out, out
@@ -753,7 +678,7 @@ def test_plan_prints_and_runs_nothing(hostdir: Path, silo_cli: list[str]) -> Non
 
 
 def test_leaves_nothing_behind(silo_cli: list[str], hostdir: Path) -> None:
-    with _private_runtime_dir() as runtime_dir:
+    with private_runtime_dir() as runtime_dir:
         _leaves_nothing_behind(silo_cli, runtime_dir, hostdir)
 
 
@@ -765,7 +690,7 @@ def _leaves_nothing_behind(silo_cli: list[str], runtime_dir: str, hostdir: Path)
                               env=_env(runtime_dir, {"SILO_WARM_IDLE": "1"}), stdin=subprocess.DEVNULL)
 
     _ok(c("run", "--", "true"))  # the server is up
-    server = _server_pid(runtime_dir)
+    server = server_pid(runtime_dir)
     assert server
     mounts_before = _mounts()
     entries_before = set(os.listdir(runtime_dir))
