@@ -129,7 +129,9 @@ def test_500_runs_leave_nothing_behind() -> None:
         # what stays while the Sandboxes are open: one parked warm sandbox per plan
         warm = _settle(lambda: _children(spawner),
                        lambda v: len(v) <= 2 and all(_comm(pid) == "silo-warm" for pid in v))
-        assert len(warm) <= 2 and all(_comm(pid) == "silo-warm" for pid in warm), warm
+        assert len(warm) <= 2 and all(_comm(pid) == "silo-warm" for pid in warm), [
+            (pid, _comm(pid), os.readlink(f"/proc/{pid}/exe") if os.path.exists(f"/proc/{pid}") else "gone")
+            for pid in warm]
     # closing the Sandboxes drops their warm sandboxes: nothing is left
     assert _settle(lambda: _children(spawner), lambda v: not v) == [], "processes left under the spawner"
     assert _settle(lambda: _cgroups(spawner), lambda v: not v) == [], "cgroups left behind"

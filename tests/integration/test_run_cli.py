@@ -130,8 +130,9 @@ def _comm(pid: int) -> str:
 
 
 def _jobs(pid: int) -> list[int]:
-    """The server's children that run a command (not parked warm sandboxes)."""
-    return [kid for kid in _children(pid) if _comm(kid) != "silo-warm"]
+    """The server's children that run a command: their PID 1 is silo-init (a warm
+    sandbox being built is still the server's Python; a parked one is silo-warm)."""
+    return [kid for kid in _children(pid) if _comm(kid) == "silo-init"]
 
 
 def _mounts() -> set[str]:

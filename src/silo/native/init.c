@@ -205,6 +205,7 @@ int main(int argc, char **argv) {
         prctl(PR_SET_NAME, "silo-init", 0, 0, 0);
         resolve(chan, cmd[0], envp, path, sizeof path);
     } else if (argc >= 4 && strcmp(argv[1], "--") == 0) {
+        prctl(PR_SET_NAME, "silo-init", 0, 0, 0); /* not the fd number execveat gave us */
         snprintf(path, sizeof path, "%s", argv[2]);
         cmd = argv + 3;
     } else {
