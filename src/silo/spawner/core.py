@@ -53,6 +53,7 @@ from silo.sys import kernel as sysk
 NETNS_POOL = 4
 WARM_MAX = 4
 WARM_IDLE = 30.0  # SILO_WARM_IDLE overrides; 0 turns warm sandboxes off
+EAGER_GAP = 0.005  # a run this soon after the last one of its plan is "back to back"
 
 Handler = Callable[["Connection", tuple[Any, ...], list[int]], None]
 
@@ -112,6 +113,8 @@ class Job:
     # sandbox acknowledges it; if it dies first, the run starts cold from these.
     plan: p.Plan | None = None
     spare: list[int] = field(default_factory=list)
+    key: bytes | None = None  # the plan's warm-pool key
+    warm_later: bytes | None = None  # build the next warm sandbox when this run ends
 
 
 @dataclass
@@ -179,6 +182,7 @@ class Spawner:
         self._renice = _has_cap_sys_nice()
         self._warm: dict[bytes, Warm] = {}
         self._to_warm: dict[bytes, tuple[p.Plan, Connection]] = {}
+        self._last_end: dict[bytes, float] = {}  # when the last run of a key ended
         self._devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
 
     # connections -------------------------------------------------------------
@@ -311,13 +315,18 @@ class Spawner:
             raise ProtocolError(f"job {job_id} is already running")
         stdio = (fds[0], fds[1], fds[2])
         key = warm_key(plan, wire if wire is not None else plan.to_wire())
-        job = Job(conn, job_id, plan=plan)
+        job = Job(conn, job_id, plan=plan, key=key)
         got = self._go(key, plan, stdio) if key is not None else None
         if got is not None:
             job.spare = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3) for fd in stdio]
         started, job.cgroup = got if got is not None else self._launch(plan, stdio, warm=False)
         if key is not None and self.warm_idle > 0 and self.running and not self.retired:
-            self._to_warm[key] = (plan, conn)
+            # Back to back (the last run of this plan ended moments ago), build the next
+            # one now, beside this run; otherwise after it, on CPU it no longer wants.
+            if time.monotonic() - self._last_end.get(key, -1.0) < EAGER_GAP:
+                self._to_warm[key] = (plan, conn)
+            else:
+                job.warm_later = key
         conn.jobs[job_id] = job
         self._track(job, started)
 
@@ -530,6 +539,13 @@ class Spawner:
             job.conn.reply(("error", job.id, job.error.to_wire()))
         else:
             job.conn.reply(("exit", job.id, code, job.reason))
+        if job.warm_later is not None:
+            assert job.plan is not None
+            self._to_warm[job.warm_later] = (job.plan, job.conn)
+        if job.key is not None:
+            if len(self._last_end) >= 64 and job.key not in self._last_end:
+                self._last_end.clear()
+            self._last_end[job.key] = time.monotonic()
 
     def _fire_timers(self) -> None:
         now = time.monotonic()
