@@ -140,6 +140,10 @@ def test_run_level_env_workdir_timeout() -> None:
             sb.run(["true"], env={"1X": "y"})
         with pytest.raises(SpecError):
             sb.run([])
+        with pytest.raises(SpecError, match="NUL"):  # would reach the command cut short
+            sb.run(["echo", "a\0b"])
+        with pytest.raises(SpecError):
+            sb.run(["true"], env={"A": "x\0y"})
 
 
 def test_workdir(run_sandbox: RunSandbox) -> None:

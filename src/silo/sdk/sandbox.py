@@ -176,6 +176,10 @@ class Sandbox:
         plan = self._base
         if not argv:
             raise SpecError("no command given: pass the command as a list, like ['ls', '-l']")
+        for i, arg in enumerate(argv):
+            if "\0" in arg:
+                raise SpecError(f"argument {i} of the command contains a NUL byte, which no "
+                                "command can receive: remove it")
         proc = plan.process
         changes: dict[str, Any] = {"argv": tuple(argv)}
         if env:

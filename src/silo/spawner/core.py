@@ -379,7 +379,10 @@ class Spawner:
         warm = self._warm.get(key)
         if warm is None:
             return None
-        message = child.go_message(plan.process.argv, plan.process.env)
+        proc = plan.process
+        if any("\0" in s for s in proc.argv) or any("\0" in k + v for k, v in proc.env):
+            return None  # NUL-separated framing: the cold path reports such a command
+        message = child.go_message(proc.argv, proc.env)
         if len(message) > child.GO_MAX:
             return None
         del self._warm[key]

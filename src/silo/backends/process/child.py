@@ -132,7 +132,7 @@ def _report(err_fd: int, error: SiloError) -> NoReturn:
 def child_main(plan: p.Plan, sync_fd: int, err_fd: int, stdio: tuple[int, int, int],
                init_fd: int, bpf: bytes | None, warm: bool = False) -> NoReturn:
     """Entry point in the cloned child. ``stdio`` fds become 0, 1, 2; a ``warm`` child
-    then waits for its command and the run's stdio on ``err_fd``."""
+    builds the sandbox and execs silo-init, which waits for the command on ``err_fd``."""
     gc.disable()  # a collection would touch (copy) every page it shares with the spawner
     try:
         _child(plan, sync_fd, err_fd, stdio, init_fd, bpf, warm)
