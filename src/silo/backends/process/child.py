@@ -100,15 +100,6 @@ def _close_all_but(*keep: int) -> None:
     os.closerange(low, 1 << 30)
 
 
-def _name_warm() -> None:
-    """``silo-warm`` in ps and /proc/PID/comm until the exec renames it."""
-    fd = os.open("/proc/thread-self/comm", os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        os.write(fd, b"silo-warm")
-    finally:
-        os.close(fd)
-
-
 def go_message(argv: tuple[str, ...], env: tuple[tuple[str, str], ...]) -> bytes:
     """The request silo-init --wait reads (with three stdio fds as SCM_RIGHTS):
     ``ARGC\\0ARGV...\\0KEY=VALUE\\0...``."""
@@ -149,8 +140,6 @@ def child_main(plan: p.Plan, sync_fd: int, err_fd: int, stdio: tuple[int, int, i
 def _child(plan: p.Plan, sync_fd: int, err_fd: int, stdio: tuple[int, int, int],
            init_fd: int, bpf: bytes | None, warm: bool) -> NoReturn:
     _dup_stdio(stdio)
-    if warm:
-        _name_warm()
     if os.read(sync_fd, 1) != b"g":
         os._exit(125)  # the parent gave up on us
     if warm:
