@@ -17,11 +17,10 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
+from procs import children, comm, sdk_spawner, settle
 
 from silo import CommandNotFound, Sandbox
 from silo.engine import host as hostmod
@@ -30,43 +29,6 @@ pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 if os.geteuid() != 0:
     pytest.skip("the leak test runs as root", allow_module_level=True)
-
-T = TypeVar("T")
-
-
-def _ppid(pid: str) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    return int(data[data.rindex(b")") + 2:].split()[1])
-
-
-def _children(pid: int) -> list[int]:
-    return [int(e) for e in os.listdir("/proc") if e.isdigit() and _ppid(e) == pid]
-
-
-def _comm(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
-
-
-def _spawner() -> int:
-    found = []
-    for pid in _children(os.getpid()):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"silo.spawner" in f.read():
-                    found.append(pid)
-        except OSError:
-            continue
-    assert len(found) == 1, f"expected one spawner child of the test process, found {found}"
-    return found[0]
-
 
 def _fds(pid: int) -> list[str]:
     out = []
@@ -88,21 +50,12 @@ def _cgroups(spawner: int) -> list[str]:
     return sorted(glob.glob(f"/sys/fs/cgroup/*/silo/{pattern}") + glob.glob(f"/sys/fs/cgroup/silo/{pattern}"))
 
 
-def _settle(probe: Callable[[], T], good: Callable[[T], bool], timeout: float = 5.0) -> T:
-    deadline = time.monotonic() + timeout
-    value = probe()
-    while not good(value) and time.monotonic() < deadline:
-        time.sleep(0.05)
-        value = probe()
-    return value
-
-
 def test_500_runs_leave_nothing_behind() -> None:
     with Sandbox() as sb, Sandbox(memory="64M") as limited:
         # warm up: the spawner is started, both connections exist and sit idle
         assert sb.run(["/bin/true"]).exit_code == 0
         assert limited.run(["/bin/true"]).exit_code == 0
-        spawner = _spawner()
+        spawner = sdk_spawner()
         time.sleep(0.5)  # the spawner refills its network-namespace pool when idle
         fds_before = _fds(spawner)
         own_fds_before = len(os.listdir("/proc/self/fd"))
@@ -127,15 +80,15 @@ def test_500_runs_leave_nothing_behind() -> None:
         assert elapsed < 120, f"500 runs took {elapsed:.1f}s"
 
         # what stays while the Sandboxes are open: one parked warm sandbox per plan
-        warm = _settle(lambda: _children(spawner),
-                       lambda v: len(v) <= 2 and all(_comm(pid) == "silo-warm" for pid in v))
-        assert len(warm) <= 2 and all(_comm(pid) == "silo-warm" for pid in warm), [
-            (pid, _comm(pid), os.readlink(f"/proc/{pid}/exe") if os.path.exists(f"/proc/{pid}") else "gone")
+        warm = settle(lambda: children(spawner),
+                       lambda v: len(v) <= 2 and all(comm(pid) == "silo-warm" for pid in v))
+        assert len(warm) <= 2 and all(comm(pid) == "silo-warm" for pid in warm), [
+            (pid, comm(pid), os.readlink(f"/proc/{pid}/exe") if os.path.exists(f"/proc/{pid}") else "gone")
             for pid in warm]
     # closing the Sandboxes drops their warm sandboxes: nothing is left
-    assert _settle(lambda: _children(spawner), lambda v: not v) == [], "processes left under the spawner"
-    assert _settle(lambda: _cgroups(spawner), lambda v: not v) == [], "cgroups left behind"
-    fds_after = _settle(lambda: _fds(spawner), lambda v: len(v) <= len(fds_before))
+    assert settle(lambda: children(spawner), lambda v: not v) == [], "processes left under the spawner"
+    assert settle(lambda: _cgroups(spawner), lambda v: not v) == [], "cgroups left behind"
+    fds_after = settle(lambda: _fds(spawner), lambda v: len(v) <= len(fds_before))
     assert len(fds_after) <= len(fds_before), sorted(set(fds_after) - set(fds_before))
     assert _mounts() - mounts_before == set()
     assert os.listdir(hostmod.host().scratch) == []

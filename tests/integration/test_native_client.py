@@ -36,6 +36,7 @@ from typing import Any
 import pytest
 from cli_servers import client_env as _env
 from cli_servers import private_runtime_dir, pty_run, server_pid
+from procs import children
 
 from silo import native
 from silo.model.errors import CommandNotExecutable, CommandNotFound, SpecError
@@ -287,21 +288,6 @@ def test_signals_reach_the_sandbox(runtime_dir: str, sig: int, script: str, code
 # -t under a real terminal -------------------------------------------------------------------
 
 
-def _children(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                data = f.read()
-        except OSError:
-            continue
-        if int(data[data.rindex(b")") + 2:].split()[1]) == pid:
-            out.append(int(entry))
-    return out
-
-
 def _in_pty(script: str, env: dict[str, str], on_output=None, timeout: float = 20) -> tuple[bytes, int]:  # type: ignore[no-untyped-def]
     """``sh -c script`` as the session leader of a fresh 30x100 pty; (output, exit code)."""
     return pty_run(["/bin/sh", "-c", script], env, 30, 100, on_output, timeout)
@@ -336,7 +322,7 @@ def test_tty_restored_when_a_signal_ends_the_client(runtime_dir: str) -> None:
 
     def kill_client(pid: int, master: int, buf: bytes) -> None:
         if b"ready" in buf and not killed:
-            clients = [kid for kid in _children(pid) if _cmdline(kid).startswith(SILO.encode())]
+            clients = [kid for kid in children(pid) if _cmdline(kid).startswith(SILO.encode())]
             assert len(clients) == 1, clients
             os.kill(clients[0], signal.SIGALRM)  # not forwarded: its default action ends us
             killed.append(clients[0])

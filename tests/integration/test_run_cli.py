@@ -32,6 +32,7 @@ from pathlib import Path
 import pytest
 from cli_servers import client_env as _env
 from cli_servers import private_runtime_dir, pty_run, server_pid
+from procs import children, comm
 
 pytestmark = pytest.mark.root
 
@@ -104,35 +105,10 @@ def _assert_silo_error(cp: subprocess.CompletedProcess[bytes], code: int, *words
     return lines[0]
 
 
-def _ppid(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    return int(data[data.rindex(b")") + 2:].split()[1])
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and _ppid(int(entry)) == pid:
-            out.append(int(entry))
-    return out
-
-
-def _comm(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
-
-
 def _jobs(pid: int) -> list[int]:
     """The server's children that run a command: their PID 1 is silo-init (a warm
     sandbox being built is still the server's Python; a parked one is silo-warm)."""
-    return [kid for kid in _children(pid) if _comm(kid) == "silo-init"]
+    return [kid for kid in children(pid) if comm(kid) == "silo-init"]
 
 
 def _mounts() -> set[str]:
@@ -706,8 +682,8 @@ def _leaves_nothing_behind(silo_cli: list[str], runtime_dir: str, hostdir: Path)
     assert c("run", "-v", "/nonexistent/x:/x", "--", "true").returncode == 125
     assert c("run", "--memory", "64M", "--", "no-such-command").returncode == 127
     assert c("run", "--", "sh", "-c", "kill -KILL $$").returncode == 137
-    assert any(_comm(kid) == "silo-warm" for kid in _children(server)), "no warm sandbox was built"
-    assert _wait_for(lambda: not _children(server)), f"processes left under the server: {_children(server)}"
+    assert any(comm(kid) == "silo-warm" for kid in children(server)), "no warm sandbox was built"
+    assert _wait_for(lambda: not children(server)), f"processes left under the server: {children(server)}"
     assert _wait_for(lambda: not _silo_cgroups(server)), _silo_cgroups(server)
     assert _mounts() - mounts_before == set()
     assert os.listdir(os.path.join(runtime_dir, "scratch")) == []

@@ -11,11 +11,10 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from procs import children, comm, sdk_spawner, settle
 
 from silo import Sandbox
 from silo.sys.seccomp import DEFAULT_PROFILE
@@ -23,55 +22,20 @@ from silo.sys.seccomp import DEFAULT_PROFILE
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="runs as root (the unprivileged runs are in test_sdk)")
 
 
-def _ppid(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    return int(data[data.rindex(b")") + 2:].split()[1])
-
-
 def _status(pid: int) -> dict[str, str]:
     with open(f"/proc/{pid}/status") as f:
         return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
 
 
-def _spawner() -> int:
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and _ppid(int(entry)) == os.getpid():
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                if b"silo.spawner" in f.read():
-                    return int(entry)
-    raise AssertionError("no SDK spawner under this process")
-
-
 def _warm(spawner: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and _ppid(int(entry)) == spawner:
-            try:
-                if _status(int(entry)).get("Name") == "silo-warm":
-                    out.append(int(entry))
-            except OSError:
-                continue
-    return out
-
-
-def _until(probe: Callable[[], list[int]], good: Callable[[list[int]], bool], timeout: float = 5.0) -> list[int]:
-    deadline = time.monotonic() + timeout
-    value = probe()
-    while not good(value) and time.monotonic() < deadline:
-        time.sleep(0.02)
-        value = probe()
-    return value
+    return [pid for pid in children(spawner) if comm(pid) == "silo-warm"]
 
 
 def test_a_parked_sandbox_is_built_and_hardened_and_the_next_run_uses_it() -> None:
     with Sandbox() as sb:
         assert sb.run(["true"]).exit_code == 0
-        spawner = _spawner()
-        warm = _until(lambda: _warm(spawner), lambda v: len(v) == 1)
+        spawner = sdk_spawner()
+        warm = settle(lambda: _warm(spawner), lambda v: len(v) == 1)
         assert len(warm) == 1, warm
         pid = warm[0]
         status = _status(pid)
@@ -128,8 +92,8 @@ def test_a_custom_seccomp_profile_holds_in_every_run(tmp_path: Path) -> None:
 def test_a_parked_sandbox_that_dies_is_replaced() -> None:
     with Sandbox() as sb:
         sb.run(["true"])
-        spawner = _spawner()
-        warm = _until(lambda: _warm(spawner), lambda v: len(v) == 1)
+        spawner = sdk_spawner()
+        warm = settle(lambda: _warm(spawner), lambda v: len(v) == 1)
         os.kill(warm[0], signal.SIGKILL)
         assert sb.run(["echo", "still"]).stdout == b"still\n"
 
@@ -137,7 +101,7 @@ def test_a_parked_sandbox_that_dies_is_replaced() -> None:
 def test_closing_the_sandbox_drops_its_parked_sandbox() -> None:
     sb = Sandbox()
     sb.run(["true"])
-    spawner = _spawner()
-    assert _until(lambda: _warm(spawner), lambda v: len(v) == 1)
+    spawner = sdk_spawner()
+    assert settle(lambda: _warm(spawner), lambda v: len(v) == 1)
     sb.close()
-    assert _until(lambda: _warm(spawner), lambda v: not v) == []
+    assert settle(lambda: _warm(spawner), lambda v: not v) == []

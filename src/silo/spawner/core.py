@@ -209,9 +209,9 @@ class Spawner:
         self.connections.remove(conn)
         for job in list(conn.jobs.values()):
             self._kill(job, signal.SIGKILL)
-        for key, warm in list(self._warm.items()):
+        for warm in list(self._warm.values()):
             if warm.owner is conn:
-                self._discard(key)
+                self._drop_warm(warm)
         for key, (_, owner) in list(self._to_warm.items()):
             if owner is conn and not self.warm_shared:
                 del self._to_warm[key]
@@ -408,7 +408,7 @@ class Spawner:
                 continue
             if len(self._warm) >= WARM_MAX:
                 oldest = min(self._warm.values(), key=lambda w: w.since)
-                self._discard(oldest.key)
+                self._drop_warm(oldest)
             null = self._devnull
             try:
                 started, cgroup = self._launch(plan, (null, null, null), warm=True)
@@ -421,19 +421,13 @@ class Spawner:
             self._warm[key] = warm
             self.sel.register(started.pidfd, selectors.EVENT_READ, ("warm", warm))
 
-    def _on_warm_exit(self, warm: Warm) -> None:
-        """A parked sandbox died (a setup error, a kill): forget it."""
+    def _drop_warm(self, warm: Warm) -> None:
+        """Forget a parked sandbox, kill it if it still lives, reap it. Also the handler
+        of its pidfd: a parked sandbox that died (a setup error, a kill) is dropped."""
         if self._warm.get(warm.key) is warm:
             del self._warm[warm.key]
         with contextlib.suppress(KeyError, ValueError):
             self.sel.unregister(warm.started.pidfd)
-        self._reap_warm(warm)
-
-    def _discard(self, key: bytes) -> None:
-        warm = self._warm.pop(key)
-        self.sel.unregister(warm.started.pidfd)
-        with contextlib.suppress(ProcessLookupError, OSError):
-            signal.pidfd_send_signal(warm.started.pidfd, signal.SIGKILL)
         self._reap_warm(warm)
 
     def _reap_warm(self, warm: Warm) -> None:
@@ -449,9 +443,9 @@ class Spawner:
     def _expire_warm(self) -> float | None:
         """Drop warm sandboxes idle for WARM_IDLE; seconds until the next expiry."""
         now = time.monotonic()
-        for key, warm in list(self._warm.items()):
+        for warm in list(self._warm.values()):
             if now - warm.since >= self.warm_idle:
-                self._discard(key)
+                self._drop_warm(warm)
         if not self._warm:
             return None
         return max(0.0, min(w.since for w in self._warm.values()) + self.warm_idle - now)
@@ -592,7 +586,7 @@ class Spawner:
     def loop(self, idle_exit: float | None = None, stop_when_no_connections: bool = False) -> None:
         dispatch: dict[str, Callable[[Any], None]] = {
             "conn": self._on_conn, "exit": self._on_exit, "err": self._on_err, "limit": self._on_limit,
-            "warm": self._on_warm_exit,
+            "warm": self._drop_warm,
         }
         dispatch.update(self.extra_dispatch)
         # Everything alive now (modules, code, caches) lives as long as we do: keep the
@@ -640,8 +634,8 @@ class Spawner:
 
     def shutdown(self) -> None:
         self._to_warm.clear()
-        for warm_key_ in list(self._warm):
-            self._discard(warm_key_)
+        for warm in list(self._warm.values()):
+            self._drop_warm(warm)
         for job in list(self.jobs.values()):
             self._kill(job, signal.SIGKILL)
         deadline = time.monotonic() + 5
