@@ -7,6 +7,7 @@ resolved to a silo module. The rules:
 * ``model`` imports nothing from silo but ``model``;
 * ``sys`` imports only ``model`` and ``sys``;
 * ``native`` (the C helpers' build and lookup) imports only ``model``;
+* ``store`` (the daemon's persisted records) imports only ``model``;
 * ``backends`` import only ``model``, ``sys`` and ``backends``, and no backend
   subpackage imports another one;
 * ``engine`` imports none of ``spawner``, ``sdk``, ``cli``;
@@ -91,6 +92,7 @@ ALLOWED_ONLY = {
     "model": {"model"},
     "sys": {"model", "sys"},
     "native": {"model", "native"},
+    "store": {"model", "store"},
     "backends": {"model", "sys", "backends"},
 }
 FORBIDDEN = {
@@ -127,7 +129,7 @@ def _graph() -> dict[str, set[str]]:
 def test_every_module_parses_and_is_in_a_known_layer() -> None:
     graph = _graph()
     assert len(graph) > 20
-    known = {"silo", "model", "sys", "native", "backends", "engine", "spawner", "sdk", "cli"}
+    known = {"silo", "model", "sys", "native", "store", "backends", "engine", "spawner", "sdk", "cli"}
     assert {_layer(m) for m in graph} <= known
     for layer in ("model", "sys", "backends", "engine", "spawner", "sdk", "cli"):
         assert any(_layer(m) == layer for m in graph), layer
@@ -138,7 +140,7 @@ def test_the_parser_sees_real_imports() -> None:
     # sanity checks on edges known to exist, so an empty graph cannot pass the rules
     assert "silo.model.plan" in graph["silo.engine.planner"]
     assert "silo.engine.host" in graph["silo.engine.planner"]
-    assert "silo.sys.kernel" in graph["silo.backends.process.executor"]
+    assert "silo.sys.kernel" in graph["silo.backends.process.launcher"]
     assert "silo.sys.cgroups" in graph["silo.spawner.core"]  # a function-level import
     assert all(imp.startswith("silo") for imps in graph.values() for imp in imps)
 
@@ -150,12 +152,12 @@ def test_the_parser_sees_real_imports() -> None:
     ("silo.model.spec", "import silo.sdk.sandbox", True),
     ("silo.model.spec", "def f():\n    from silo import Sandbox\n", True),
     ("silo.sys.kernel", "from silo.model import plan", False),
-    ("silo.sys.kernel", "from silo.backends.process import executor", True),
-    ("silo.backends.process.child", "from silo.backends.app import x", True),
-    ("silo.backends.process.child", "from silo.backends.process import executor", False),
-    ("silo.backends.process.child", "from silo.engine import planner", True),
+    ("silo.sys.kernel", "from silo.backends.process import script", True),
+    ("silo.backends.process.launcher", "from silo.backends.app import x", True),
+    ("silo.backends.process.launcher", "from silo.backends.process import script", False),
+    ("silo.backends.process.launcher", "from silo.engine import planner", True),
     ("silo.engine.planner", "from silo.spawner import client", True),
-    ("silo.engine.planner", "from silo.backends.process import executor", False),
+    ("silo.engine.planner", "from silo.backends.process import script", False),
     ("silo.spawner.core", "from silo.cli import args", True),
     ("silo.spawner.core", "from silo import SpecError", True),
     ("silo.sdk.sandbox", "from silo.cli.main import main", True),

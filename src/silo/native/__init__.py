@@ -4,6 +4,10 @@
   inside image roots that have no libc of the host's. Reaps zombies, forwards signals
   to the command's process group, exits with the command's status; in ``--wait`` mode
   it is a warm sandbox's init, parked until the spawner sends the command.
+- ``silo-setup`` (``setup.c``): builds a sandbox from the setup script the spawner
+  writes (:mod:`silo.backends.process.script`) inside the sandbox's new namespaces,
+  then execs ``silo-init``. Static: it is exec'd before the id maps exist and must
+  not depend on the dynamic loader finding anything.
 - ``silo`` (``client.c``): the CLI's fast path for ``silo run``, which hands anything
   else to the Python CLI. Built by :mod:`silo.cli.launcher` with the virtualenv's
   interpreter and source path compiled in.
@@ -24,7 +28,8 @@ from silo.model.errors import InternalError
 HERE = os.path.dirname(os.path.abspath(__file__))
 BIN = os.path.join(HERE, "bin")
 CFLAGS = ("-O2", "-std=gnu11", "-Wall", "-Wextra", "-Werror", "-D_GNU_SOURCE")
-PROGRAMS = {"silo-init": ("init.c", ("-static",)), "silo": ("client.c", ())}
+PROGRAMS = {"silo-init": ("init.c", ("-static",)), "silo-setup": ("setup.c", ("-static",)),
+            "silo": ("client.c", ())}
 
 
 def source(name: str) -> str:
@@ -75,6 +80,6 @@ def main(argv: list[str]) -> int:
     if argv[:1] != ["build"]:
         print("usage: python -m silo.native build [NAME...]")
         return 2
-    for name in argv[1:] or ["silo-init"]:
+    for name in argv[1:] or ["silo-init", "silo-setup"]:
         print(build(name))
     return 0

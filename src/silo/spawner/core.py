@@ -37,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from silo.backends.process import child, launcher
+from silo.backends.process import launcher, script
 from silo.model import plan as p
 from silo.model.errors import (
     CommandNotExecutable,
@@ -65,6 +65,12 @@ def _init_error(data: bytes) -> bytes:
     return marshal.dumps(cls(message or "the command could not be started").to_wire())
 
 
+def _setup_error(data: bytes) -> bytes:
+    """silo-setup's ``error CLASS MESSAGE`` as the error wire."""
+    _, cls, message = [*data.decode("utf-8", "replace").split(" ", 2), "", ""][:3]
+    return marshal.dumps({"class": cls, "message": message or "sandbox setup failed"})
+
+
 def _env_seconds(name: str, default: float) -> float:
     try:
         return max(0.0, float(os.environ.get(name, default)))
@@ -83,16 +89,16 @@ def _has_cap_sys_nice() -> bool:
     return False
 
 
-def _sealed_init() -> int:
+def _sealed(name: str) -> int:
     from silo import native
 
-    path = native.built("silo-init")
+    path = native.built(name)
     with open(path, "rb") as f:
         data = f.read()
-    fd = os.memfd_create("silo-init", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     os.write(fd, data)
     # SECURITY: sealed, so nobody - least of all a sandbox through /proc/1/exe - can
-    # rewrite the init every sandbox runs (CVE-2019-5736).
+    # rewrite the programs every sandbox runs (CVE-2019-5736).
     fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK
                 | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE)
     return fd
@@ -158,7 +164,8 @@ class Connection:
 class Spawner:
     def __init__(self) -> None:
         self.sel = selectors.DefaultSelector()
-        self.init_fd = _sealed_init()
+        self.init_fd = _sealed("silo-init")
+        self.setup_fd = _sealed("silo-setup")
         self.handlers: dict[str, Handler] = {
             "run": self._on_run, "signal": self._on_signal, "attach": self._on_attach,
         }
@@ -288,7 +295,7 @@ class Spawner:
         use_pool = self._netns and "net" in plan.namespaces and not proc.caps
         netns = self._netns.pop() if use_pool else None
         try:
-            started = launcher.start(plan, stdio, self.init_fd, bpf, cgroup, netns, warm)
+            started = launcher.start(plan, stdio, self.init_fd, self.setup_fd, bpf, cgroup, netns, warm)
         except OSError as e:
             if cgroup is not None:
                 cgroup.destroy()
@@ -382,8 +389,8 @@ class Spawner:
         proc = plan.process
         if any("\0" in s for s in proc.argv) or any("\0" in k + v for k, v in proc.env):
             return None  # NUL-separated framing: the cold path reports such a command
-        message = child.go_message(proc.argv, proc.env)
-        if len(message) > child.GO_MAX:
+        message = script.go_message(proc.argv, proc.env)
+        if len(message) > script.GO_MAX:
             return None
         del self._warm[key]
         self.sel.unregister(warm.started.pidfd)
@@ -469,11 +476,13 @@ class Spawner:
             pass
         finally:
             sock.close()
-        if data == child.TAKEN and not fds and job.spare:
+        if data == script.TAKEN and not fds and job.spare:
             self._taken(job)
             return
-        if data.startswith(child.INIT_ERROR):
+        if data.startswith(script.INIT_ERROR):
             data = _init_error(data)
+        elif data.startswith(script.SETUP_ERROR):
+            data = _setup_error(data)
         if data == b"pty" and len(fds) == 1:
             # The pty master from the sandbox's own devpts, for the client to drive.
             if not job.conn.closed:
@@ -565,9 +574,9 @@ class Spawner:
             return
         orig = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         try:
-            sysk.LibcKernel().unshare(sysk.CLONE_NEWNET)
+            sysk.unshare(sysk.CLONE_NEWNET)
             try:
-                sysk.LibcKernel().loopback_up()
+                sysk.loopback_up()
                 self._netns.append(os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC))
             finally:
                 sysk.setns(orig, sysk.CLONE_NEWNET)

@@ -1,20 +1,21 @@
 """Parent side of starting a process-level (or app-level) sandbox.
 
 Owns the ordering between parent and child: the child is cloned into its new
-namespaces and blocks on a pipe until the parent has written its id maps and put it
-in its cgroup. Called from the spawner's single thread (a precondition of
+namespaces and execs silo-setup, which blocks on a pipe until the parent has written
+its id maps and put it in its cgroup. Called from the spawner's single thread (a precondition of
 :func:`silo.sys.kernel.clone`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NoReturn, Protocol
 
-from silo.backends.process.child import child_main
+from silo.backends.process import script
 from silo.model import plan as p
 from silo.sys import kernel as sysk
 
@@ -48,12 +49,22 @@ def _write_maps(pid: int, plan: p.Plan) -> None:
     _write(f"/proc/{pid}/gid_map", "".join(f"{m.inside} {m.outside} {m.count}\n" for m in plan.gid_map))
 
 
-def start(plan: p.Plan, stdio: tuple[int, int, int], init_fd: int, bpf: bytes | None,
+def _memfd(name: str, data: bytes) -> int:
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    return fd
+
+
+def start(plan: p.Plan, stdio: tuple[int, int, int], init_fd: int, setup_fd: int, bpf: bytes | None,
           cgroup: CgroupLike | None, netns_fd: int | None = None, warm: bool = False) -> Started:
     """Clone and release the sandbox's first process. On failure nothing is left running.
 
-    A ``warm`` sandbox is built and then waits for its command on ``err_fd`` (see
-    :mod:`silo.backends.process.child`); ``stdio`` is then only what it holds meanwhile.
+    The child execs silo-setup (the sealed memfd ``setup_fd``) at once; it builds the
+    sandbox from the plan's script (:mod:`silo.backends.process.script`) and execs
+    silo-init from ``init_fd``. A ``warm`` sandbox is built and then waits for its
+    command on ``err_fd``; ``stdio`` is then only what it holds meanwhile.
     """
     flags = 0
     for name in plan.namespaces:
@@ -61,6 +72,7 @@ def start(plan: p.Plan, stdio: tuple[int, int, int], init_fd: int, bpf: bytes | 
             flags |= sysk.NAMESPACE_FLAGS[name]
     if netns_fd is not None:
         flags &= ~sysk.CLONE_NEWNET
+    script_fd = _memfd("silo-setup-script", script.encode(plan, bpf))
     sync_r, sync_w = os.pipe2(os.O_CLOEXEC)
     err_sock_r, err_sock_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     err_r, err_w = err_sock_r.detach(), err_sock_w.detach()
@@ -69,16 +81,14 @@ def start(plan: p.Plan, stdio: tuple[int, int, int], init_fd: int, bpf: bytes | 
         orig_net = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         sysk.setns(netns_fd, sysk.CLONE_NEWNET)
     # No PyOS_AfterFork_* hooks: the spawner is single-threaded, clone keeps the GIL
-    # held (PyDLL), and the child only builds the sandbox and execs; the Python-level
-    # at-fork handlers cost ~2 ms per sandbox and serve nothing here.
+    # held (PyDLL), and the child only execs silo-setup.
     pid = sysk.clone(flags)
     if pid == 0:
-        os.close(sync_w)
-        os.close(err_r)
-        child_main(plan, sync_r, err_w, stdio, init_fd, bpf, warm)
+        _exec_setup(flags, (sync_r, err_w, *stdio, init_fd, script_fd), setup_fd, warm)
     if orig_net is not None:
         sysk.setns(orig_net, sysk.CLONE_NEWNET)
         os.close(orig_net)
+    os.close(script_fd)
     os.close(sync_r)
     os.close(err_w)
     try:
@@ -96,3 +106,23 @@ def start(plan: p.Plan, stdio: tuple[int, int, int], init_fd: int, bpf: bytes | 
     finally:
         os.close(sync_w)
     return Started(pid, pidfd, err_r)
+
+
+def _exec_setup(flags: int, fds: tuple[int, ...], setup_fd: int, warm: bool) -> NoReturn:
+    """In the cloned child: exec silo-setup with ``fds`` (sync, err, stdin, stdout,
+    stderr, init, script) as its arguments; only these cross the exec."""
+    try:
+        if flags & sysk.CLONE_NEWUSER:
+            # The id maps do not exist yet, so the exec would drop the capabilities
+            # the new user namespace gave us; the ambient set carries them across.
+            sysk.raise_all_ambient()
+        for fd in fds:
+            os.set_inheritable(fd, True)
+        argv = [b"silo-setup", *(b"%d" % fd for fd in fds)]
+        if warm:
+            argv.append(b"--warm")
+        sysk.execveat_fd(setup_fd, argv, [])
+    except BaseException as e:  # reported to the spawner, then exit
+        with contextlib.suppress(OSError):
+            os.write(fds[1], b"error InternalError cannot start silo-setup: %s" % str(e).encode())
+    os._exit(125)
