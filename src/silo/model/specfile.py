@@ -141,6 +141,10 @@ def _parse_toml(text: str, filename: str) -> dict[str, object]:
             try:
                 table = ".".join(ast.literal_eval(declared[1]))
                 detail = f"[{table}] is declared twice: merge the two tables"
+                # tomllib points past the header; the header starts its line
+                lines = text.split("\n")
+                if line <= len(lines):
+                    col = len(lines[line - 1]) - len(lines[line - 1].lstrip()) + 1
             except (ValueError, SyntaxError, TypeError):
                 pass
         raise SpecFileError(filename, line, col, detail) from None
