@@ -437,7 +437,7 @@ def _corrupt(**changes: object) -> dict[str, object]:
     (_corrupt(state="zombie"), "state: unknown state the string 'zombie'"),
     (_corrupt(state=...), "state: state is missing"),
     (_corrupt(spec=...), "spec: spec is missing"),
-    (_corrupt(spec={"name": "web", "limits": {"memory": -1}}), "limits.memory: bad memory size"),
+    (_corrupt(spec={"name": "web", "limits": {"memory": -1}}), "spec.limits.memory: bad memory size"),
     (_corrupt(created=-1), "created: created must be a unix time"),
     (_corrupt(updated=float("nan")), "updated: updated must be a unix time"),
     (_corrupt(updated="yesterday"), "updated: updated must be a unix time, not the string"),
@@ -455,3 +455,4 @@ def test_corrupt_record_data(data: object, message: str) -> None:
     with pytest.raises(SpecError) as info:
         WorkspaceRecord.from_dict(data)
     assert message in _one_line(info.value)
+    assert not info.value.message.startswith("spec.spec")

@@ -312,7 +312,7 @@ LIMIT_KEYS = ("memory", "cpus", "pids")
 NETWORK_KEYS = ("mode",)
 
 
-def describe(value: object) -> str:
+def _describe(value: object) -> str:
     """How a value of untrusted data reads in an error ("an array", "true", ...)."""
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -329,24 +329,24 @@ def describe(value: object) -> str:
     return f"a {type(value).__name__}"
 
 
-def unknown_key(key: str, allowed: Sequence[str], table: str) -> str:
+def _unknown_key(key: str, allowed: Sequence[str], table: str) -> str:
     close = difflib.get_close_matches(key, allowed, n=1)
     where = f" in {table}" if table else ""
     guess = f"did you mean '{close[0]}'? " if close else ""
     return f"unknown key '{key}'{where}: {guess}allowed keys are {', '.join(allowed)}"
 
 
-def read_table(untrusted: object, path: FieldPath, allowed: Sequence[str], table: str) -> dict[str, object]:
+def _read_table(untrusted: object, path: FieldPath, allowed: Sequence[str], table: str) -> dict[str, object]:
     """A table whose keys are all in ``allowed``; ``table`` names it in errors (``[limits]``)."""
     if not isinstance(untrusted, dict):
-        raise FieldError(path, f"{format_path(path) or 'the data'} must be a table, not {describe(untrusted)}")
+        raise FieldError(path, f"{format_path(path) or 'the data'} must be a table, not {_describe(untrusted)}")
     for key in untrusted:
         if not isinstance(key, str) or key not in allowed:
-            raise FieldError((*path, str(key)), unknown_key(str(key), allowed, table), at_key=True)
+            raise FieldError((*path, str(key)), _unknown_key(str(key), allowed, table), at_key=True)
     return untrusted
 
 
-def parsed(path: FieldPath, parse: Callable[[In], Out], value: In) -> Out:
+def _parsed(path: FieldPath, parse: Callable[[In], Out], value: In) -> Out:
     """``parse(value)``, its SpecError moved to ``path`` (so a file can say where)."""
     try:
         return parse(value)
@@ -359,7 +359,7 @@ def parsed(path: FieldPath, parse: Callable[[In], Out], value: In) -> Out:
 def _typed(value: object, path: FieldPath, types: tuple[type, ...], expected: str) -> object:
     # bool is an int in Python; TOML and JSON keep them apart, and so does a spec.
     if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
-        raise FieldError(path, f"{path[-1]} must be {expected}, not {describe(value)}")
+        raise FieldError(path, f"{path[-1]} must be {expected}, not {_describe(value)}")
     return value
 
 
@@ -377,31 +377,31 @@ def _bool(table: Mapping[str, object], key: str, path: FieldPath) -> bool:
 
 
 def _spec_from_dict(untrusted: object, name: str | None) -> WorkspaceSpec:
-    top = read_table(untrusted, (), SPEC_KEYS, "")
+    top = _read_table(untrusted, (), SPEC_KEYS, "")
     if name is None:
         name = _str(top, "name", (), 'a string like "web"')
         if name is None:
             raise FieldError(("name",), 'the workspace has no name: add name = "web"', at_key=True)
-    parsed(("name",), parse_name, name)
-    isolation = parsed(("isolation",), parse_isolation, _str(top, "isolation", (), 'a string like "process"')
+    _parsed(("name",), parse_name, name)
+    isolation = _parsed(("isolation",), parse_isolation, _str(top, "isolation", (), 'a string like "process"')
                        or Isolation.PROCESS.value)
-    root = parsed(("root",), parse_root, _str(top, "root", (), 'a string: "host", an absolute path '
+    root = _parsed(("root",), parse_root, _str(top, "root", (), 'a string: "host", an absolute path '
                                               "or a template name") or "host")
     workdir = _str(top, "workdir", (), 'an absolute path like "/work"')
     if workdir is not None:
-        workdir = parsed(("workdir",), _check_workdir, workdir)
+        workdir = _parsed(("workdir",), _check_workdir, workdir)
     user = User()
     if "user" in top:
         raw_user = _typed(top["user"], ("user",), (str, int), 'a UID or "UID:GID", like "1000:1000"')
-        user = parsed(("user",), User.parse, str(raw_user))
+        user = _parsed(("user",), User.parse, str(raw_user))
     hostname = _str(top, "hostname", (), 'a string like "web"')
     if hostname is not None:
-        parsed(("hostname",), parse_hostname, hostname)
+        _parsed(("hostname",), parse_hostname, hostname)
     on_start = _argv(top["on_start"], ("on_start",)) if "on_start" in top else None
-    restart = parsed(("restart",), parse_restart, _str(top, "restart", (), 'a string like "on-failure"')
+    restart = _parsed(("restart",), parse_restart, _str(top, "restart", (), 'a string like "on-failure"')
                      or RestartPolicy.NO.value)
-    net = read_table(top.get("network", {}), ("network",), NETWORK_KEYS, "[network]")
-    network = parsed(("network", "mode"), parse_network, _str(net, "mode", ("network",), 'a string like "none"')
+    net = _read_table(top.get("network", {}), ("network",), NETWORK_KEYS, "[network]")
+    network = _parsed(("network", "mode"), parse_network, _str(net, "mode", ("network",), 'a string like "none"')
                      or Network.NONE.value)
     try:
         return WorkspaceSpec(name=name, isolation=isolation, root=root, disposable=_bool(top, "disposable", ()),
@@ -416,14 +416,14 @@ def _spec_from_dict(untrusted: object, name: str | None) -> WorkspaceSpec:
 
 def _mounts(untrusted: object) -> tuple[Mount, ...]:
     if not isinstance(untrusted, list):
-        raise FieldError(("mount",), "mount must be an array of tables ([[mount]]), not " + describe(untrusted))
+        raise FieldError(("mount",), "mount must be an array of tables ([[mount]]), not " + _describe(untrusted))
     mounts: list[Mount] = []
     for index, item in enumerate(untrusted):
         path: FieldPath = ("mount", index)
         if isinstance(item, str):  # the -v form, "HOST:GUEST[:ro]"
-            mounts.append(parsed(path, Mount.parse, item))
+            mounts.append(_parsed(path, Mount.parse, item))
         else:
-            table = read_table(item, path, MOUNT_KEYS, "[[mount]]")
+            table = _read_table(item, path, MOUNT_KEYS, "[[mount]]")
             paths = {}
             for key in ("source", "target"):
                 value = _str(table, key, path, "an absolute path")
@@ -431,8 +431,8 @@ def _mounts(untrusted: object) -> tuple[Mount, ...]:
                     raise FieldError((*path, key), f'this mount has no {key}: add {key} = "/..."', at_key=True)
                 paths[key] = value
             # Mount checks both paths at once; a known-good partner tells which one is bad.
-            parsed((*path, "source"), lambda s: Mount(s, "/mnt"), paths["source"])
-            parsed((*path, "target"), lambda t: Mount("/", t), paths["target"])
+            _parsed((*path, "source"), lambda s: Mount(s, "/mnt"), paths["source"])
+            _parsed((*path, "target"), lambda t: Mount("/", t), paths["target"])
             mounts.append(Mount(paths["source"], paths["target"], _bool(table, "readonly", path)))
             path = (*path, "target")
         if _duplicate_target(mounts) is not None:
@@ -450,7 +450,7 @@ def _env(untrusted: object) -> tuple[tuple[str, str], ...]:
             raise FieldError(path, f"bad environment variable name {key!r}: use letters, digits and '_', "
                              "not starting with a digit", at_key=True)
         _typed(value, path, (str,), f'a string (write {key} = "{value}" with quotes)')
-        env.append(parsed(path, parse_env_entry, f"{key}={value}"))
+        env.append(_parsed(path, parse_env_entry, f"{key}={value}"))
     return tuple(env)
 
 
@@ -463,20 +463,20 @@ def _env_name(untrusted: str) -> str | None:
 
 
 def _limits(untrusted: object) -> Limits:
-    table = read_table(untrusted, ("limits",), LIMIT_KEYS, "[limits]")
+    table = _read_table(untrusted, ("limits",), LIMIT_KEYS, "[limits]")
     memory = cpus = pids = None
     if "memory" in table:
         path: FieldPath = ("limits", "memory")
         raw = _typed(table["memory"], path, (str, int), 'a size like "512M" or a number of bytes')
-        memory = parsed(path, lambda v: parse_size(str(v), "memory size"), raw)
+        memory = _parsed(path, lambda v: parse_size(str(v), "memory size"), raw)
     if "cpus" in table:
         path = ("limits", "cpus")
         raw = _typed(table["cpus"], path, (int, float, str), "a number of CPUs like 1.5")
-        cpus = parsed(path, lambda v: parse_cpus(v if isinstance(v, str) else float(str(v))), raw)
+        cpus = _parsed(path, lambda v: parse_cpus(v if isinstance(v, str) else float(str(v))), raw)
     if "pids" in table:
         path = ("limits", "pids")
         raw = _typed(table["pids"], path, (int, str), "a whole number like 256")
-        pids = parsed(path, lambda v: parse_count(str(v), "pids limit"), raw)
+        pids = _parsed(path, lambda v: parse_count(str(v), "pids limit"), raw)
     return Limits(memory=memory, cpus=cpus, pids=pids)
 
 
@@ -487,9 +487,9 @@ def _argv(untrusted: object, path: FieldPath) -> tuple[str, ...]:
     argv: list[str] = []
     for index, item in enumerate(items):
         if not isinstance(item, str):
-            raise FieldError((*path, index), f"{path[-1]} must be {example}, not a list holding {describe(item)}")
+            raise FieldError((*path, index), f"{path[-1]} must be {example}, not a list holding {_describe(item)}")
         argv.append(item)
-    return parsed(path, parse_command, argv)
+    return _parsed(path, parse_command, argv)
 
 
 # -- overrides (command line, SDK keyword arguments) ---------------------------------------
@@ -548,7 +548,7 @@ class Overrides:
     def apply(self, base: WorkspaceSpec | None = None) -> WorkspaceSpec:
         """A new spec: ``base`` (or the defaults) with these values over it; SpecError if bad."""
         data = base.to_dict() if base is not None else {}
-        merged = merge_dicts(data, self.to_dict())
+        merged = _merge_dicts(data, self.to_dict())
         try:
             return _spec_from_dict(merged, None)
         except FieldError as e:
@@ -557,7 +557,7 @@ class Overrides:
             raise SpecError(e.detail) from None
 
 
-def merge_dicts(base: Mapping[str, object], over: Mapping[str, object]) -> dict[str, object]:
+def _merge_dicts(base: Mapping[str, object], over: Mapping[str, object]) -> dict[str, object]:
     """``over`` laid on ``base`` in spec-dict shape (tables merge, mounts by target)."""
     out = dict(base)
     for key, value in over.items():
@@ -752,26 +752,30 @@ class WorkspaceRecord:
     @classmethod
     def from_dict(cls, untrusted: object) -> WorkspaceRecord:
         """Validate record data read back from disk; FieldError names the bad key."""
-        top = read_table(untrusted, (), ("format", "spec", "state", "created", "updated", "snapshots",
+        top = _read_table(untrusted, (), ("format", "spec", "state", "created", "updated", "snapshots",
                                          "template", "error"), "the record")
         version = top.get("format")
         if version != RECORD_FORMAT:
             raise FieldError(("format",), f"record format {version!r} is not {RECORD_FORMAT}: "
                              "it was written by another version of silo")
-        spec = WorkspaceSpec.from_dict(_required(top, "spec", ()))
+        raw_spec = _required(top, "spec", ())
+        try:
+            spec = WorkspaceSpec.from_dict(raw_spec)
+        except FieldError as e:
+            raise FieldError(("spec", *e.path), e.detail, at_key=e.at_key) from None
         raw_state = _required(top, "state", ())
         try:
             state = State(raw_state)
         except ValueError:
-            raise FieldError(("state",), f"unknown state {describe(raw_state)}: use one of "
+            raise FieldError(("state",), f"unknown state {_describe(raw_state)}: use one of "
                              f"{', '.join(s.value for s in State)}") from None
         snapshots = []
         raw_snaps = _typed(top.get("snapshots", []), ("snapshots",), (list,), "an array")
         assert isinstance(raw_snaps, list)
         for index, item in enumerate(raw_snaps):
             path: FieldPath = ("snapshots", index)
-            snap = read_table(item, path, ("tag", "created"), "a snapshot")
-            tag = parsed((*path, "tag"), parse_name, _str(snap, "tag", path, "a string") or "")
+            snap = _read_table(item, path, ("tag", "created"), "a snapshot")
+            tag = _parsed((*path, "tag"), parse_name, _str(snap, "tag", path, "a string") or "")
             snapshots.append(Snapshot(tag, _time(snap, "created", path)))
         template = _optional_str(top, "template")
         try:
