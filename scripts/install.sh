@@ -9,7 +9,7 @@
 #   2. .venv made with Debian's /usr/bin/python3 (not a pyenv/conda python on PATH),
 #      with Debian's libseccomp binding (python3-seccomp) linked into it;
 #   3. `pip install -e '.[dev]'` (PyPI), then builds silo's C helpers: the sandbox
-#      init and setup programs (`python -m silo.native build silo-init silo-setup`)
+#      init, setup and spawn helpers (`python -m silo.native build`)
 #      and the fast `silo` launcher
 #      (`python -m silo.cli.launcher install`);
 #   4. the unprivileged test user `silotest` (root only).
@@ -115,13 +115,14 @@ have_stamp="$(cat "$STAMP" 2>/dev/null || true)"
 if [ "${SILO_FORCE_INSTALL:-0}" = 1 ] || [ "$want_stamp" != "$have_stamp" ] \
     || [ ! -x "$VENV/bin/pytest" ] || [ ! -e "$VENV/bin/silo" ] \
     || { [ -f src/silo/native/init.c ] && [ ! -x src/silo/native/bin/silo-init ]; } \
-    || { [ -f src/silo/native/setup.c ] && [ ! -x src/silo/native/bin/silo-setup ]; }; then
+    || { [ -f src/silo/native/setup.c ] && [ ! -x src/silo/native/bin/silo-setup ]; } \
+    || { [ -f src/silo/native/spawn.c ] && [ ! -e src/silo/native/bin/libsilo-spawn.so ]; }; then
     rm -f "$STAMP"
     say "pip install -e '.[dev]'"
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e '.[dev]' </dev/null
     if [ -f src/silo/native/init.c ]; then
-        say "building silo-init and silo-setup (src/silo/native/bin)"
-        "$VENV/bin/python" -m silo.native build silo-init silo-setup
+        say "building silo-init, silo-setup and libsilo-spawn.so (src/silo/native/bin)"
+        "$VENV/bin/python" -m silo.native build silo-init silo-setup libsilo-spawn.so
     fi
     if [ -f "$launcher_src" ]; then
         say "installing the fast launcher (.venv/bin/silo)"

@@ -5,7 +5,7 @@ at any depth (function-level imports too, ``if TYPE_CHECKING`` blocks too), is
 resolved to a silo module. The rules:
 
 * ``model`` imports nothing from silo but ``model``;
-* ``sys`` imports only ``model`` and ``sys``;
+* ``sys`` imports only ``model``, ``sys`` and ``native`` (to load its C helper);
 * ``native`` (the C helpers' build and lookup) imports only ``model``;
 * ``store`` (the daemon's persisted records) imports only ``model``;
 * ``backends`` import only ``model``, ``sys`` and ``backends``, and no backend
@@ -90,7 +90,7 @@ def _backend(module: str) -> str | None:
 
 ALLOWED_ONLY = {
     "model": {"model"},
-    "sys": {"model", "sys"},
+    "sys": {"model", "sys", "native"},
     "native": {"model", "native"},
     "store": {"model", "store"},
     "backends": {"model", "sys", "backends"},

@@ -8,6 +8,9 @@
   writes (:mod:`silo.backends.process.script`) inside the sandbox's new namespaces,
   then execs ``silo-init``. Static: it is exec'd before the id maps exist and must
   not depend on the dynamic loader finding anything.
+- ``libsilo-spawn.so`` (``spawn.c``): ``silo_spawn``, clone into new namespaces and
+  exec silo-setup without copying the spawner's memory (vfork-style), for
+  :func:`silo.sys.kernel.spawn`.
 - ``silo`` (``client.c``): the CLI's fast path for ``silo run``, which hands anything
   else to the Python CLI. Built by :mod:`silo.cli.launcher` with the virtualenv's
   interpreter and source path compiled in.
@@ -29,7 +32,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 BIN = os.path.join(HERE, "bin")
 CFLAGS = ("-O2", "-std=gnu11", "-Wall", "-Wextra", "-Werror", "-D_GNU_SOURCE")
 PROGRAMS = {"silo-init": ("init.c", ("-static",)), "silo-setup": ("setup.c", ("-static",)),
-            "silo": ("client.c", ())}
+            "libsilo-spawn.so": ("spawn.c", ("-shared", "-fPIC")), "silo": ("client.c", ())}
 
 
 def source(name: str) -> str:
@@ -80,6 +83,6 @@ def main(argv: list[str]) -> int:
     if argv[:1] != ["build"]:
         print("usage: python -m silo.native build [NAME...]")
         return 2
-    for name in argv[1:] or ["silo-init", "silo-setup"]:
+    for name in argv[1:] or ["silo-init", "silo-setup", "libsilo-spawn.so"]:
         print(build(name))
     return 0

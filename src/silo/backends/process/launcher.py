@@ -3,17 +3,16 @@
 Owns the ordering between parent and child: the child is cloned into its new
 namespaces and execs silo-setup, which blocks on a pipe until the parent has written
 its id maps and put it in its cgroup. Called from the spawner's single thread (a precondition of
-:func:`silo.sys.kernel.clone`).
+:func:`silo.sys.kernel.spawn`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import socket
 from dataclasses import dataclass
-from typing import NoReturn, Protocol
+from typing import Protocol
 
 from silo.backends.process import script
 from silo.model import plan as p
@@ -80,14 +79,22 @@ def start(plan: p.Plan, stdio: tuple[int, int, int], init_fd: int, setup_fd: int
     if netns_fd is not None:
         orig_net = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         sysk.setns(netns_fd, sysk.CLONE_NEWNET)
-    # No PyOS_AfterFork_* hooks: the spawner is single-threaded, clone keeps the GIL
-    # held (PyDLL), and the child only execs silo-setup.
-    pid = sysk.clone(flags)
-    if pid == 0:
-        _exec_setup(flags, (sync_r, err_w, *stdio, init_fd, script_fd), setup_fd, warm)
-    if orig_net is not None:
-        sysk.setns(orig_net, sysk.CLONE_NEWNET)
-        os.close(orig_net)
+    fds = (sync_r, err_w, *stdio, init_fd, script_fd)
+    argv = [b"silo-setup", *(b"%d" % fd for fd in fds)]
+    if warm:
+        argv.append(b"--warm")
+    try:
+        # The id maps do not exist yet, so the exec would drop the capabilities the new
+        # user namespace gave the child; raise_caps carries them across it.
+        pid = sysk.spawn(flags, setup_fd, argv, fds, bool(flags & sysk.CLONE_NEWUSER), err_w)
+    except OSError:
+        for fd in (script_fd, sync_r, sync_w, err_r, err_w):
+            os.close(fd)
+        raise
+    finally:
+        if orig_net is not None:
+            sysk.setns(orig_net, sysk.CLONE_NEWNET)
+            os.close(orig_net)
     os.close(script_fd)
     os.close(sync_r)
     os.close(err_w)
@@ -106,23 +113,3 @@ def start(plan: p.Plan, stdio: tuple[int, int, int], init_fd: int, setup_fd: int
     finally:
         os.close(sync_w)
     return Started(pid, pidfd, err_r)
-
-
-def _exec_setup(flags: int, fds: tuple[int, ...], setup_fd: int, warm: bool) -> NoReturn:
-    """In the cloned child: exec silo-setup with ``fds`` (sync, err, stdin, stdout,
-    stderr, init, script) as its arguments; only these cross the exec."""
-    try:
-        if flags & sysk.CLONE_NEWUSER:
-            # The id maps do not exist yet, so the exec would drop the capabilities
-            # the new user namespace gave us; the ambient set carries them across.
-            sysk.raise_all_ambient()
-        for fd in fds:
-            os.set_inheritable(fd, True)
-        argv = [b"silo-setup", *(b"%d" % fd for fd in fds)]
-        if warm:
-            argv.append(b"--warm")
-        sysk.execveat_fd(setup_fd, argv, [])
-    except BaseException as e:  # reported to the spawner, then exit
-        with contextlib.suppress(OSError):
-            os.write(fds[1], b"error InternalError cannot start silo-setup: %s" % str(e).encode())
-    os._exit(125)
