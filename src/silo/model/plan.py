@@ -2,8 +2,8 @@
 
 A plan is pure data (after bubblewrap's "parse into setup operations, then execute").
 The engine builds it from a :class:`~silo.model.spec.Spec`; ``silo plan`` prints it;
-unit tests diff it; the process backend's executor has a fixed vocabulary, one
-``execute_*`` function per operation class below, and nothing else.
+unit tests diff it; ``silo-setup`` (``src/silo/native/setup.c``), which executes it,
+has a fixed vocabulary, one function per operation class below, and nothing else.
 
 Paths in mount operations are seen from the sandbox's own mount namespace *before*
 ``pivot_root``: ``/`` is still the host's root. ``Bind.target`` and the targets of

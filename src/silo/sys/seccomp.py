@@ -1,8 +1,8 @@
-"""Seccomp: a JSON profile in, a classic-BPF program out, and loading that program.
+"""Seccomp: a JSON profile in, a classic-BPF program out.
 
 This module owns the translation of seccomp profiles (silo's packaged ``default``
-profile, or a user's file in the OCI/Docker JSON format) into the kernel's BPF,
-and the one system call that loads it. It must not decide *whether* a sandbox
+profile, or a user's file in the OCI/Docker JSON format) into the kernel's BPF;
+``silo-setup`` loads the program with one ``seccomp(2)`` call. It must not decide *whether* a sandbox
 gets a filter (``unconfined`` is the caller's business) nor set no_new_privs.
 
 Profile format (a compatible subset of the runtimes' JSON)::
@@ -37,8 +37,6 @@ Profile format (a compatible subset of the runtimes' JSON)::
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import os
 import stat
 import threading
@@ -49,7 +47,7 @@ from typing import Any, Final
 
 from silo.model.errors import SpecError
 
-__all__ = ["compile_profile", "install"]
+__all__ = ["compile_profile"]
 
 DEFAULT_PROFILE: Final = (
     Path(__file__).resolve().parent.parent / "data" / "seccomp" / "default.json"
@@ -550,56 +548,3 @@ def _build(profile: _Profile) -> bytes:
             f"kernel's {_BPF_MAXINSNS}; merge or drop argument rules"
         )
     return bpf
-
-
-# --------------------------------------------------------------------------- install
-
-_SECCOMP_SET_MODE_FILTER: Final = 1
-_NR_SECCOMP: Final = {
-    "x86_64": 317,
-    "aarch64": 277,
-    "riscv64": 277,
-    "loongarch64": 277,
-    "ppc64le": 358,
-    "s390x": 348,
-}.get(os.uname().machine, -1)
-
-
-class _SockFprog(ctypes.Structure):
-    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_syscall = _libc.syscall
-_syscall.restype = ctypes.c_long
-
-
-def install(bpf: bytes) -> None:
-    """Load ``bpf`` (from :func:`compile_profile`) as a seccomp filter of the calling thread.
-
-    Precondition: no_new_privs is already set (``prctl(PR_SET_NO_NEW_PRIVS, 1)``);
-    otherwise an unprivileged caller gets ``EACCES``. Meant for a freshly forked child
-    right before ``execve``: it imports nothing and allocates two small ctypes objects.
-    The filter is kept across fork and execve and cannot be removed. Raises
-    ``OSError`` with the kernel's errno on failure, ``ValueError`` on a malformed program.
-    """
-    count, rest = divmod(len(bpf), 8)
-    if rest or not 0 < count <= _BPF_MAXINSNS:
-        raise ValueError("seccomp program must be 1 to 4096 sock_filter entries of 8 bytes")
-    if _NR_SECCOMP < 0:
-        raise OSError(errno.ENOSYS, "seccomp(2) number unknown on this architecture")
-    buf = ctypes.create_string_buffer(bpf, len(bpf))
-    prog = _SockFprog(count, ctypes.addressof(buf))
-    # SECURITY: invariant: once this returns, every syscall of this process and of all
-    # it forks or execs passes the filter; filters can be stacked but never removed.
-    # The caller set no_new_privs first, so no setuid exec can regain privileges the
-    # filter was meant to fence off (and unprivileged callers cannot skip that step).
-    rc = _syscall(
-        ctypes.c_long(_NR_SECCOMP),
-        ctypes.c_ulong(_SECCOMP_SET_MODE_FILTER),
-        ctypes.c_ulong(0),
-        ctypes.byref(prog),
-    )
-    if rc != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
