@@ -371,3 +371,20 @@ def test_image_root(run_sandbox: RunSandbox, image: Path, hostdir: Path) -> None
     assert set(top) <= {"bin", "etc", "dev", "proc", "tmp"} and "bin" in top
     assert lines[lines.index("tiny") + 1:] == ["no-host-file", "no-usr", "no-passwd", "has-dev-proc"]
     assert sorted(os.listdir(image)) == ["bin", "etc"]
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
+def test_a_signal_sent_before_the_command_runs_is_not_lost(warm: bool) -> None:
+    # start() returns once the spawner has started the sandbox, which may still be
+    # building (cold) or waiting for its command (warm). A signal sent then stays pending
+    # until silo-init runs the command and is forwarded to it; PID 1 of a pid namespace
+    # would otherwise drop it (no handler) and `sleep 30` would run to its end.
+    with Sandbox(hostname=f"sig-{os.getpid()}-{warm}") as sb:
+        if warm:
+            sb.run(["true"])  # leaves a parked sandbox of this spec
+        proc = sb.start(["sleep", "30"])
+        proc.send_signal(signal.SIGTERM)
+        start = time.monotonic()
+        result = proc.wait(timeout=10)
+    assert result.exit_code == 128 + signal.SIGTERM
+    assert time.monotonic() - start < 5

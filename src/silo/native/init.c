@@ -198,6 +198,17 @@ int main(int argc, char **argv) {
     char path[PATH_MAX];
     static char request[GO_MAX + 1];
 
+    /* All signals wait for sigtimedwait below, except the synchronous ones. Blocked
+     * from the start (silo-setup execs us with everything blocked): a signal for the
+     * command that arrives while we wait for it stays pending and is forwarded once
+     * it runs, instead of being dropped as PID 1 drops signals it has no handler for. */
+    sigset_t all;
+    sigfillset(&all);
+    static const int synchronous[] = {SIGILL, SIGTRAP, SIGABRT, SIGBUS, SIGFPE, SIGSEGV, SIGSYS};
+    for (size_t k = 0; k < sizeof synchronous / sizeof *synchronous; k++)
+        sigdelset(&all, synchronous[k]);
+    sigprocmask(SIG_SETMASK, &all, NULL);
+
     if (argc >= 3 && strcmp(argv[1], "--wait") == 0) {
         chan = atoi(argv[2]);
         prctl(PR_SET_NAME, "silo-warm", 0, 0, 0);
@@ -212,13 +223,6 @@ int main(int argc, char **argv) {
         die("usage: silo-init -- PATH ARGV0 [ARG...] | silo-init --wait FD");
     }
 
-    /* All signals wait for sigtimedwait below, except the synchronous ones. */
-    sigset_t all;
-    sigfillset(&all);
-    static const int synchronous[] = {SIGILL, SIGTRAP, SIGABRT, SIGBUS, SIGFPE, SIGSEGV, SIGSYS};
-    for (size_t k = 0; k < sizeof synchronous / sizeof *synchronous; k++)
-        sigdelset(&all, synchronous[k]);
-    sigprocmask(SIG_SETMASK, &all, NULL);
     signal(SIGTTIN, SIG_IGN);
     signal(SIGTTOU, SIG_IGN);
 

@@ -16,7 +16,8 @@
  *  4. resolve the command inside the new root (127 / 126, reported precisely);
  *  5. drop the bounding set, switch to the sandbox user, set the other capability
  *     sets (ambient: only what --cap added), no_new_privs, parent-death signal, new
- *     session (and a pty from the sandbox's devpts with -t), rlimits, default signals;
+ *     session (and a pty from the sandbox's devpts with -t), rlimits, default signal
+ *     dispositions (the mask stays full for silo-init);
  *  6. mark every fd but stdio close-on-exec, load the seccomp filter, exec silo-init
  *     from the sealed memfd INIT (or, warm, "silo-init --wait ERR": a parked sandbox).
  *
@@ -828,9 +829,9 @@ int main(int argc, char **argv) {
     for (int sig = 1; sig <= 64; sig++)
         if (sig != SIGKILL && sig != SIGSTOP)
             syscall(SYS_rt_sigaction, sig, &dfl, NULL, 8);
-    sigset_t none;
-    sigemptyset(&none);
-    sigprocmask(SIG_SETMASK, &none, NULL);
+    /* The signal mask stays full (spawn.c blocked everything before the clone) across
+     * the exec of silo-init, so a signal sent meanwhile stays pending for it to forward;
+     * only a command exec'd without an init gets an empty mask. */
     /* SECURITY: only stdio (and, warm, the channel to the spawner) crosses into the
      * sandbox's command (SECURITY.md #2). */
     if (syscall(SYS_close_range, 3, ~0U, CLOSE_RANGE_CLOEXEC) < 0)
@@ -861,6 +862,9 @@ int main(int argc, char **argv) {
         syscall(SYS_execveat, init_fd, "", cmd, envp, AT_EMPTY_PATH);
         internal("cannot exec silo-init: %s", strerror(errno));
     }
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
     execve(path, cmd + 3, envp);
     report(errno == ENOENT ? "CommandNotFound" : "CommandNotExecutable", errno == ENOENT ? 127 : 126,
            "%s: cannot execute inside the sandbox: %s", cmd[3], strerror(errno));
