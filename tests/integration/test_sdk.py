@@ -388,3 +388,20 @@ def test_a_signal_sent_before_the_command_runs_is_not_lost(warm: bool) -> None:
         result = proc.wait(timeout=10)
     assert result.exit_code == 128 + signal.SIGTERM
     assert time.monotonic() - start < 5
+
+
+def test_root_can_change_the_hosts_system_copy_on_write() -> None:
+    # As root, /usr and the skeleton's /etc reach the sandbox as clones idmapped into its
+    # user namespace: its root may install into /usr or edit /etc (apt-get's writes), in
+    # the overlay's upper layer only. The host's files never change.
+    name = f"silo-test-{os.getpid()}"
+    script = (f"echo new > /usr/local/bin/{name} && cat /usr/local/bin/{name}; "
+              "echo more >> /usr/share/common-licenses/GPL-3 && tail -n 1 /usr/share/common-licenses/GPL-3; "
+              "echo x >> /etc/os-release && tail -n 1 /etc/os-release; stat -c %u /usr/bin/env")
+    before = Path("/usr/share/common-licenses/GPL-3").read_bytes()
+    with Sandbox() as sb:
+        r = sb.run(["sh", "-c", script])
+    assert (r.exit_code, r.stdout) == (0, b"new\nmore\nx\n0\n"), r.stderr
+    assert not os.path.exists(f"/usr/local/bin/{name}")
+    assert Path("/usr/share/common-licenses/GPL-3").read_bytes() == before
+    assert not Path("/etc/os-release").read_text().endswith("x\n")

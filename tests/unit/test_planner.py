@@ -101,8 +101,13 @@ def test_host_root_plan_shape(root_host: hostmod.Host, every_proc_entry: None, t
     # the overlay of the skeleton onto the new root, upper and work inside the scratch tmpfs
     skeleton = hostmod.skeleton()
     assert skeleton.startswith(str(root_host.cache_dir))
-    root_ov = p.Overlay(root, (skeleton,), f"{scratch}/u/root", f"{scratch}/w/root")
+    # as root, the lower layers come as clones idmapped into the sandbox (attached in the scratch)
+    # (the skeleton is idmapped when host root owns it, i.e. when a root-run silo built it)
+    idmapped = (f"{scratch}/l/root",) if os.stat(skeleton).st_uid == 0 else ()
+    root_ov = p.Overlay(root, (skeleton,), f"{scratch}/u/root", f"{scratch}/w/root", idmapped=idmapped)
     assert root_ov in ops
+    for attach in idmapped:
+        assert _index(plan, p.Mkdir(attach)) < _index(plan, root_ov)
     for d in (f"{scratch}/u/root", f"{scratch}/w/root"):
         assert _index(plan, p.Mkdir(d)) < _index(plan, root_ov)
     # generated passwd/group land in the upper, never the host's
@@ -113,7 +118,8 @@ def test_host_root_plan_shape(root_host: hostmod.Host, every_proc_entry: None, t
     assert b"box1" in hosts[0].data
 
     # each of the host's real system directories gets its own overlay, /usr above all
-    usr_ov = p.Overlay(f"{root}/usr", ("/usr",), f"{scratch}/u/usr", f"{scratch}/w/usr")
+    usr_ov = p.Overlay(f"{root}/usr", ("/usr",), f"{scratch}/u/usr", f"{scratch}/w/usr",
+                       idmapped=(f"{scratch}/l/usr",))
     assert usr_ov in ops
     assert _index(plan, root_ov) < _index(plan, usr_ov)
     for name, real in hostmod.system_dirs():
@@ -285,7 +291,8 @@ def test_image_root_plan(root_host: hostmod.Host, tmp_path: Path) -> None:
     root, upper = f"{scratch}/root", f"{scratch}/u/root"
     overlays = _ops(plan, p.Overlay)
     # only the image as the lower layer (its real path), no host system directories
-    assert overlays == [p.Overlay(root, (str(image),), upper, f"{scratch}/w/root")]
+    idmapped = (f"{scratch}/l/root",) if image.stat().st_uid == 0 else ()
+    assert overlays == [p.Overlay(root, (str(image),), upper, f"{scratch}/w/root", idmapped=idmapped)]
     assert not any(o.lower == ("/usr",) for o in overlays)
     assert p.Mkdir(f"{upper}/proc") in plan.ops
     assert p.Mkdir(f"{upper}/dev") in plan.ops
@@ -295,6 +302,32 @@ def test_image_root_plan(root_host: hostmod.Host, tmp_path: Path) -> None:
     assert plan.ops[0] == p.MakePrivate() and plan.ops[-1] == p.PivotRoot(root)
     assert p.Proc(f"{root}/proc") in plan.ops
     assert {n.target for n in _ops(plan, p.DevNode)} == {f"{root}/dev/{n}" for n in DEV_NODES}
+
+
+def test_image_root_idmapped_only_when_host_root_owns_it(root_host: hostmod.Host, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    image = tmp_path / "image"
+    image.mkdir()
+    real_stat = os.stat
+    for owner, idmapped in ((0, (f"{root_host.scratch}/l/root",)), (BASE, ())):
+        def fake_stat(path: Any, *args: Any, owner: int = owner, **kw: Any) -> Any:
+            st = real_stat(path, *args, **kw)
+            if os.fsdecode(path) == str(image):
+                return os.stat_result((st.st_mode, st.st_ino, st.st_dev, st.st_nlink, owner, owner,
+                                       st.st_size, 0, 0, 0))
+            return st
+        monkeypatch.setattr(planner.os, "stat", fake_stat)
+        plan = planner.plan(Spec(root=str(image)), ["/bin/sh"])
+        assert [o.idmapped for o in _ops(plan, p.Overlay)] == [idmapped], owner
+        assert (p.Mkdir(f"{root_host.scratch}/l/root") in plan.ops) == bool(idmapped)
+    monkeypatch.setattr(planner.os, "stat", real_stat)
+
+
+def test_rootless_plans_never_idmap(fake_host: Callable[[int], hostmod.Host]) -> None:
+    fake_host(1000)
+    plan = planner.plan(Spec(), ["/bin/true"])
+    assert all(o.idmapped == () for o in _ops(plan, p.Overlay))
+    assert not any(m.path.endswith("/l") for m in _ops(plan, p.Mkdir))
 
 
 def test_image_root_without_etc_writes_no_etc(root_host: hostmod.Host, tmp_path: Path) -> None:

@@ -114,7 +114,7 @@ def host() -> Host:
 
 
 def _etc_fingerprint() -> str:
-    h = hashlib.sha256(b"silo-skeleton-v2")
+    h = hashlib.sha256(b"silo-skeleton-v3")
     for name in SYSTEM_DIRS + tuple("etc/" + e for e in ETC_ENTRIES) + ("etc/ssl/certs",):
         try:
             st = os.lstat("/" + name)
@@ -179,12 +179,14 @@ def _skeleton() -> str:
                 os.mkdir(os.path.join(tmp, name), 0o755)  # a mount point for its overlay
             else:
                 os.symlink(os.readlink("/" + name), os.path.join(tmp, name))
+        # Owned by whoever builds it: host root for a root-run silo (sandboxes see it
+        # through an idmapped clone, as their own root's, so the overlay can copy it
+        # up), the user when rootless (whose one id the sandbox maps).
         for entry in ETC_ENTRIES:
             src = os.path.join("/etc", entry)
             if os.path.lexists(src):
                 with contextlib.suppress(OSError):
                     _copy_entry(src, os.path.join(tmp, "etc", entry))
-        _chown_tree(tmp, h.idmap_base, h.gid if not h.is_root else h.idmap_base)
         try:
             os.rename(tmp, path)
         except OSError:
@@ -198,22 +200,6 @@ def _skeleton() -> str:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
-
-
-def _chown_tree(top: str, uid: int, gid: int) -> None:
-    """Give the skeleton to the sandbox's root (its id 0 maps to ``uid``).
-
-    Overlay copy-up recreates an entry with its owner; an owner the sandbox's user
-    namespace does not map (host root) makes every write below it fail with EOVERFLOW.
-    Nothing in the skeleton is secret, and the sandbox only ever sees it as a
-    read-only lower layer.
-    """
-    if os.geteuid() != 0:
-        return  # rootless: already the user's own, which is what the sandbox maps
-    for root, dirs, files in os.walk(top):
-        for name in (*dirs, *files):
-            os.lchown(os.path.join(root, name), uid, gid)
-    os.lchown(top, uid, gid)
 
 
 def system_dirs() -> list[tuple[str, bool]]:

@@ -112,12 +112,25 @@ def _plan_process(spec: Spec, argv: Sequence[str], term: str | None, tty: bool) 
                 p.WriteFile(f"{upper}/root/etc/hostname", (spec.hostname + "\n").encode())]
     if uid != 0 and spec.root == "host":
         ops += [p.Mkdir(f"{upper}/root/home"), p.Mkdir(f"{upper}/root/home/user", 0o755, uid, gid)]
-    ops.append(p.Overlay(root, (lower,), f"{upper}/root", f"{work}/root"))
+    # As root the lower layers the host's root owns are idmapped into the sandbox's user
+    # namespace, so the sandbox's root may change (copy up) them, e.g. /usr. An image
+    # already owned by silo's id range is used as it is.
+    layers = f"{scratch}/l"
+    idmap_root = h.is_root and os.stat(lower).st_uid == 0
+    if h.is_root:
+        ops.append(p.Mkdir(layers))
+    if idmap_root:
+        ops.append(p.Mkdir(f"{layers}/root"))
+    ops.append(p.Overlay(root, (lower,), f"{upper}/root", f"{work}/root",
+                         idmapped=(f"{layers}/root",) if idmap_root else ()))
     if spec.root == "host":
         for name, real in hostmod.system_dirs():
             if real:
-                ops += [p.Mkdir(f"{upper}/{name}"), p.Mkdir(f"{work}/{name}"),
-                        p.Overlay(f"{root}/{name}", (f"/{name}",), f"{upper}/{name}", f"{work}/{name}")]
+                ops += [p.Mkdir(f"{upper}/{name}"), p.Mkdir(f"{work}/{name}")]
+                if h.is_root:
+                    ops.append(p.Mkdir(f"{layers}/{name}"))
+                ops.append(p.Overlay(f"{root}/{name}", (f"/{name}",), f"{upper}/{name}", f"{work}/{name}",
+                                     idmapped=(f"{layers}/{name}",) if h.is_root else ()))
     ops.append(p.Proc(f"{root}/proc"))
     # A fresh procfs shows what the host's shows: mask only what exists here.
     ops += [p.Mask(f"{root}/proc/{name}") for name in PROC_MASKED if os.path.lexists(f"/proc/{name}")]

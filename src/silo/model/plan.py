@@ -63,11 +63,22 @@ class WriteFile:
 
 @dataclass(frozen=True)
 class Overlay:
+    """An overlay of ``lower`` (read-only, host paths) under ``upper``.
+
+    ``idmapped``, when given, has one attach point per lower layer: the spawner hands
+    the sandbox a read-only clone of each lower layer idmapped into the sandbox's user
+    namespace (host root's files appear as the sandbox root's, so it can change them:
+    the overlay copies them up, the host's stay untouched), attached there and used
+    as the layer instead. Root-run sandboxes only: an unprivileged caller cannot
+    idmap the host's filesystems.
+    """
+
     target: str
     lower: tuple[str, ...]
     upper: str
     work: str
     userxattr: bool = True  # needed when mounted inside a user namespace
+    idmapped: tuple[str, ...] = ()
     name: ClassVar[str] = "overlay"
 
 

@@ -60,12 +60,16 @@
 #include <sys/types.h>
 #include <unistd.h>
 
-#define MAGIC "silo-setup 1"
+#define MAGIC "silo-setup 2"
 #define LAST_CAP 40
 #define MAX_SCRIPT (16 << 20)
 
+#define MAX_LAYERS 64
+
 static int tracing;
 static int err_fd = -1;
+static int layer_fds[MAX_LAYERS]; /* idmapped lower layers from the spawner, in op order */
+static int n_layers, next_layer;
 static char **trace_args;
 static int trace_fd = 100;
 
@@ -327,6 +331,14 @@ static void k_close(int fd) {
         close(fd);
 }
 
+static int k_move_mount(int fd, const char *target) {
+    if (tracing) {
+        printf("move_mount\t%d\t%s\n", fd, target);
+        return traced(target);
+    }
+    return (int)syscall(SYS_move_mount, fd, "", AT_FDCWD, target, MOVE_MOUNT_F_EMPTY_PATH);
+}
+
 static int k_is_dir(const char *path) {
     if (tracing) {
         for (char **a = trace_args; *a; a++)
@@ -450,18 +462,39 @@ static void run_op(struct reader *r) {
     } else if (strcmp(op, "overlay") == 0) {
         const char *target = str(r);
         long long nlower = num(r);
+        const char *lower[MAX_LAYERS];
+        if (nlower < 1 || nlower > MAX_LAYERS)
+            internal("malformed setup script (overlay layers)");
+        for (long long i = 0; i < nlower; i++)
+            lower[i] = str(r);
+        const char *upper = str(r), *work = str(r);
+        int userxattr = (int)num(r);
+        long long nidmapped = num(r);
+        if (nidmapped != 0 && nidmapped != nlower)
+            internal("malformed setup script (overlay idmapped layers)");
+        for (long long i = 0; i < nidmapped; i++) {
+            /* the spawner's read-only clone of lower[i], idmapped into our user namespace */
+            const char *attach = str(r);
+            if (next_layer >= n_layers)
+                internal("sandbox setup failed at overlay %s: the spawner sent too few idmapped layers", target);
+            if (k_move_mount(layer_fds[next_layer++], attach) < 0)
+                internal("sandbox setup failed at overlay %s (attaching %s): %s", target, lower[i], strerror(errno));
+            lower[i] = attach;
+        }
         static char data[65536];
         size_t n = (size_t)snprintf(data, sizeof data, "lowerdir=");
         char esc[PATH_MAX * 2];
-        for (long long i = 0; i < nlower; i++) {
-            escape_overlay(esc, sizeof esc, str(r));
+        for (long long i = 0; i < nlower && n < sizeof data; i++) {
+            escape_overlay(esc, sizeof esc, lower[i]);
             n += (size_t)snprintf(data + n, sizeof data - n, "%s%s", i ? ":" : "", esc);
         }
-        escape_overlay(esc, sizeof esc, str(r));
-        n += (size_t)snprintf(data + n, sizeof data - n, ",upperdir=%s", esc);
-        escape_overlay(esc, sizeof esc, str(r));
-        n += (size_t)snprintf(data + n, sizeof data - n, ",workdir=%s", esc);
-        if (num(r))
+        escape_overlay(esc, sizeof esc, upper);
+        if (n < sizeof data)
+            n += (size_t)snprintf(data + n, sizeof data - n, ",upperdir=%s", esc);
+        escape_overlay(esc, sizeof esc, work);
+        if (n < sizeof data)
+            n += (size_t)snprintf(data + n, sizeof data - n, ",workdir=%s", esc);
+        if (userxattr && n < sizeof data)
             n += (size_t)snprintf(data + n, sizeof data - n, ",userxattr");
         if (n >= sizeof data)
             internal("sandbox setup failed at overlay %s: too many layers", target);
@@ -669,6 +702,30 @@ static int mkdirs(const char *path, long long uid, long long gid) {
     return uid != 0 ? chown(path, (uid_t)uid, (gid_t)gid) : 0;
 }
 
+/* The idmapped lower layers: one SOCK_SEQPACKET message "layers" on ERR with n fds. */
+static void receive_layers(int n) {
+    union {
+        struct cmsghdr hdr;
+        char space[CMSG_SPACE(MAX_LAYERS * sizeof(int))];
+    } control;
+    char buf[16];
+    struct iovec iov = {.iov_base = buf, .iov_len = sizeof buf};
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.space,
+                         .msg_controllen = sizeof control.space};
+    if (n < 0 || n > MAX_LAYERS)
+        internal("malformed setup script (idmapped layers)");
+    ssize_t got;
+    do {
+        got = recvmsg(err_fd, &msg, MSG_CMSG_CLOEXEC);
+    } while (got < 0 && errno == EINTR);
+    struct cmsghdr *c = got == 6 ? CMSG_FIRSTHDR(&msg) : NULL;
+    if (!c || memcmp(buf, "layers", 6) != 0 || c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS ||
+        c->cmsg_len != CMSG_LEN((size_t)n * sizeof(int)) || (msg.msg_flags & (MSG_TRUNC | MSG_CTRUNC)))
+        internal("the spawner did not send the %d idmapped layers", n);
+    memcpy(layer_fds, CMSG_DATA(c), (size_t)n * sizeof(int));
+    n_layers = n;
+}
+
 static int move_fd(int fd) {
     if (fd >= 3)
         return fd;
@@ -682,6 +739,8 @@ static void trace_main(const char *file, char **args) {
     tracing = 1;
     trace_args = args;
     setvbuf(stdout, NULL, _IOLBF, 0); /* a failing operation _exits */
+    for (n_layers = 0; n_layers < MAX_LAYERS; n_layers++)
+        layer_fds[n_layers] = 201 + n_layers;
     int fd = open(file, O_RDONLY | O_CLOEXEC);
     if (fd < 0)
         internal("%s: %s", file, strerror(errno));
@@ -716,6 +775,7 @@ int main(int argc, char **argv) {
     uid_t inside_uid = (uid_t)num(&r);
     gid_t inside_gid = (gid_t)num(&r);
     int use_setgroups = (int)num(&r);
+    int idmapped_layers = (int)num(&r);
 
     char go;
     ssize_t got;
@@ -725,6 +785,8 @@ int main(int argc, char **argv) {
     if (got != 1 || go != 'g')
         _exit(125); /* the parent gave up on us */
     close(sync_fd);
+    if (idmapped_layers)
+        receive_layers(idmapped_layers);
 
     if (user_ns) {
         if (use_setgroups && setgroups(0, NULL) < 0)
@@ -737,6 +799,8 @@ int main(int argc, char **argv) {
 
     for (long long n = num(&r); n > 0; n--)
         run_op(&r);
+    for (int i = 0; i < n_layers; i++)
+        close(layer_fds[i]); /* attached, or unused: the overlays hold what they need */
 
     const char *cwd = str(&r);
     long long uid = num(&r), gid = num(&r);

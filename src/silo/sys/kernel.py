@@ -4,8 +4,8 @@ The sandbox itself is built by ``silo-setup`` (``src/silo/native/setup.c``), whi
 makes its mount, identity and capability calls in C and has a ``--trace`` mode that
 prints them instead (the recording fake the unit tests use). What remains here is what
 the spawner needs around it: :func:`spawn` (clone into new namespaces and exec
-silo-setup, through silo's small C library), ``setns``, and the loopback-only network
-namespaces of the spawner's pool.
+silo-setup, through silo's small C library), ``setns``, idmapped clones of the
+overlays' lower layers, and the loopback-only network namespaces of the spawner's pool.
 
 Contract for callers: functions raise :class:`OSError` (with ``errno`` set) on failure.
 """
@@ -71,6 +71,40 @@ def setns(fd: int, nstype: int) -> None:
     """Join the namespace behind ``fd`` (os.setns exists only from Python 3.12)."""
     if _libc.setns(fd, nstype) < 0:
         raise _fail("setns")
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+
+
+_SYS_OPEN_TREE, _SYS_MOUNT_SETATTR = 428, 442
+_OPEN_TREE_CLONE, _OPEN_TREE_CLOEXEC, _AT_RECURSIVE, _AT_EMPTY_PATH = 1, 0o2000000, 0x8000, 0x1000
+_MOUNT_ATTR_RDONLY, _MOUNT_ATTR_NOSUID, _MOUNT_ATTR_NODEV, _MOUNT_ATTR_IDMAP = 0x1, 0x2, 0x4, 0x100000
+
+
+def idmapped_tree(path: str, userns_fd: int) -> int:
+    """A detached, read-only, nosuid, nodev clone of the mount tree at ``path`` whose
+    files' owners are mapped through the user namespace ``userns_fd`` (host id N shows
+    as the id that namespace maps to N). Needs CAP_SYS_ADMIN over the filesystem (root).
+
+    A filesystem that cannot be idmapped yields the same clone without the idmapping:
+    the sandbox then sees what it would have seen on the path itself.
+    """
+    fd = int(_libc.syscall(_SYS_OPEN_TREE, -100, os.fsencode(path),
+                           ctypes.c_uint(_OPEN_TREE_CLONE | _OPEN_TREE_CLOEXEC | _AT_RECURSIVE)))
+    if fd < 0:
+        raise _fail("open_tree", os.fsencode(path))
+    base = _MOUNT_ATTR_RDONLY | _MOUNT_ATTR_NOSUID | _MOUNT_ATTR_NODEV
+    attr = _MountAttr(base | _MOUNT_ATTR_IDMAP, 0, 0, userns_fd)
+    flags = ctypes.c_uint(_AT_EMPTY_PATH | _AT_RECURSIVE)
+    if _libc.syscall(_SYS_MOUNT_SETATTR, fd, b"", flags, ctypes.byref(attr), ctypes.sizeof(attr)) < 0:
+        attr = _MountAttr(base, 0, 0, 0)
+        if _libc.syscall(_SYS_MOUNT_SETATTR, fd, b"", flags, ctypes.byref(attr), ctypes.sizeof(attr)) < 0:
+            err = _fail("mount_setattr", os.fsencode(path))
+            os.close(fd)
+            raise err
+    return fd
 
 
 def unshare(flags: int) -> None:

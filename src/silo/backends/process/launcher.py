@@ -48,6 +48,24 @@ def _write_maps(pid: int, plan: p.Plan) -> None:
     _write(f"/proc/{pid}/gid_map", "".join(f"{m.inside} {m.outside} {m.count}\n" for m in plan.gid_map))
 
 
+def _send_layers(pid: int, layers: list[str], err_r: int) -> None:
+    """Idmapped clones of the overlays' lower layers, for silo-setup to attach (root only)."""
+    userns = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    fds: list[int] = []
+    try:
+        for path in layers:
+            fds.append(sysk.idmapped_tree(path, userns))
+        sock = socket.socket(fileno=os.dup(err_r))
+        try:
+            socket.send_fds(sock, [b"layers"], fds)
+        finally:
+            sock.close()
+    finally:
+        os.close(userns)
+        for fd in fds:
+            os.close(fd)
+
+
 def _memfd(name: str, data: bytes) -> int:
     fd = os.memfd_create(name, os.MFD_CLOEXEC)
     view = memoryview(data)
@@ -101,6 +119,9 @@ def start(plan: p.Plan, stdio: tuple[int, int, int], init_fd: int, setup_fd: int
     try:
         if "user" in plan.namespaces:
             _write_maps(pid, plan)
+        layers = script.idmapped_layers(plan)
+        if layers:
+            _send_layers(pid, layers, err_r)
         if cgroup is not None:
             cgroup.add(pid)
         pidfd = os.pidfd_open(pid)

@@ -5,8 +5,8 @@ namespaces; this module is the one place that knows the layout it reads. A scrip
 a flat sequence of fields, each a 4-byte little-endian length, the bytes and a NUL
 (so the C side can use every field as a C string in place):
 
-    "silo-setup 1"
-    user_ns mnt_ns pid_ns cgroup_ns inside_uid inside_gid setgroups
+    "silo-setup 2"
+    user_ns mnt_ns pid_ns cgroup_ns inside_uid inside_gid setgroups idmapped_layers
     N  then N operations: the op's name, then its fields in plan.py's order
        (a tuple is a count and its items; bools and ints are decimal text)
     cwd uid gid capability-mask no_new_privs harden new_session tty init
@@ -29,7 +29,7 @@ from typing import Any
 from silo.model import plan as p
 from silo.model.spec import CAPABILITIES
 
-MAGIC = b"silo-setup 1"
+MAGIC = b"silo-setup 2"
 
 RLIMITS = {"nofile": resource.RLIMIT_NOFILE, "nproc": resource.RLIMIT_NPROC,
            "core": resource.RLIMIT_CORE, "stack": resource.RLIMIT_STACK,
@@ -80,7 +80,7 @@ def encode(plan: p.Plan, bpf: bytes | None) -> bytes:
     inside_uid = plan.uid_map[0].inside if plan.uid_map and plan.uid_map[0].count == 1 else 0
     inside_gid = plan.gid_map[0].inside if plan.gid_map and plan.gid_map[0].count == 1 else 0
     header: tuple[Any, ...] = (MAGIC, "user" in ns, "mnt" in ns, "pid" in ns, "cgroup" in ns, inside_uid, inside_gid,
-              proc.setgroups, len(plan.ops))
+              proc.setgroups, len(idmapped_layers(plan)), len(plan.ops))
     for value in header:
         _field(out, value)
     _ops(out, plan.ops)
@@ -98,6 +98,11 @@ def encode(plan: p.Plan, bpf: bytes | None) -> bytes:
     _field(out, proc.argv)
     _field(out, tuple(f"{k}={v}" for k, v in proc.env))
     return b"".join(out)
+
+
+def idmapped_layers(plan: p.Plan) -> list[str]:
+    """The lower layers the spawner idmaps for the sandbox, in the order it consumes them."""
+    return [lower for op in plan.ops if isinstance(op, p.Overlay) and op.idmapped for lower in op.lower]
 
 
 def go_message(argv: tuple[str, ...], env: tuple[tuple[str, str], ...]) -> bytes:
