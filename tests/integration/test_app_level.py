@@ -275,12 +275,16 @@ def test_unprivileged_user(user_silo_cli: list[str]) -> None:
     base = ["runuser", "-u", TEST_USER, "--", "env", "-i", *(f"{k}={v}" for k, v in env.items())]
     try:
         before = _snapshot(uhome)
+        # the user namespace's capabilities (carried across silo-setup's exec) reach
+        # nothing of the app's: no inheritable or ambient set a file capability could use
         script = (f'id -u; echo x > "$HOME/{name}"; echo more >> "$HOME/{name}-changed"; '
-                  f'cat "$HOME/{name}"; readlink /proc/self/ns/net')
+                  f'cat "$HOME/{name}"; readlink /proc/self/ns/net; '
+                  "grep -E '^Cap(Inh|Prm|Eff|Amb):' /proc/self/status | cut -f2")
         cp = subprocess.run([*base, *user_silo_cli, "run", "--isolation", "app", "--keep", keep, "--",
                              "sh", "-c", script], capture_output=True, text=True, timeout=60, cwd="/")
         assert cp.returncode == 0, cp.stderr
-        assert cp.stdout.splitlines() == [str(user.pw_uid), "x", os.readlink("/proc/self/ns/net")]
+        assert cp.stdout.splitlines() == [str(user.pw_uid), "x", os.readlink("/proc/self/ns/net"),
+                                          *["0000000000000000"] * 4]
         assert not (uhome / name).exists()
         assert _snapshot(uhome) == before
         cp = subprocess.run([*base, *user_silo_cli, "diff", keep], capture_output=True, text=True, timeout=60, cwd="/")

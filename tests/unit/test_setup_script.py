@@ -19,6 +19,7 @@ import pytest
 from silo import native
 from silo.backends.process import script
 from silo.model import plan as p
+from silo.model.errors import ProtocolError
 
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
 MS_BIND, MS_REC, MS_PRIVATE, MNT_DETACH = 4096, 16384, 1 << 18, 2
@@ -232,3 +233,15 @@ def test_a_truncated_script_is_refused(tmp_path: Path) -> None:
     done = subprocess.run([native.built("silo-setup"), "--trace", str(path)], capture_output=True, text=True,
                           check=False)
     assert done.returncode == 125 and "malformed setup script" in done.stderr
+
+
+def test_a_nul_byte_cannot_reach_silo_setup() -> None:
+    # every field is a C string there: a NUL would cut it short silently
+    with pytest.raises(ProtocolError, match="NUL"):
+        script.ops_only((p.Mkdir("/s/a\0b"),))
+
+
+def test_overlay_layer_paths_too_long_are_refused(tmp_path: Path) -> None:
+    long_path = "/" + "x" * 250
+    done = trace(tmp_path, p.Overlay("/r", tuple(f"{long_path}/{i}" for i in range(20)), "/u", "/w"))
+    assert done.returncode == 125 and "too long" in done.stderr

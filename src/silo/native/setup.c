@@ -263,7 +263,7 @@ static int k_open_in_root(const char *root, const char *path, const char *create
             break;
         const char *slash = strchr(p, '/');
         size_t n = slash ? (size_t)(slash - p) : strlen(p);
-        if (sublen + n + 2 > sizeof sub) {
+        if (n > NAME_MAX || sublen + n + 2 > sizeof sub) {
             close(root_fd);
             errno = ENAMETOOLONG;
             return -1;
@@ -415,7 +415,9 @@ static int k_loopback_up(void) {
 
 static void escape_overlay(char *out, size_t size, const char *path) {
     size_t n = 0;
-    for (; *path && n + 3 < size; path++) {
+    for (; *path; path++) {
+        if (n + 3 > size)
+            internal("sandbox setup failed at overlay: layer path too long: %.64s...", path);
         if (*path == '\\' || *path == ':' || *path == ',')
             out[n++] = '\\';
         out[n++] = *path;
@@ -496,8 +498,8 @@ static void run_op(struct reader *r) {
             n += (size_t)snprintf(data + n, sizeof data - n, ",workdir=%s", esc);
         if (userxattr && n < sizeof data)
             n += (size_t)snprintf(data + n, sizeof data - n, ",userxattr");
-        if (n >= sizeof data)
-            internal("sandbox setup failed at overlay %s: too many layers", target);
+        if (n > 4095) /* the kernel reads one page of mount options */
+            internal("sandbox setup failed at overlay %s: the layers' paths are too long", target);
         if (k_mount("overlay", target, "overlay", MS_NOSUID | MS_NODEV, data) < 0)
             internal("sandbox setup failed at overlay %s: %s", target, strerror(errno));
     } else if (strcmp(op, "bind") == 0) {
@@ -573,9 +575,17 @@ static void run_op(struct reader *r) {
 /* ---- identity and the exec ---------------------------------------------- */
 
 static void drop_bounding_except(uint64_t keep) {
-    for (int cap = 0; cap <= LAST_CAP; cap++)
-        if (!(keep >> cap & 1) && prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0 && errno != EINVAL)
-            internal("cannot drop capability %d: %s", cap, strerror(errno));
+    /* up to the last capability this kernel knows (EINVAL past it), not a fixed list */
+    for (int cap = 0; cap < 64; cap++) {
+        if (keep >> cap & 1)
+            continue;
+        if (prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0) {
+            if (errno == EINVAL && cap > LAST_CAP)
+                break;
+            if (errno != EINVAL)
+                internal("cannot drop capability %d: %s", cap, strerror(errno));
+        }
+    }
 }
 
 static void set_capabilities(uint64_t keep) {
@@ -658,7 +668,11 @@ static void resolve(const char *name, char **envp, char *out, size_t size) {
             const char *colon = strchr(dir, ':');
             int dlen = colon ? (int)(colon - dir) : (int)strlen(dir);
             char candidate[PATH_MAX];
-            snprintf(candidate, sizeof candidate, "%.*s/%s", dlen ? dlen : 1, dlen ? dir : ".", name);
+            int len = snprintf(candidate, sizeof candidate, "%.*s/%s", dlen ? dlen : 1, dlen ? dir : ".", name);
+            if (len < 0 || (size_t)len >= sizeof candidate) {
+                dir = colon ? colon + 1 : NULL;
+                continue; /* too long to be a path */
+            }
             if (executable(candidate, &exists)) {
                 snprintf(out, size, "%s", candidate);
                 return;
@@ -677,6 +691,8 @@ static void resolve(const char *name, char **envp, char *out, size_t size) {
 static void install_seccomp(const char *bpf, size_t len) {
     if (!len)
         return;
+    if (len % sizeof(struct sock_filter) || len / sizeof(struct sock_filter) > 4096)
+        internal("malformed seccomp program (%zu bytes)", len);
     struct sock_fprog prog = {.len = (unsigned short)(len / sizeof(struct sock_filter)),
                               .filter = (struct sock_filter *)(void *)bpf};
     /* SECURITY: from here on every syscall of this process and of everything it
@@ -687,6 +703,10 @@ static void install_seccomp(const char *bpf, size_t len) {
 
 static int mkdirs(const char *path, long long uid, long long gid) {
     char buf[PATH_MAX];
+    if (path[0] != '/' || strlen(path) >= sizeof buf) {
+        errno = path[0] ? ENAMETOOLONG : ENOENT;
+        return -1;
+    }
     snprintf(buf, sizeof buf, "%s", path);
     for (char *p = buf + 1;; p++) {
         if (*p == '/' || !*p) {
@@ -757,6 +777,15 @@ int main(int argc, char **argv) {
         trace_main(argv[2], argv + 3);
     if (argc < 8 || argc > 9)
         internal("usage: silo-setup SYNC ERR IN OUT ERRFD INIT SCRIPT [--warm] | silo-setup --trace FILE [ARG...]");
+    /* What spawn.c raised to carry the user namespace's capabilities across the exec:
+     * nothing of it may reach the command (the app level keeps no capability set). */
+    struct __user_cap_header_struct cap_header = {.version = _LINUX_CAPABILITY_VERSION_3};
+    struct __user_cap_data_struct caps[2];
+    if (syscall(SYS_capget, &cap_header, caps) < 0)
+        internal("capget: %s", strerror(errno));
+    caps[0].inheritable = caps[1].inheritable = 0;
+    if (syscall(SYS_capset, &cap_header, caps) < 0 || prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) < 0)
+        internal("cannot clear the inherited capabilities: %s", strerror(errno));
     int sync_fd = move_fd(atoi(argv[1])), init_fd = move_fd(atoi(argv[6])), script_fd = move_fd(atoi(argv[7]));
     err_fd = move_fd(atoi(argv[2]));
     int stdio[3] = {move_fd(atoi(argv[3])), move_fd(atoi(argv[4])), move_fd(atoi(argv[5]))};
@@ -793,6 +822,7 @@ int main(int argc, char **argv) {
             internal("setgroups: %s", strerror(errno));
         if (setresgid(inside_gid, inside_gid, inside_gid) < 0 || setresuid(inside_uid, inside_uid, inside_uid) < 0)
             internal("cannot become the sandbox's root: %s", strerror(errno));
+        prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0); /* the identity change cleared spawn.c's */
     }
     if (cgroup_ns && unshare(CLONE_NEWCGROUP) < 0)
         internal("unshare cgroup namespace: %s", strerror(errno));
@@ -826,6 +856,8 @@ int main(int argc, char **argv) {
     if (nargs < 0 || nargs > 1 << 20)
         internal("malformed setup script (argv)");
     char **cmd = calloc((size_t)nargs + 4, sizeof *cmd); /* room for silo-init -- PATH */
+    if (!cmd)
+        internal("out of memory");
     for (long long i = 0; i < nargs; i++)
         cmd[i + 3] = str(&r);
     long long nenv = num(&r);
@@ -860,9 +892,6 @@ int main(int argc, char **argv) {
             internal("cannot switch to the sandbox user: %s", strerror(errno));
         set_capabilities(keep);
         prctl(PR_SET_KEEPCAPS, 0, 0, 0, 0);
-    } else if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) < 0) {
-        /* the app level keeps no capability across the exec but those it had anyway */
-        internal("clearing ambient capabilities: %s", strerror(errno));
     }
     /* SECURITY: no setuid binary or file capability can raise privileges (SECURITY.md #8). */
     if (no_new_privs && prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)

@@ -58,17 +58,17 @@ EAGER_GAP = 0.005  # a run this soon after the last one of its plan is "back to 
 Handler = Callable[["Connection", tuple[Any, ...], list[int]], None]
 
 
-def _init_error(data: bytes) -> bytes:
-    """silo-init's ``init-error CODE MESSAGE`` as the error wire the Python child sends."""
+def _init_error(data: bytes) -> dict[str, str]:
+    """silo-init's ``init-error CODE MESSAGE`` as an error's wire form."""
     _, code, message = [*data.decode("utf-8", "replace").split(" ", 2), "", ""][:3]
     cls = {"127": CommandNotFound, "126": CommandNotExecutable}.get(code, InternalError)
-    return marshal.dumps(cls(message or "the command could not be started").to_wire())
+    return {"class": cls.__name__, "message": message or "the command could not be started"}
 
 
-def _setup_error(data: bytes) -> bytes:
-    """silo-setup's ``error CLASS MESSAGE`` as the error wire."""
+def _setup_error(data: bytes) -> dict[str, str]:
+    """silo-setup's ``error CLASS MESSAGE`` as an error's wire form."""
     _, cls, message = [*data.decode("utf-8", "replace").split(" ", 2), "", ""][:3]
-    return marshal.dumps({"class": cls, "message": message or "sandbox setup failed"})
+    return {"class": cls, "message": message or "sandbox setup failed"}
 
 
 def _env_seconds(name: str, default: float) -> float:
@@ -479,11 +479,12 @@ class Spawner:
         if data == script.TAKEN and not fds and job.spare:
             self._taken(job)
             return
+        wire: dict[str, str] = {}
         if data.startswith(script.INIT_ERROR):
-            data = _init_error(data)
+            wire = _init_error(data)
         elif data.startswith(script.SETUP_ERROR):
-            data = _setup_error(data)
-        if data == b"pty" and len(fds) == 1:
+            wire = _setup_error(data)
+        if data == b"pty" and len(fds) == 1 and job.plan is not None and job.plan.process.tty:
             # The pty master from the sandbox's own devpts, for the client to drive.
             if not job.conn.closed:
                 with contextlib.suppress(OSError):
@@ -493,10 +494,12 @@ class Spawner:
         for fd in fds:
             os.close(fd)
         if data:
-            try:
-                job.error = error_from_wire(marshal.loads(data))  # noqa: S302 - our own child
-            except (ValueError, EOFError, TypeError):
-                job.error = InternalError("sandbox setup failed")
+            # silo-setup and silo-init send text ("error CLASS MESSAGE", "init-error CODE
+            # MESSAGE", both made wire dicts above); anything else did not come from them.
+            if data.startswith(script.INIT_ERROR) or data.startswith(script.SETUP_ERROR):
+                job.error = error_from_wire(wire)
+            else:
+                job.error = InternalError("sandbox setup failed: an unexpected message from the sandbox")
         self.sel.unregister(job.err_fd)
         os.close(job.err_fd)
         job.err_fd = -1
@@ -669,6 +672,7 @@ class Spawner:
 def serve_socketpair(fd: int) -> None:
     """The SDK's per-process spawner: serve one connected socket until it closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the SDK process's to handle
+    os.set_inheritable(fd, False)  # inherited from the SDK; nothing of ours crosses an exec
     spawner = Spawner()
     spawner.add_connection(socket.socket(fileno=fd))
     spawner.fill_netns_pool()

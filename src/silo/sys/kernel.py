@@ -43,13 +43,12 @@ def _fail(what: str, path: bytes | None = None) -> OSError:
 _spawn_lib: ctypes.CDLL | None = None
 
 
-def spawn(flags: int, exe_fd: int, argv: list[bytes], keep: tuple[int, ...], raise_caps: bool,
-          err_fd: int) -> int:
+def spawn(flags: int, exe_fd: int, argv: list[bytes], keep: tuple[int, ...], raise_caps: bool) -> int:
     """Clone a child with namespace ``flags`` that execs the memfd ``exe_fd`` at once,
     vfork-style: the caller's memory is neither copied nor shared past the exec (see
-    ``src/silo/native/spawn.c``). ``keep`` are the fds the program inherits,
-    ``raise_caps`` carries a new user namespace's capabilities across the exec, and an
-    exec failure is reported on ``err_fd``. Returns the child's pid."""
+    ``src/silo/native/spawn.c``). ``keep`` are the only fds the program inherits, and
+    ``raise_caps`` carries a new user namespace's capabilities across the exec. Returns
+    the child's pid; raises OSError naming the step that failed (nothing is left)."""
     global _spawn_lib
     if _spawn_lib is None:
         from silo import native
@@ -57,13 +56,15 @@ def spawn(flags: int, exe_fd: int, argv: list[bytes], keep: tuple[int, ...], rai
         lib = ctypes.CDLL(native.built("libsilo-spawn.so"), use_errno=True)
         lib.silo_spawn.restype = ctypes.c_int
         lib.silo_spawn.argtypes = [ctypes.c_ulong, ctypes.c_int, ctypes.POINTER(ctypes.c_char_p),
-                                   ctypes.POINTER(ctypes.c_int), ctypes.c_int, ctypes.c_int, ctypes.c_int]
+                                   ctypes.POINTER(ctypes.c_int), ctypes.c_int, ctypes.c_int,
+                                   ctypes.POINTER(ctypes.c_char_p)]
         _spawn_lib = lib
     c_argv = (ctypes.c_char_p * (len(argv) + 1))(*argv, None)
     c_keep = (ctypes.c_int * len(keep))(*keep)
-    pid = _spawn_lib.silo_spawn(flags, exe_fd, c_argv, c_keep, len(keep), int(raise_caps), err_fd)
+    what = ctypes.c_char_p()
+    pid = _spawn_lib.silo_spawn(flags, exe_fd, c_argv, c_keep, len(keep), int(raise_caps), ctypes.byref(what))
     if pid < 0:
-        raise _fail("clone")
+        raise _fail((what.value or b"clone").decode())
     return int(pid)
 
 

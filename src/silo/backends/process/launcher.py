@@ -9,6 +9,7 @@ its id maps and put it in its cgroup. Called from the spawner's single thread (a
 from __future__ import annotations
 
 import os
+import select
 import signal
 import socket
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from typing import Protocol
 
 from silo.backends.process import script
 from silo.model import plan as p
+from silo.model.errors import InternalError
 from silo.sys import kernel as sysk
 
 
@@ -46,6 +48,17 @@ def _write_maps(pid: int, plan: p.Plan) -> None:
         _write(f"/proc/{pid}/setgroups", "deny")
     _write(f"/proc/{pid}/uid_map", "".join(f"{m.inside} {m.outside} {m.count}\n" for m in plan.uid_map))
     _write(f"/proc/{pid}/gid_map", "".join(f"{m.inside} {m.outside} {m.count}\n" for m in plan.gid_map))
+
+
+def _early_error(err_r: int) -> str | None:
+    """The message silo-setup reported before it was released, if any."""
+    try:
+        data = os.read(err_r, 4096) if select.select([err_r], [], [], 0)[0] else b""
+    except OSError:
+        return None
+    if not data.startswith(script.SETUP_ERROR):
+        return None
+    return data.decode("utf-8", "replace").split(" ", 2)[-1]
 
 
 def _send_layers(pid: int, layers: list[str], err_r: int) -> None:
@@ -104,7 +117,7 @@ def start(plan: p.Plan, stdio: tuple[int, int, int], init_fd: int, setup_fd: int
     try:
         # The id maps do not exist yet, so the exec would drop the capabilities the new
         # user namespace gave the child; raise_caps carries them across it.
-        pid = sysk.spawn(flags, setup_fd, argv, fds, bool(flags & sysk.CLONE_NEWUSER), err_w)
+        pid = sysk.spawn(flags, setup_fd, argv, fds, bool(flags & sysk.CLONE_NEWUSER))
     except OSError:
         for fd in (script_fd, sync_r, sync_w, err_r, err_w):
             os.close(fd)
@@ -126,10 +139,13 @@ def start(plan: p.Plan, stdio: tuple[int, int, int], init_fd: int, setup_fd: int
             cgroup.add(pid)
         pidfd = os.pidfd_open(pid)
         os.write(sync_w, b"g")
-    except BaseException:
+    except BaseException as e:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
+        why = _early_error(err_r)  # e.g. a silo-setup of another version refused the script
         os.close(err_r)
+        if why is not None and isinstance(e, OSError):
+            raise InternalError(why) from None
         raise
     finally:
         os.close(sync_w)

@@ -27,6 +27,7 @@ from dataclasses import fields
 from typing import Any
 
 from silo.model import plan as p
+from silo.model.errors import ProtocolError
 from silo.model.spec import CAPABILITIES
 
 MAGIC = b"silo-setup 2"
@@ -42,6 +43,8 @@ _FIELDS: dict[type[Any], tuple[str, ...]] = {}
 
 def _field(out: list[bytes], value: Any) -> None:
     if isinstance(value, str):
+        if "\0" in value:  # silo-setup reads every field as a C string
+            raise ProtocolError(f"a NUL byte in {value[:40]!r}: plans cannot carry one")
         value = os.fsencode(value)
     elif isinstance(value, bool | int):
         value = b"%d" % value
