@@ -456,3 +456,13 @@ def test_corrupt_record_data(data: object, message: str) -> None:
         WorkspaceRecord.from_dict(data)
     assert message in _one_line(info.value)
     assert not info.value.message.startswith("spec.spec")
+
+
+@pytest.mark.parametrize("cls", [WorkspaceStateError, IllegalTransition])
+def test_workspace_errors_cross_the_wire_as_themselves(cls: type[Exception]) -> None:
+    from silo.model.errors import WorkspaceExists, error_from_wire
+
+    for c in (cls, WorkspaceExists):
+        err = c("cannot exec in 'web': it is stopped; run 'silo start web'")
+        back = error_from_wire(err.to_wire())  # type: ignore[attr-defined]
+        assert type(back) is c and str(back) == str(err)

@@ -78,6 +78,18 @@ class InternalError(SiloError):
     """A failure that is silo's fault, not the user's."""
 
 
+class WorkspaceStateError(UserError):
+    """A verb was asked of a workspace whose state does not allow it."""
+
+
+class WorkspaceExists(UserError):
+    """``create`` or ``fork`` to a name that a workspace already has."""
+
+
+class IllegalTransition(InternalError):
+    """The daemon tried a state change the table forbids: a bug, never the user's doing."""
+
+
 _CLASSES: dict[str, type[SiloError]] = {
     cls.__name__: cls
     for cls in (
@@ -92,6 +104,9 @@ _CLASSES: dict[str, type[SiloError]] = {
         ProtocolError,
         PermissionDenied,
         InternalError,
+        WorkspaceStateError,
+        WorkspaceExists,
+        IllegalTransition,
     )
 }
 

@@ -29,7 +29,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from silo.model.errors import InternalError, SpecError, UserError
+from silo.model.errors import IllegalTransition as IllegalTransition  # the workspace errors live with
+from silo.model.errors import SpecError  # the others (registered for the wire); re-exported here
+from silo.model.errors import WorkspaceExists as WorkspaceExists
+from silo.model.errors import WorkspaceStateError as WorkspaceStateError
 from silo.model.spec import (
     Isolation,
     Limits,
@@ -55,21 +58,6 @@ NAME_RULE = "1 to 63 lowercase letters, digits, '_', '.' or '-', starting with a
 
 
 # -- errors --------------------------------------------------------------------------------
-# TODO(errors.py): register these in errors._CLASSES so the SDK re-raises them by name.
-
-
-class WorkspaceStateError(UserError):
-    """A verb was asked of a workspace whose state does not allow it."""
-
-
-class WorkspaceExists(UserError):
-    """``create`` or ``fork`` to a name that a workspace already has."""
-
-
-class IllegalTransition(InternalError):
-    """The daemon tried a state change the table forbids: a bug, never the user's doing."""
-
-
 class FieldError(SpecError):
     """A bad value in spec or record data, with the path of its key.
 

@@ -44,8 +44,8 @@ from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
-from silo.model.errors import InternalError, NotFoundError, SpecError, UserError
-from silo.model.workspace import State, WorkspaceExists, WorkspaceRecord, check_transition, parse_name
+from silo.model.errors import InternalError, NotFoundError, SpecError, UserError, WorkspaceExists
+from silo.model.workspace import State, WorkspaceRecord, check_transition, parse_name
 
 RECORD = "record.json"
 LOCK = "lock"
