@@ -1,10 +1,14 @@
 /*
  * silo-init: PID 1 of a process-level sandbox.
  *
- *   silo-init -- PATH ARGV0 [ARG...]    run PATH (already resolved by the spawner's
- *                                       child) with the environment we were given
- *   silo-init --wait FD                 a warm sandbox: wait on the SOCK_SEQPACKET
- *                                       socket FD for the command, then run it
+ *   silo-init --run FD -- ARGV0 [ARG...]  run ARGV0 (looked up in the PATH of the
+ *                                         environment we were given)
+ *   silo-init --wait FD                   a warm sandbox: wait on the SOCK_SEQPACKET
+ *                                         socket FD for the command, then run it
+ *
+ * FD is silo-setup's channel to the spawner in both modes: "init-error CODE MESSAGE"
+ * goes there if the command cannot be started (127: not found, 126: not executable),
+ * and it is closed once the command runs.
  *
  * In both modes it forks the command into its own process group (made the
  * foreground group when stdin is a terminal), forwards every signal it receives to
@@ -16,8 +20,7 @@
  * The warm request is one packet: "ARGC\0ARGV0\0...ARGVn\0ENV0\0...ENVm\0" (the
  * environment entries are "KEY=VALUE") with exactly three fds attached (SCM_RIGHTS)
  * that become stdin, stdout and stderr. We answer "taken" at once (the spawner may
- * then forget its copies of the fds), and later "init-error CODE MESSAGE" if the
- * command cannot be started (127: not found, 126: not executable).
+ * then forget its copies of the fds).
  *
  * Everything here runs inside the sandbox with its seccomp filter, capabilities
  * already dropped and no_new_privs set; it trusts the spawner (which made the
@@ -141,7 +144,7 @@ static const char *env_get(char **envp, const char *key) {
     return NULL;
 }
 
-/* PATH lookup as the spawner's child does it (silo.backends.process.child._resolve). */
+/* PATH lookup inside the sandbox, as execvp would; errors name what to do. */
 static void resolve(int chan, const char *name, char **envp, char *out, size_t size) {
     if (strchr(name, '/')) {
         struct stat st;
@@ -215,12 +218,13 @@ int main(int argc, char **argv) {
         receive(chan, request, sizeof request, &cmd, &envp);
         prctl(PR_SET_NAME, "silo-init", 0, 0, 0);
         resolve(chan, cmd[0], envp, path, sizeof path);
-    } else if (argc >= 4 && strcmp(argv[1], "--") == 0) {
+    } else if (argc >= 5 && strcmp(argv[1], "--run") == 0 && strcmp(argv[3], "--") == 0) {
+        chan = atoi(argv[2]);
         prctl(PR_SET_NAME, "silo-init", 0, 0, 0); /* not the fd number execveat gave us */
-        snprintf(path, sizeof path, "%s", argv[2]);
-        cmd = argv + 3;
+        cmd = argv + 4;
+        resolve(chan, cmd[0], envp, path, sizeof path);
     } else {
-        die("usage: silo-init -- PATH ARGV0 [ARG...] | silo-init --wait FD");
+        die("usage: silo-init --run FD -- ARGV0 [ARG...] | silo-init --wait FD");
     }
 
     signal(SIGTTIN, SIG_IGN);

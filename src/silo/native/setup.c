@@ -13,13 +13,14 @@
  *     the id maps and put us in our cgroup;
  *  2. become the namespace's root, unshare the cgroup namespace;
  *  3. execute the mount operations of the plan and pivot_root;
- *  4. resolve the command inside the new root (127 / 126, reported precisely);
- *  5. drop the bounding set, switch to the sandbox user, set the other capability
+ *  4. drop the bounding set, switch to the sandbox user, set the other capability
  *     sets (ambient: only what --cap added), no_new_privs, parent-death signal, new
  *     session (and a pty from the sandbox's devpts with -t), rlimits, default signal
  *     dispositions (the mask stays full for silo-init);
- *  6. mark every fd but stdio close-on-exec, load the seccomp filter, exec silo-init
- *     from the sealed memfd INIT (or, warm, "silo-init --wait ERR": a parked sandbox).
+ *  5. mark every fd but stdio close-on-exec, load the seccomp filter, exec silo-init
+ *     from the sealed memfd INIT: "silo-init --run ERR -- ARGV..." resolves the command
+ *     inside the new root (127 / 126 reported on ERR) and runs it; warm, "silo-init
+ *     --wait ERR" is a parked sandbox.
  *
  * Failures go to ERR (a SOCK_SEQPACKET socket) as "error CLASS MESSAGE", CLASS being
  * a class of silo.model.errors; the spawner raises it. The script is written by
@@ -637,57 +638,6 @@ static void open_pty(void) {
     close(master);
 }
 
-static const char *env_get(char **envp, const char *key) {
-    size_t len = strlen(key);
-    for (; *envp; envp++)
-        if (strncmp(*envp, key, len) == 0 && (*envp)[len] == '=')
-            return *envp + len + 1;
-    return NULL;
-}
-
-static int executable(const char *path, int *exists) {
-    struct stat st;
-    *exists = stat(path, &st) == 0;
-    return *exists && S_ISREG(st.st_mode) && access(path, X_OK) == 0;
-}
-
-/* PATH lookup inside the sandbox, as execvp would; errors name what to do. */
-static void resolve(const char *name, char **envp, char *out, size_t size) {
-    char denied[PATH_MAX] = "";
-    int exists;
-    if (strchr(name, '/')) {
-        if (executable(name, &exists)) {
-            snprintf(out, size, "%s", name);
-            return;
-        }
-        if (exists)
-            snprintf(denied, sizeof denied, "%s", name);
-    } else {
-        const char *dir = env_get(envp, "PATH");
-        for (dir = dir ? dir : ""; dir; ) {
-            const char *colon = strchr(dir, ':');
-            int dlen = colon ? (int)(colon - dir) : (int)strlen(dir);
-            char candidate[PATH_MAX];
-            int len = snprintf(candidate, sizeof candidate, "%.*s/%s", dlen ? dlen : 1, dlen ? dir : ".", name);
-            if (len < 0 || (size_t)len >= sizeof candidate) {
-                dir = colon ? colon + 1 : NULL;
-                continue; /* too long to be a path */
-            }
-            if (executable(candidate, &exists)) {
-                snprintf(out, size, "%s", candidate);
-                return;
-            }
-            if (exists && !denied[0])
-                snprintf(denied, sizeof denied, "%s", candidate);
-            dir = colon ? colon + 1 : NULL;
-        }
-    }
-    if (denied[0])
-        report("CommandNotExecutable", 126, "%s: not executable inside the sandbox (%s); check its mode", name,
-               denied);
-    report("CommandNotFound", 127, "%s: command not found inside the sandbox; check the name and PATH", name);
-}
-
 static void install_seccomp(const char *bpf, size_t len) {
     if (!len)
         return;
@@ -855,11 +805,11 @@ int main(int argc, char **argv) {
     long long nargs = num(&r);
     if (nargs < 0 || nargs > 1 << 20)
         internal("malformed setup script (argv)");
-    char **cmd = calloc((size_t)nargs + 4, sizeof *cmd); /* room for silo-init -- PATH */
+    char **cmd = calloc((size_t)nargs + 5, sizeof *cmd); /* room for silo-init --run FD -- */
     if (!cmd)
         internal("out of memory");
     for (long long i = 0; i < nargs; i++)
-        cmd[i + 3] = str(&r);
+        cmd[i + 4] = str(&r);
     long long nenv = num(&r);
     if (nenv < 0 || nenv > 1 << 20)
         internal("malformed setup script (env)");
@@ -930,35 +880,39 @@ int main(int argc, char **argv) {
     if (syscall(SYS_close_range, 3, ~0U, CLOSE_RANGE_CLOEXEC) < 0)
         internal("close_range: %s", strerror(errno));
 
-    char *const empty[] = {NULL};
-    if (warm) {
+    /* silo-init from a sealed memfd (/proc/1/exe is not a host file, CVE-2019-5736),
+     * with the channel to the spawner kept open across the exec: warm, it waits there
+     * for the command; cold, it resolves the command inside the new root and reports
+     * 127 / 126 there. It closes the channel once the command runs. */
+    char chan[16];
+    snprintf(chan, sizeof chan, "%d", err_fd);
+    if (warm || with_init) {
         install_seccomp(bpf, bpf_len);
-        /* silo-init parked until the spawner sends the command on err_fd (kept open
-         * across this exec, closed by silo-init once the command runs). */
-        char chan[16];
-        snprintf(chan, sizeof chan, "%d", err_fd);
         fcntl(err_fd, F_SETFD, 0);
-        char *init_argv[] = {"silo-init", "--wait", chan, NULL};
-        syscall(SYS_execveat, init_fd, "", init_argv, empty, AT_EMPTY_PATH);
+        if (warm) {
+            char *init_argv[] = {"silo-init", "--wait", chan, NULL};
+            char *const empty[] = {NULL};
+            syscall(SYS_execveat, init_fd, "", init_argv, empty, AT_EMPTY_PATH);
+        } else {
+            if (nargs < 1)
+                internal("malformed setup script (no command)");
+            cmd[0] = "silo-init";
+            cmd[1] = "--run";
+            cmd[2] = chan;
+            cmd[3] = "--";
+            syscall(SYS_execveat, init_fd, "", cmd, envp, AT_EMPTY_PATH);
+        }
         internal("cannot exec silo-init: %s", strerror(errno));
     }
     if (nargs < 1)
         internal("malformed setup script (no command)");
-    char path[PATH_MAX];
-    resolve(cmd[3], envp, path, sizeof path);
     install_seccomp(bpf, bpf_len);
-    if (with_init) {
-        /* silo-init from a sealed memfd: /proc/1/exe is not a host file (CVE-2019-5736). */
-        cmd[0] = "silo-init";
-        cmd[1] = "--";
-        cmd[2] = path;
-        syscall(SYS_execveat, init_fd, "", cmd, envp, AT_EMPTY_PATH);
-        internal("cannot exec silo-init: %s", strerror(errno));
-    }
     sigset_t none;
     sigemptyset(&none);
     sigprocmask(SIG_SETMASK, &none, NULL);
-    execve(path, cmd + 3, envp);
+    extern char **environ;
+    environ = envp; /* execvp searches the command's PATH */
+    execvp(cmd[4], cmd + 4);
     report(errno == ENOENT ? "CommandNotFound" : "CommandNotExecutable", errno == ENOENT ? 127 : 126,
-           "%s: cannot execute inside the sandbox: %s", cmd[3], strerror(errno));
+           "%s: cannot execute inside the sandbox: %s", cmd[4], strerror(errno));
 }

@@ -40,12 +40,9 @@ from typing import Any
 from silo.backends.process import launcher, script
 from silo.model import plan as p
 from silo.model.errors import (
-    CommandNotExecutable,
-    CommandNotFound,
     InternalError,
     ProtocolError,
     SiloError,
-    error_from_wire,
 )
 from silo.spawner import protocol
 from silo.sys import kernel as sysk
@@ -56,19 +53,6 @@ WARM_IDLE = 30.0  # SILO_WARM_IDLE overrides; 0 turns warm sandboxes off
 EAGER_GAP = 0.005  # a run this soon after the last one of its plan is "back to back"
 
 Handler = Callable[["Connection", tuple[Any, ...], list[int]], None]
-
-
-def _init_error(data: bytes) -> dict[str, str]:
-    """silo-init's ``init-error CODE MESSAGE`` as an error's wire form."""
-    _, code, message = [*data.decode("utf-8", "replace").split(" ", 2), "", ""][:3]
-    cls = {"127": CommandNotFound, "126": CommandNotExecutable}.get(code, InternalError)
-    return {"class": cls.__name__, "message": message or "the command could not be started"}
-
-
-def _setup_error(data: bytes) -> dict[str, str]:
-    """silo-setup's ``error CLASS MESSAGE`` as an error's wire form."""
-    _, cls, message = [*data.decode("utf-8", "replace").split(" ", 2), "", ""][:3]
-    return {"class": cls, "message": message or "sandbox setup failed"}
 
 
 def _env_seconds(name: str, default: float) -> float:
@@ -479,11 +463,6 @@ class Spawner:
         if data == script.TAKEN and not fds and job.spare:
             self._taken(job)
             return
-        wire: dict[str, str] = {}
-        if data.startswith(script.INIT_ERROR):
-            wire = _init_error(data)
-        elif data.startswith(script.SETUP_ERROR):
-            wire = _setup_error(data)
         if data == b"pty" and len(fds) == 1 and job.plan is not None and job.plan.process.tty:
             # The pty master from the sandbox's own devpts, for the client to drive.
             if not job.conn.closed:
@@ -494,12 +473,10 @@ class Spawner:
         for fd in fds:
             os.close(fd)
         if data:
-            # silo-setup and silo-init send text ("error CLASS MESSAGE", "init-error CODE
-            # MESSAGE", both made wire dicts above); anything else did not come from them.
-            if data.startswith(script.INIT_ERROR) or data.startswith(script.SETUP_ERROR):
-                job.error = error_from_wire(wire)
-            else:
-                job.error = InternalError("sandbox setup failed: an unexpected message from the sandbox")
+            # silo-setup and silo-init send only their text errors; anything else did not
+            # come from them.
+            job.error = script.native_error(data) or InternalError(
+                "sandbox setup failed: an unexpected message from the sandbox")
         self.sel.unregister(job.err_fd)
         os.close(job.err_fd)
         job.err_fd = -1

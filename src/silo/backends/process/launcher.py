@@ -17,8 +17,9 @@ from typing import Protocol
 
 from silo.backends.process import script
 from silo.model import plan as p
-from silo.model.errors import InternalError
+from silo.model.errors import SiloError
 from silo.sys import kernel as sysk
+from silo.sys.cgroups_common import write_file
 
 
 class CgroupLike(Protocol):
@@ -33,32 +34,23 @@ class Started:
     err_fd: int  # SEQPACKET: an optional pty master (SCM_RIGHTS), then EOF at exec or an error
 
 
-def _write(path: str, data: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        os.write(fd, data.encode())
-    finally:
-        os.close(fd)
-
-
 def _write_maps(pid: int, plan: p.Plan) -> None:
     # SECURITY: the maps come from the planner, which never maps host id 0 for a
     # root-run sandbox (SECURITY.md #16).
+    # (one write(2) each: the kernel takes a map in a single write, as cgroupfs a value)
     if not plan.process.setgroups:
-        _write(f"/proc/{pid}/setgroups", "deny")
-    _write(f"/proc/{pid}/uid_map", "".join(f"{m.inside} {m.outside} {m.count}\n" for m in plan.uid_map))
-    _write(f"/proc/{pid}/gid_map", "".join(f"{m.inside} {m.outside} {m.count}\n" for m in plan.gid_map))
+        write_file(f"/proc/{pid}/setgroups", "deny")
+    write_file(f"/proc/{pid}/uid_map", "".join(f"{m.inside} {m.outside} {m.count}\n" for m in plan.uid_map))
+    write_file(f"/proc/{pid}/gid_map", "".join(f"{m.inside} {m.outside} {m.count}\n" for m in plan.gid_map))
 
 
-def _early_error(err_r: int) -> str | None:
-    """The message silo-setup reported before it was released, if any."""
+def _early_error(err_r: int) -> SiloError | None:
+    """The error silo-setup reported before it was released, if any."""
     try:
         data = os.read(err_r, 4096) if select.select([err_r], [], [], 0)[0] else b""
     except OSError:
         return None
-    if not data.startswith(script.SETUP_ERROR):
-        return None
-    return data.decode("utf-8", "replace").split(" ", 2)[-1]
+    return script.native_error(data)
 
 
 def _send_layers(pid: int, layers: list[str], err_r: int) -> None:
@@ -145,7 +137,7 @@ def start(plan: p.Plan, stdio: tuple[int, int, int], init_fd: int, setup_fd: int
         why = _early_error(err_r)  # e.g. a silo-setup of another version refused the script
         os.close(err_r)
         if why is not None and isinstance(e, OSError):
-            raise InternalError(why) from None
+            raise why from None
         raise
     finally:
         os.close(sync_w)

@@ -27,7 +27,14 @@ from dataclasses import fields
 from typing import Any
 
 from silo.model import plan as p
-from silo.model.errors import ProtocolError
+from silo.model.errors import (
+    CommandNotExecutable,
+    CommandNotFound,
+    InternalError,
+    ProtocolError,
+    SiloError,
+    error_from_wire,
+)
 from silo.model.spec import CAPABILITIES
 
 MAGIC = b"silo-setup 2"
@@ -82,8 +89,8 @@ def encode(plan: p.Plan, bpf: bytes | None) -> bytes:
     out: list[bytes] = []
     inside_uid = plan.uid_map[0].inside if plan.uid_map and plan.uid_map[0].count == 1 else 0
     inside_gid = plan.gid_map[0].inside if plan.gid_map and plan.gid_map[0].count == 1 else 0
-    header: tuple[Any, ...] = (MAGIC, "user" in ns, "mnt" in ns, "pid" in ns, "cgroup" in ns, inside_uid, inside_gid,
-              proc.setgroups, len(idmapped_layers(plan)), len(plan.ops))
+    header: tuple[Any, ...] = (MAGIC, "user" in ns, "mnt" in ns, "pid" in ns, "cgroup" in ns, inside_uid,
+                               inside_gid, proc.setgroups, len(idmapped_layers(plan)), len(plan.ops))
     for value in header:
         _field(out, value)
     _ops(out, plan.ops)
@@ -120,3 +127,15 @@ GO_MAX = 1 << 16  # larger commands start cold (silo-init's buffer)
 TAKEN = b"taken"
 INIT_ERROR = b"init-error "
 SETUP_ERROR = b"error "
+
+
+def native_error(data: bytes) -> SiloError | None:
+    """The error in a message from silo-setup (``error CLASS MESSAGE``, CLASS one of
+    model/errors.py) or silo-init (``init-error CODE MESSAGE``); None for anything else."""
+    _, kind, message = [*data.decode("utf-8", "replace").split(" ", 2), "", ""][:3]
+    if data.startswith(SETUP_ERROR):
+        return error_from_wire({"class": kind, "message": message or "sandbox setup failed"})
+    if data.startswith(INIT_ERROR):
+        cls = {"127": CommandNotFound, "126": CommandNotExecutable}.get(kind, InternalError)
+        return cls(message or "the command could not be started")
+    return None
