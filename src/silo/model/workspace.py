@@ -98,23 +98,26 @@ def parse_name(untrusted: str, what: str = "workspace name") -> str:
 _PLANNED_ISOLATION = ("gvisor", "vm")  # named in ARCHITECTURE.md, not built yet
 
 
-def parse_isolation(untrusted: str) -> Isolation:
+_E = TypeVar("_E", bound=enum.Enum)
+
+
+def _choice(cls: type[_E], untrusted: str, what: str) -> _E:
+    """``untrusted`` as a member of ``cls``, or a SpecError listing the values."""
     try:
-        return Isolation(untrusted)
+        return cls(untrusted)
     except ValueError:
-        if untrusted in _PLANNED_ISOLATION:
-            raise SpecError(f"isolation {untrusted!r} is not available yet: use one of "
-                            f"{', '.join(i.value for i in Isolation)}") from None
-        raise SpecError(f"unknown isolation {untrusted!r}: use one of "
-                        f"{', '.join(i.value for i in Isolation)}") from None
+        values = ", ".join(m.value for m in cls)
+        if cls is Isolation and untrusted in _PLANNED_ISOLATION:
+            raise SpecError(f"isolation {untrusted!r} is not available yet: use one of {values}") from None
+        raise SpecError(f"unknown {what} {untrusted!r}: use one of {values}") from None
+
+
+def parse_isolation(untrusted: str) -> Isolation:
+    return _choice(Isolation, untrusted, "isolation")
 
 
 def parse_network(untrusted: str) -> Network:
-    try:
-        return Network(untrusted)
-    except ValueError:
-        raise SpecError(f"unknown network mode {untrusted!r}: use one of "
-                        f"{', '.join(n.value for n in Network)}") from None
+    return _choice(Network, untrusted, "network mode")
 
 
 class RestartPolicy(enum.Enum):
@@ -126,11 +129,7 @@ class RestartPolicy(enum.Enum):
 
 
 def parse_restart(untrusted: str) -> RestartPolicy:
-    try:
-        return RestartPolicy(untrusted)
-    except ValueError:
-        raise SpecError(f"unknown restart policy {untrusted!r}: use one of "
-                        f"{', '.join(r.value for r in RestartPolicy)}") from None
+    return _choice(RestartPolicy, untrusted, "restart policy")
 
 
 def parse_root(untrusted: str) -> str:
