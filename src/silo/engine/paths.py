@@ -39,3 +39,36 @@ def code_token() -> str:
                 elif entry.is_dir() and not entry.name.startswith(("_", ".")):
                     stack.append(entry.path)
     return f"{top}:{count}:{newest}"
+
+
+def state_dir() -> str:
+    """Where the daemon keeps workspaces: ``/var/lib/silo`` for root, else
+    ``$XDG_DATA_HOME/silo`` (``~/.local/share/silo``); ``SILO_STATE_DIR`` overrides."""
+    override = os.environ.get("SILO_STATE_DIR")
+    if override:
+        return override
+    if os.geteuid() == 0:
+        return "/var/lib/silo"
+    data = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(data, "silo")
+
+
+def daemon_dir() -> str:
+    """The directory of silod's sockets: ``/run/silod`` for root (system-wide, reachable by
+    the ``silo`` group), else the caller's private runtime dir; ``SILO_DAEMON_DIR`` overrides."""
+    override = os.environ.get("SILO_DAEMON_DIR")
+    if override:
+        return override
+    if os.geteuid() == 0 and not os.environ.get("SILO_RUNTIME_DIR"):
+        return "/run/silod"
+    return runtime_dir()
+
+
+def daemon_socket() -> str:
+    """silod's HTTP API."""
+    return os.path.join(daemon_dir(), "silod.sock")
+
+
+def exec_socket() -> str:
+    """silod's streamed-exec socket (SOCK_SEQPACKET, fds passed)."""
+    return os.path.join(daemon_dir(), "exec.sock")
