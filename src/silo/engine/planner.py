@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 from silo.engine import host as hostmod
 from silo.model import plan as p
-from silo.model.errors import NotFoundError, SpecError
+from silo.model.errors import NotFoundError, PrivilegeError, SpecError
 from silo.model.spec import Isolation, Spec
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -62,6 +63,53 @@ def _environment(spec: Spec, uid: int, term: str | None) -> tuple[tuple[str, str
     return tuple(env.items())
 
 
+@dataclass(frozen=True)
+class Layers:
+    """A workspace's storage (see :mod:`silo.store.layers`): its writable ``upper`` and
+    overlay ``work`` directories (one subdirectory per overlay target: ``root`` for
+    ``/``, ``usr``, ...) and its read-only layers, top first, stacked on the base.
+    ``upper`` None keeps the writable layer in the sandbox's RAM (a disposable one)."""
+
+    upper: str | None = None
+    work: str | None = None
+    lowers: tuple[str, ...] = ()
+
+
+def plan_workspace(spec: Spec, layers: Layers) -> p.Plan:
+    """The plan of a workspace's init: the sandbox of ``spec`` on ``layers``, with no
+    command (silo-init waits as its PID 1; commands join it later)."""
+    if spec.isolation is not Isolation.PROCESS:
+        raise SpecError(f"isolation {spec.isolation.value!r} cannot run a workspace: use 'process'")
+    return _plan_process(spec, (), None, False, layers)
+
+
+def plan_join(workspace: p.Plan, argv: Sequence[str], *, env: Sequence[tuple[str, str]] = (),
+              cwd: str | None = None, uid: int | None = None, gid: int | None = None,
+              tty: bool = False, term: str | None = None) -> p.Plan:
+    """The plan of a command joining a running workspace started from ``workspace``:
+    no operations, the workspace's identity and hardening, ``argv`` with the
+    workspace's environment updated by ``env``."""
+    if not argv:
+        raise SpecError("no command given: add the command to run, like: silo exec NAME -- /bin/sh")
+    if any("\0" in a for a in argv):
+        raise SpecError("the command contains a NUL byte")
+    proc = workspace.process
+    merged = dict(proc.env)
+    if term:
+        merged["TERM"] = term
+    merged.update(dict(env))
+    if uid is not None and uid != proc.uid and len(workspace.uid_map) == 1 and workspace.uid_map[0].count == 1:
+        raise PrivilegeError("a rootless workspace has one user: run the command without --user")
+    uid = proc.uid if uid is None else uid
+    gid = (uid if uid != proc.uid else proc.gid) if gid is None else gid
+    if not (0 <= uid < 65536 and 0 <= gid < 65536):
+        raise SpecError(f"user {uid}:{gid} is out of range: use ids from 0 to 65535")
+    process = replace(proc, argv=tuple(argv), env=tuple(merged.items()), cwd=cwd or proc.cwd,
+                      uid=uid, gid=gid, tty=tty, init=True, new_session=True)
+    # Header flags: the user namespace (become its root), pid (children join it).
+    return replace(workspace, namespaces=("user", "pid"), ops=(), process=process)
+
+
 def plan(spec: Spec, argv: Sequence[str], *, term: str | None = None, tty: bool = False,
          caller_env: dict[str, str] | None = None, caller_cwd: str | None = None) -> p.Plan:
     """The plan for running ``argv`` under ``spec``; ``tty`` asks for a pty made inside."""
@@ -71,7 +119,7 @@ def plan(spec: Spec, argv: Sequence[str], *, term: str | None = None, tty: bool 
         raise SpecError("the command contains a NUL byte")
     if spec.isolation is Isolation.APP:
         return _plan_app(spec, argv, caller_env or dict(os.environ), caller_cwd or os.getcwd(), tty)
-    return _plan_process(spec, argv, term, tty)
+    return _plan_process(spec, argv, term, tty, Layers())
 
 
 def _id_maps(spec: Spec, h: hostmod.Host) -> tuple[tuple[p.IdMap, ...], tuple[p.IdMap, ...]]:
@@ -81,56 +129,85 @@ def _id_maps(spec: Spec, h: hostmod.Host) -> tuple[tuple[p.IdMap, ...], tuple[p.
     return (p.IdMap(spec.user.uid, h.uid, 1),), (p.IdMap(spec.user.gid, h.gid, 1),)
 
 
-def _plan_process(spec: Spec, argv: Sequence[str], term: str | None, tty: bool) -> p.Plan:
+def _plan_process(spec: Spec, argv: Sequence[str], term: str | None, tty: bool, layers: Layers) -> p.Plan:
     h = hostmod.host()
     uid, gid = spec.user.uid, spec.user.gid
     scratch = h.scratch
-    root, upper, work = f"{scratch}/root", f"{scratch}/u", f"{scratch}/w"
+    root = f"{scratch}/root"
+    # The writable layer: in the scratch tmpfs (RAM), or a workspace's directories on
+    # disk, made by the store and kept between starts (mkdir only what is missing).
+    upper, work = (layers.upper, layers.work) if layers.upper and layers.work else (f"{scratch}/u", f"{scratch}/w")
+    persistent = layers.upper is not None
     inodes = max(spec.tmpfs_size // 4096, 16384)
     ops: list[p.Op] = [
         p.MakePrivate(),
         p.Tmpfs(scratch, f"size={spec.tmpfs_size},nr_inodes={inodes},mode=0755"),
-        p.Mkdir(root), p.Mkdir(upper), p.Mkdir(work), p.Mkdir(f"{upper}/root"), p.Mkdir(f"{work}/root"),
+        p.Mkdir(root),
     ]
+
+    def mkdir(path: str, mode: int = 0o755, owner: int = -1, group: int = -1) -> None:
+        if not (persistent and os.path.isdir(path)):
+            ops.append(p.Mkdir(path, mode, owner, group))
+
+    def lowers_of(target: str) -> tuple[str, ...]:
+        return tuple(f"{layer}/{target}" for layer in layers.lowers if os.path.isdir(f"{layer}/{target}"))
+
+    if not persistent:
+        ops += [p.Mkdir(upper), p.Mkdir(work)]
+    mkdir(f"{upper}/root")
+    mkdir(f"{work}/root")
+    # A workspace's first start seeds its files; later starts (and a stack that has
+    # them already, from a template) keep what the workspace made of them.
+    seed = not any(os.path.lexists(f"{d}/etc/passwd") for d in (f"{upper}/root", *lowers_of("root")))
     if spec.root == "host":
         lower = hostmod.skeleton()
-        ops += [
-            p.Mkdir(f"{upper}/root/etc"),
-            p.WriteFile(f"{upper}/root/etc/passwd", _passwd(uid, gid)),
-            p.WriteFile(f"{upper}/root/etc/group", _group(uid, gid)),
-        ]
+        if seed:
+            mkdir(f"{upper}/root/etc")
+            ops += [
+                p.WriteFile(f"{upper}/root/etc/passwd", _passwd(uid, gid)),
+                p.WriteFile(f"{upper}/root/etc/group", _group(uid, gid)),
+            ]
     else:
         lower = os.path.realpath(spec.root)
         if not os.path.isdir(lower):
             raise NotFoundError(f"root directory {spec.root} does not exist: unpack an image there or use --root host")
-        ops += [p.Mkdir(f"{upper}/root/{d}") for d in ("proc", "dev")]
-        ops.append(p.Mkdir(f"{upper}/root/tmp", 0o1777))
-        if os.path.isdir(os.path.join(lower, "etc")) and not os.path.islink(os.path.join(lower, "etc")):
-            ops.append(p.Mkdir(f"{upper}/root/etc"))
-    if any(isinstance(o, p.Mkdir) and o.path == f"{upper}/root/etc" for o in ops):
+        for d in ("proc", "dev"):
+            mkdir(f"{upper}/root/{d}")
+        mkdir(f"{upper}/root/tmp", 0o1777)
+        if seed and os.path.isdir(os.path.join(lower, "etc")) and not os.path.islink(os.path.join(lower, "etc")):
+            mkdir(f"{upper}/root/etc")
+    if seed and os.path.isdir(f"{upper}/root/etc") or any(
+            isinstance(o, p.Mkdir) and o.path == f"{upper}/root/etc" for o in ops):
         ops += [p.WriteFile(f"{upper}/root/etc/hosts", _hosts(spec.hostname)),
                 p.WriteFile(f"{upper}/root/etc/hostname", (spec.hostname + "\n").encode())]
-    if uid != 0 and spec.root == "host":
-        ops += [p.Mkdir(f"{upper}/root/home"), p.Mkdir(f"{upper}/root/home/user", 0o755, uid, gid)]
+    if uid != 0 and spec.root == "host" and seed:
+        mkdir(f"{upper}/root/home")
+        mkdir(f"{upper}/root/home/user", 0o755, uid, gid)
     # As root the lower layers the host's root owns are idmapped into the sandbox's user
     # namespace, so the sandbox's root may change (copy up) them, e.g. /usr. An image
-    # already owned by silo's id range is used as it is.
-    layers = f"{scratch}/l"
+    # already owned by silo's id range is used as it is, and so are a workspace's own
+    # layers (written by the sandbox: its ids already).
+    attach = f"{scratch}/l"
     idmap_root = h.is_root and os.stat(lower).st_uid == 0
     if h.is_root:
-        ops.append(p.Mkdir(layers))
+        ops.append(p.Mkdir(attach))
     if idmap_root:
-        ops.append(p.Mkdir(f"{layers}/root"))
-    ops.append(p.Overlay(root, (lower,), f"{upper}/root", f"{work}/root",
-                         idmapped=(f"{layers}/root",) if idmap_root else ()))
+        ops.append(p.Mkdir(f"{attach}/root"))
+
+    def overlay(target: str, name: str, base: str, idmapped: bool) -> None:
+        own = lowers_of(name)
+        ops.append(p.Overlay(target, (*own, base), f"{upper}/{name}", f"{work}/{name}",
+                             idmapped=(*("",) * len(own), f"{attach}/{name}") if idmapped else ()))
+
+    overlay(root, "root", lower, idmap_root)
     if spec.root == "host":
         for name, real in hostmod.system_dirs():
             if real:
-                ops += [p.Mkdir(f"{upper}/{name}"), p.Mkdir(f"{work}/{name}")]
+                mkdir(f"{upper}/{name}")
+                mkdir(f"{work}/{name}")
                 if h.is_root:
-                    ops.append(p.Mkdir(f"{layers}/{name}"))
-                ops.append(p.Overlay(f"{root}/{name}", (f"/{name}",), f"{upper}/{name}", f"{work}/{name}",
-                                     idmapped=(f"{layers}/{name}",) if h.is_root else ()))
+                    ops.append(p.Mkdir(f"{attach}/{name}"))
+                overlay(f"{root}/{name}", name, f"/{name}", h.is_root)
     ops.append(p.Proc(f"{root}/proc"))
     # A fresh procfs shows what the host's shows: mask only what exists here.
     ops += [p.Mask(f"{root}/proc/{name}") for name in PROC_MASKED if os.path.lexists(f"/proc/{name}")]

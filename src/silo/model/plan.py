@@ -69,8 +69,9 @@ class Overlay:
     the sandbox a read-only clone of each lower layer idmapped into the sandbox's user
     namespace (host root's files appear as the sandbox root's, so it can change them:
     the overlay copies them up, the host's stay untouched), attached there and used
-    as the layer instead. Root-run sandboxes only: an unprivileged caller cannot
-    idmap the host's filesystems.
+    as the layer instead; an empty attach point leaves that layer as it is (a
+    workspace's own frozen layers, already owned by the sandbox's ids). Root-run
+    sandboxes only: an unprivileged caller cannot idmap the host's filesystems.
     """
 
     target: str

@@ -712,8 +712,11 @@ class WorkspaceRecord:
     snapshots: tuple[Snapshot, ...] = ()
     template: str | None = None
     error: str | None = None
+    owner: int = 0  # the host uid that created it: only it (and root) may see or touch it
 
     def __post_init__(self) -> None:
+        if not isinstance(self.owner, int) or isinstance(self.owner, bool) or not 0 <= self.owner < 1 << 32:
+            raise SpecError(f"bad owner {self.owner!r}: a host uid")
         if self.template is not None:
             parse_name(self.template, "template name")
         tags = [s.tag for s in self.snapshots]
@@ -734,13 +737,14 @@ class WorkspaceRecord:
             "snapshots": [{"tag": s.tag, "created": s.created} for s in self.snapshots],
             "template": self.template,
             "error": self.error,
+            "owner": self.owner,
         }
 
     @classmethod
     def from_dict(cls, untrusted: object) -> WorkspaceRecord:
         """Validate record data read back from disk; FieldError names the bad key."""
         top = _read_table(untrusted, (), ("format", "spec", "state", "created", "updated", "snapshots",
-                                         "template", "error"), "the record")
+                                         "template", "error", "owner"), "the record")
         version = top.get("format")
         if version != RECORD_FORMAT:
             raise FieldError(("format",), f"record format {version!r} is not {RECORD_FORMAT}: "
@@ -767,7 +771,8 @@ class WorkspaceRecord:
         template = _optional_str(top, "template")
         try:
             return cls(spec=spec, state=state, created=_time(top, "created", ()), updated=_time(top, "updated", ()),
-                       snapshots=tuple(snapshots), template=template, error=_optional_str(top, "error"))
+                       snapshots=tuple(snapshots), template=template, error=_optional_str(top, "error"),
+                       owner=top.get("owner", 0))  # type: ignore[arg-type]  # checked by __post_init__
         except SpecError as e:
             raise FieldError((), e.message) from None
 

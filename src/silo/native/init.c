@@ -5,6 +5,9 @@
  *                                         environment we were given)
  *   silo-init --wait FD                   a warm sandbox: wait on the SOCK_SEQPACKET
  *                                         socket FD for the command, then run it
+ *   silo-init --idle FD                   a workspace's PID 1: no command of its own;
+ *                                         reap what the workspace's execs leave behind
+ *                                         until SIGTERM, then stop them (see idle())
  *
  * FD is silo-setup's channel to the spawner in both modes: "init-error CODE MESSAGE"
  * goes there if the command cannot be started (127: not found, 126: not executable),
@@ -194,6 +197,36 @@ static int exit_code(int status) {
     return 125;
 }
 
+/* A workspace's PID 1. Its commands arrive through joins (silo-setup --join), each
+ * under its own silo-init --run outside this pid namespace; orphans are reparented
+ * here and reaped. SIGTERM (or SIGINT, SIGHUP) stops the workspace: every other
+ * process gets SIGTERM, and we exit once none is left (the daemon sends SIGKILL
+ * after its stop timeout; our exit makes the kernel kill whatever remains). */
+static int idle(int chan) {
+    sigset_t all;
+    sigfillset(&all);
+    close(chan); /* the daemon sees the end of the channel: the workspace is up */
+    int stopping = 0;
+    for (;;) {
+        siginfo_t info;
+        struct timespec tick = {.tv_sec = stopping ? 0 : 5, .tv_nsec = stopping ? 100000000 : 0};
+        int sig = sigtimedwait(&all, &info, &tick);
+        if (sig == SIGTERM || sig == SIGINT || sig == SIGHUP) {
+            if (!stopping)
+                kill(-1, SIGTERM);
+            stopping = 1;
+        }
+        for (;;) {
+            int status;
+            pid_t pid = waitpid(-1, &status, WNOHANG);
+            if (pid < 0 && errno == ECHILD && stopping)
+                return 0;
+            if (pid <= 0)
+                break;
+        }
+    }
+}
+
 int main(int argc, char **argv) {
     extern char **environ;
     int chan = -1;
@@ -212,6 +245,10 @@ int main(int argc, char **argv) {
         sigdelset(&all, synchronous[k]);
     sigprocmask(SIG_SETMASK, &all, NULL);
 
+    if (argc == 3 && strcmp(argv[1], "--idle") == 0) {
+        prctl(PR_SET_NAME, "silo-init", 0, 0, 0);
+        return idle(atoi(argv[2]));
+    }
     if (argc >= 3 && strcmp(argv[1], "--wait") == 0) {
         chan = atoi(argv[2]);
         prctl(PR_SET_NAME, "silo-warm", 0, 0, 0);
@@ -224,7 +261,7 @@ int main(int argc, char **argv) {
         cmd = argv + 4;
         resolve(chan, cmd[0], envp, path, sizeof path);
     } else {
-        die("usage: silo-init --run FD -- ARGV0 [ARG...] | silo-init --wait FD");
+        die("usage: silo-init --run FD -- ARGV0 [ARG...] | silo-init --wait FD | silo-init --idle FD");
     }
 
     signal(SIGTTIN, SIG_IGN);
@@ -235,11 +272,18 @@ int main(int argc, char **argv) {
     if (pipe2(report, O_CLOEXEC) < 0)
         die("pipe: %s", strerror(errno));
 
+    int pid1 = getpid() == 1;
     pid_t child = fork();
     if (child < 0)
         fail(chan, 125, "cannot start %s: fork: %s", cmd[0], strerror(errno));
     if (child == 0) {
         close(report[0]);
+        /* Joined into a running workspace (we are not its PID 1): the command dies
+         * with its relay, which the daemon kills on timeouts and disconnects. What the
+         * command leaves running in the background is reparented to the workspace's
+         * init and lives on, as it would after 'docker exec'. */
+        if (!pid1)
+            prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
         setpgid(0, 0);
         if (isatty(STDIN_FILENO))
             tcsetpgrp(STDIN_FILENO, getpgrp()); /* Ctrl-C on a -t terminal reaches the command */

@@ -65,7 +65,7 @@
 #define LAST_CAP 40
 #define MAX_SCRIPT (16 << 20)
 
-#define MAX_LAYERS 64
+#define MAX_LAYERS 128
 
 static int tracing;
 static int err_fd = -1;
@@ -476,8 +476,12 @@ static void run_op(struct reader *r) {
         if (nidmapped != 0 && nidmapped != nlower)
             internal("malformed setup script (overlay idmapped layers)");
         for (long long i = 0; i < nidmapped; i++) {
-            /* the spawner's read-only clone of lower[i], idmapped into our user namespace */
+            /* the spawner's read-only clone of lower[i], idmapped into our user namespace;
+             * an empty attach point: lower[i] is used as it is (a workspace's own layers,
+             * already owned by the sandbox's ids) */
             const char *attach = str(r);
+            if (!attach[0])
+                continue;
             if (next_layer >= n_layers)
                 internal("sandbox setup failed at overlay %s: the spawner sent too few idmapped layers", target);
             if (k_move_mount(layer_fds[next_layer++], attach) < 0)
@@ -725,8 +729,9 @@ static void trace_main(const char *file, char **args) {
 int main(int argc, char **argv) {
     if (argc >= 3 && strcmp(argv[1], "--trace") == 0)
         trace_main(argv[2], argv + 3);
-    if (argc < 8 || argc > 9)
-        internal("usage: silo-setup SYNC ERR IN OUT ERRFD INIT SCRIPT [--warm] | silo-setup --trace FILE [ARG...]");
+    if (argc < 8 || argc > 10)
+        internal("usage: silo-setup SYNC ERR IN OUT ERRFD INIT SCRIPT [--warm | --join PIDFD] | "
+                 "silo-setup --trace FILE [ARG...]");
     /* What spawn.c raised to carry the user namespace's capabilities across the exec:
      * nothing of it may reach the command (the app level keeps no capability set). */
     struct __user_cap_header_struct cap_header = {.version = _LINUX_CAPABILITY_VERSION_3};
@@ -740,6 +745,12 @@ int main(int argc, char **argv) {
     err_fd = move_fd(atoi(argv[2]));
     int stdio[3] = {move_fd(atoi(argv[3])), move_fd(atoi(argv[4])), move_fd(atoi(argv[5]))};
     int warm = argc == 9 && strcmp(argv[8], "--warm") == 0;
+    /* --join: a command for a running workspace, whose init's pidfd this is; the
+     * script then has no operations, and we enter the workspace's namespaces instead
+     * of building new ones. */
+    int join_fd = argc == 10 && strcmp(argv[8], "--join") == 0 ? move_fd(atoi(argv[9])) : -1;
+    if (argc == 10 && join_fd < 0)
+        internal("usage: silo-setup ... --join PIDFD");
     for (int i = 0; i < 3; i++)
         if (dup2(stdio[i], i) < 0)
             internal("dup2: %s", strerror(errno));
@@ -766,6 +777,17 @@ int main(int argc, char **argv) {
     close(sync_fd);
     if (idmapped_layers)
         receive_layers(idmapped_layers);
+    if (join_fd >= 0) {
+        /* SECURITY: all of the workspace's namespaces at once (the user namespace
+         * first); the pid namespace holds our children only, so silo-init --run
+         * below stays outside it, invisible to the workspace, and relays the
+         * command's status and signals. The spawner has put us in the workspace's
+         * cgroup before releasing us. */
+        if (setns(join_fd, CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS |
+                               CLONE_NEWNET | CLONE_NEWCGROUP) < 0)
+            user_error("cannot enter the workspace: %s (did it stop?)", strerror(errno));
+        close(join_fd);
+    }
 
     if (user_ns) {
         if (use_setgroups && setgroups(0, NULL) < 0)
@@ -893,9 +915,11 @@ int main(int argc, char **argv) {
             char *init_argv[] = {"silo-init", "--wait", chan, NULL};
             char *const empty[] = {NULL};
             syscall(SYS_execveat, init_fd, "", init_argv, empty, AT_EMPTY_PATH);
+        } else if (nargs == 0) {
+            /* a workspace: silo-init waits as its PID 1, its commands join later */
+            char *init_argv[] = {"silo-init", "--idle", chan, NULL};
+            syscall(SYS_execveat, init_fd, "", init_argv, envp, AT_EMPTY_PATH);
         } else {
-            if (nargs < 1)
-                internal("malformed setup script (no command)");
             cmd[0] = "silo-init";
             cmd[1] = "--run";
             cmd[2] = chan;

@@ -142,3 +142,43 @@ def start(plan: p.Plan, stdio: tuple[int, int, int], init_fd: int, setup_fd: int
     finally:
         os.close(sync_w)
     return Started(pid, pidfd, err_r)
+
+
+def join(target: int, plan: p.Plan, stdio: tuple[int, int, int], init_fd: int, setup_fd: int, bpf: bytes | None,
+         cgroup: CgroupLike | None) -> Started:
+    """Start ``plan``'s command inside the running workspace whose init's pidfd is ``target``.
+
+    ``plan`` comes from :func:`silo.engine.planner.plan_join` (no operations). silo-setup
+    enters every namespace of the workspace (``--join``), takes the command's identity
+    and hardening, and execs ``silo-init --run`` outside the workspace's pid namespace,
+    which forks the command into it and relays its status and signals. The returned
+    pid is that relay's; ``err_fd`` works as for :func:`start`.
+    """
+    script_fd = _memfd("silo-setup-script", script.encode(plan, bpf))
+    sync_r, sync_w = os.pipe2(os.O_CLOEXEC)
+    err_sock_r, err_sock_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    err_r, err_w = err_sock_r.detach(), err_sock_w.detach()
+    fds = (sync_r, err_w, *stdio, init_fd, script_fd, target)
+    argv = [b"silo-setup", *(b"%d" % fd for fd in fds[:-1]), b"--join", b"%d" % target]
+    try:
+        pid = sysk.spawn(0, setup_fd, argv, fds, False)
+    except OSError:
+        for fd in (script_fd, sync_r, sync_w, err_r, err_w):
+            os.close(fd)
+        raise
+    os.close(script_fd)
+    os.close(sync_r)
+    os.close(err_w)
+    try:
+        if cgroup is not None:
+            cgroup.add(pid)
+        pidfd = os.pidfd_open(pid)
+        os.write(sync_w, b"g")
+    except BaseException:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(err_r)
+        raise
+    finally:
+        os.close(sync_w)
+    return Started(pid, pidfd, err_r)

@@ -112,7 +112,8 @@ def encode(plan: p.Plan, bpf: bytes | None) -> bytes:
 
 def idmapped_layers(plan: p.Plan) -> list[str]:
     """The lower layers the spawner idmaps for the sandbox, in the order it consumes them."""
-    return [lower for op in plan.ops if isinstance(op, p.Overlay) and op.idmapped for lower in op.lower]
+    return [lower for op in plan.ops if isinstance(op, p.Overlay)
+            for lower, attach in zip(op.lower, op.idmapped, strict=False) if attach]
 
 
 def go_message(argv: tuple[str, ...], env: tuple[tuple[str, str], ...]) -> bytes:

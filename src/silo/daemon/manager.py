@@ -1,0 +1,637 @@
+"""The workspaces one daemon owns: their lifecycle, storage, execs and supervision.
+
+Every operation takes the caller's uid (``peer``, from the socket's peer credentials):
+a workspace belongs to the uid that created it, and only that uid or root can see or
+touch it (another user's workspace is reported as not existing). The state check of
+each verb is :func:`silo.model.workspace.require`; the state is persisted by the
+:class:`~silo.store.records.Store` on every transition; the layers are the
+:class:`~silo.store.layers.Storage`'s.
+
+Crash safety comes mostly from where things live. A workspace's mounts exist only in
+its own mount namespace and its processes in its own pid namespace, whose init dies
+with the daemon (``PDEATHSIG``); so a SIGKILLed daemon leaves no mount or process
+behind, and the next one finds each record that says ``running`` with nothing behind
+it, kills any straggler named by its pid file, removes its cgroup and writes the
+truthful state (``stopped``, with the reason) before it starts anything again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from silo.daemon.runtime import Process, Runtime
+from silo.engine import host as hostmod
+from silo.engine import planner
+from silo.model import plan as p
+from silo.model.errors import (
+    InternalError,
+    NotFoundError,
+    PermissionDenied,
+    SpecError,
+    UserError,
+    WorkspaceExists,
+)
+from silo.model.spec import User
+from silo.model.workspace import (
+    RestartPolicy,
+    State,
+    WorkspaceRecord,
+    WorkspaceSpec,
+    parse_name,
+    require,
+)
+from silo.store.layers import Storage
+from silo.store.records import Store
+
+log = logging.getLogger("silod")
+
+OUTPUT_CAP = 16 << 20  # bytes of stdout/stderr a captured exec keeps (the rest is read and dropped)
+LOG_CAP = 8 << 20  # a workspace's log is cut to its last half beyond this, at start
+STOP_TIMEOUT = 10.0
+RESTART_BACKOFF = (1.0, 2.0, 5.0, 10.0, 30.0)
+
+
+@dataclass
+class Running:
+    proc: Process
+    plan: p.Plan
+    started: float
+    stopping: bool = False
+    supervisor: asyncio.Task[None] | None = None
+
+
+def _starttime(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    return data[data.rindex(b")") + 2:].split()[19].decode()
+
+
+class Manager:
+    def __init__(self, state_dir: str, run_dir: str, runtime: Runtime) -> None:
+        self.state_dir = state_dir
+        self.run_dir = run_dir
+        self.runtime = runtime
+        self.store = Store(state_dir)
+        self.host = hostmod.host()
+        owner = (self.host.idmap_base, self.host.idmap_base) if self.host.is_root else None
+        self.storage = Storage(state_dir, owner)
+        self.running: dict[str, Running] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._pids = os.path.join(run_dir, "workspaces")
+        os.makedirs(self._pids, mode=0o700, exist_ok=True)
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # -- helpers ---------------------------------------------------------------------
+
+    def lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
+
+    def _background(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def record(self, peer: int, name: str) -> WorkspaceRecord:
+        """``name``'s record if ``peer`` may see it; else the same error as a missing one."""
+        parse_name(name)
+        try:
+            record = self.store.load(name)
+        except NotFoundError:
+            record = None
+        if record is None or (peer != 0 and record.owner != peer):
+            raise NotFoundError(f"no workspace named {name!r}: see 'silo ls'")
+        return record
+
+    def log_path(self, record: WorkspaceRecord) -> str:
+        if record.spec.disposable:  # nothing of a disposable workspace is written to disk
+            return os.path.join(self.run_dir, "logs", f"{record.name}.log")
+        return os.path.join(self.store.workspace_dir(record.name), "log")
+
+    def _log(self, record: WorkspaceRecord, message: str) -> None:
+        path = self.log_path(record)
+        with contextlib.suppress(OSError):
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+            with open(path, "a") as f:
+                f.write(f"[silo {stamp}] {message}\n")
+
+    def info(self, record: WorkspaceRecord, *, usage: bool = False) -> dict[str, Any]:
+        run = self.running.get(record.name)
+        snaps: list[dict[str, Any]] = []
+        with contextlib.suppress(UserError):
+            snaps = [{"tag": s.tag, "created": s.created} for s in self.storage.snapshots(record.name)]
+        private = None
+        if usage:
+            with contextlib.suppress(UserError, OSError):
+                private = self.storage.usage(record.name)
+        return {"name": record.name, "state": record.state.value, "spec": record.spec.to_dict(),
+                "owner": record.owner, "created": record.created, "updated": record.updated,
+                "error": record.error, "pid": run.proc.pid if run else None, "template": record.template,
+                "snapshots": snaps, "private_bytes": private}
+
+    def _check_sources(self, peer: int, spec: WorkspaceSpec) -> None:
+        """A non-root caller of a root daemon maps only what it owns (the daemon reads as root)."""
+        for mount in spec.mounts:
+            if not os.path.exists(mount.source):
+                raise NotFoundError(f"mount source {mount.source} does not exist: create it or fix the path")
+            if peer != 0 and os.stat(mount.source).st_uid != peer:
+                raise PermissionDenied(f"cannot map {mount.source}: it is not yours (uid {peer})")
+        if spec.root.startswith("/"):
+            if not os.path.isdir(spec.root):
+                raise NotFoundError(f"root directory {spec.root} does not exist: unpack an image there or "
+                                    "use --root host")
+            if peer != 0 and os.stat(spec.root).st_uid != peer:
+                raise PermissionDenied(f"cannot use {spec.root} as a root: it is not yours (uid {peer})")
+
+    # -- listing ---------------------------------------------------------------------
+
+    def list(self, peer: int) -> list[WorkspaceRecord]:
+        records, _corrupt = self.store.load_all()
+        return sorted((r for r in records if peer == 0 or r.owner == peer), key=lambda r: r.name)
+
+    # -- create / remove -------------------------------------------------------------
+
+    async def create(self, peer: int, data: object) -> WorkspaceRecord:
+        spec = WorkspaceSpec.from_dict(data)
+        self._check_sources(peer, spec)
+        template = spec.template
+        base = spec.root
+        if template is not None:
+            base = self.storage.template(template).base
+        async with self.lock(spec.name):
+            now = time.time()
+            record = WorkspaceRecord(spec=spec, state=State.CREATED, created=now, updated=now,
+                                     template=template, owner=peer)
+            self.store.create(record)  # claims the name, or WorkspaceExists
+            try:
+                await asyncio.to_thread(self.storage.create, spec.name, base, template)
+            except BaseException:
+                self.store.delete(spec.name)
+                raise
+            self._log(record, "created")
+            return record
+
+    async def remove(self, peer: int, name: str, force: bool) -> None:
+        record = self.record(peer, name)
+        if force and record.state in (State.RUNNING, State.PAUSED):
+            await self.stop(peer, name, STOP_TIMEOUT)
+            record = self.record(peer, name)
+        async with self.lock(name):
+            record = self.record(peer, name)
+            require("rm", name, record.state)
+            await asyncio.to_thread(self.storage.remove, name)
+            with contextlib.suppress(OSError):
+                os.unlink(self.log_path(record))
+            self.store.delete(name)
+            self._locks.pop(name, None)
+
+    # -- start / stop ----------------------------------------------------------------
+
+    def _plan(self, record: WorkspaceRecord) -> p.Plan:
+        stack = self.storage.stack(record.name)
+        spec = record.spec.sandbox_spec(root=stack.base)
+        if record.spec.disposable:
+            layers = planner.Layers(lowers=stack.lowers)
+        else:
+            layers = planner.Layers(upper=stack.upper, work=stack.work, lowers=stack.lowers)
+        return planner.plan_workspace(spec, layers)
+
+    async def start(self, peer: int, name: str) -> WorkspaceRecord:
+        async with self.lock(name):
+            record = self.record(peer, name)
+            require("start", name, record.state)
+            return await self._start(record)
+
+    async def _start(self, record: WorkspaceRecord) -> WorkspaceRecord:
+        name = record.name
+        plan = self._plan(record)
+        path = self.log_path(record)
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        with contextlib.suppress(OSError):
+            if os.path.getsize(path) > LOG_CAP:
+                with open(path, "rb") as f:
+                    f.seek(-LOG_CAP // 2, os.SEEK_END)
+                    tail = f.read()
+                with open(path, "wb") as f:
+                    f.write(tail)
+        log_fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            proc = await self.runtime.start_init(name, plan, log_fd)
+        except BaseException as e:
+            self._log(record, f"start failed: {getattr(e, 'message', e)}")
+            raise
+        finally:
+            os.close(log_fd)
+        run = Running(proc, plan, time.time())
+        self.running[name] = run
+        self._write_pid(name, proc.pid)
+        try:
+            record = self.store.transition(name, State.RUNNING, error=None)
+        except BaseException:
+            self.running.pop(name, None)
+            await self.runtime.stop(proc, 0)
+            self._remove_pid(name)
+            raise
+        self._log(record, f"started (init pid {proc.pid})")
+        run.supervisor = asyncio.get_running_loop().create_task(self._supervise(name, run))
+        if record.spec.on_start:
+            self._background(self._on_start(record, run))
+        return record
+
+    async def _on_start(self, record: WorkspaceRecord, run: Running) -> None:
+        assert record.spec.on_start is not None
+        log_fd = os.open(self.log_path(record), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            plan = planner.plan_join(run.plan, record.spec.on_start)
+            proc = await self.runtime.join(run.proc, plan, (null, log_fd, log_fd))
+        except UserError as e:
+            self._log(record, f"on_start failed: {e.message}")
+            return
+        finally:
+            os.close(log_fd)
+            os.close(null)
+        code = await proc.exited
+        proc.close()
+        self._log(record, f"on_start exited with {code}")
+
+    async def _supervise(self, name: str, run: Running) -> None:
+        """Notice an init that exits on its own: record it, restart it by policy."""
+        code = await run.proc.exited
+        if run.stopping:
+            return
+        async with self.lock(name):
+            if self.running.get(name) is not run:
+                return
+            del self.running[name]
+            run.proc.close()
+            if run.proc.cgroup is not None:
+                run.proc.cgroup.kill()
+                run.proc.cgroup.destroy()
+            self._remove_pid(name)
+            try:
+                record = self.store.transition(name, State.STOPPED, error=f"its init exited with {code}")
+            except UserError:
+                return
+            self._log(record, f"init exited with {code}")
+        policy = record.spec.restart
+        if policy is RestartPolicy.ALWAYS or (policy is RestartPolicy.ON_FAILURE and code != 0):
+            healthy = time.time() - run.started > 60
+            attempt = 0 if healthy else getattr(run, "attempt", 0) + 1
+            await asyncio.sleep(RESTART_BACKOFF[min(attempt, len(RESTART_BACKOFF) - 1)])
+            async with self.lock(name):
+                try:
+                    record = self.store.load(name)
+                except UserError:
+                    return
+                if record.state is not State.STOPPED:
+                    return
+                try:
+                    await self._start(record)
+                except UserError as e:
+                    self.store.update(name, error=f"restart failed: {e.message}")
+                    return
+                new = self.running.get(name)
+                if new is not None:
+                    new.attempt = attempt  # type: ignore[attr-defined]
+
+    async def stop(self, peer: int, name: str, timeout: float | None) -> WorkspaceRecord:
+        async with self.lock(name):
+            record = self.record(peer, name)
+            require("stop", name, record.state)
+            return await self._stop(record, STOP_TIMEOUT if timeout is None else timeout)
+
+    async def _stop(self, record: WorkspaceRecord, timeout: float) -> WorkspaceRecord:
+        name = record.name
+        run = self.running.pop(name, None)
+        if run is not None:
+            run.stopping = True
+            code = await self.runtime.stop(run.proc, timeout)
+            self._log(record, f"stopped (init exited with {code})")
+        self._remove_pid(name)
+        return self.store.transition(name, State.STOPPED, error=None)
+
+    async def restart(self, peer: int, name: str) -> WorkspaceRecord:
+        async with self.lock(name):
+            record = self.record(peer, name)
+            require("restart", name, record.state)
+            if record.state in (State.RUNNING, State.PAUSED):
+                record = await self._stop(record, STOP_TIMEOUT)
+            return await self._start(record)
+
+    async def shutdown(self) -> None:
+        """The daemon is stopping: stop every running workspace (truthfully recorded)."""
+        for name in list(self.running):
+            with contextlib.suppress(Exception):
+                async with self.lock(name):
+                    record = self.store.load(name)
+                    await self._stop(record, 3.0)
+        for task in list(self._tasks):
+            task.cancel()
+        self.store.close()
+
+    # -- crash recovery --------------------------------------------------------------
+
+    def _write_pid(self, name: str, pid: int) -> None:
+        path = os.path.join(self._pids, name)
+        with open(path + ".tmp", "w") as f:
+            f.write(f"{pid} {_starttime(pid)}\n")
+        os.replace(path + ".tmp", path)
+
+    def _remove_pid(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(self._pids, name))
+
+    def _kill_straggler(self, name: str) -> None:
+        path = os.path.join(self._pids, name)
+        try:
+            with open(path) as f:
+                pid_text, start = f.read().split()
+            pid = int(pid_text)
+        except (OSError, ValueError):
+            return
+        if _starttime(pid) == start:  # the same process, not a reused pid
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            for _ in range(100):
+                if _starttime(pid) != start:
+                    break
+                time.sleep(0.01)
+        self._remove_pid(name)
+
+    async def recover(self) -> None:
+        """Bring every record to the truth after a previous daemon's end (or crash)."""
+        await asyncio.to_thread(self.storage.recover)
+        records, corrupt = self.store.load_all()
+        for bad in corrupt:
+            log.error("%s", bad.message)
+        restart = []
+        for record in records:
+            self._kill_straggler(record.name)
+            if record.state in (State.RUNNING, State.PAUSED):
+                self.store.transition(record.name, State.STOPPED,
+                                      error="the daemon stopped while it ran, and its processes with it")
+                self._log(record, "stopped: the daemon stopped while it ran")
+                if record.spec.restart is RestartPolicy.ALWAYS:
+                    restart.append(record.name)
+        for name in os.listdir(self._pids):
+            if not os.path.exists(os.path.join(self.state_dir, "workspaces", name)):
+                self._kill_straggler(name)
+        with contextlib.suppress(Exception):
+            self.runtime.cgroups().sweep()
+        for name in restart:
+            async with self.lock(name):
+                record = self.store.load(name)
+                try:
+                    await self._start(record)
+                except UserError as e:
+                    self.store.update(name, error=f"restart failed: {e.message}")
+        self._background(asyncio.to_thread(self.storage.empty_trash))
+
+    # -- exec ------------------------------------------------------------------------
+
+    def running_of(self, peer: int, name: str) -> Running:
+        record = self.record(peer, name)
+        require("exec", name, record.state, disposable=record.spec.disposable)
+        run = self.running.get(name)
+        if run is None:
+            raise InternalError(f"workspace {name!r} is recorded as running but has no init")
+        return run
+
+    def join_plan(self, run: Running, argv: Sequence[str], env: Mapping[str, str] | None, workdir: str | None,
+                  user: str | None, tty: bool = False, term: str | None = None) -> p.Plan:
+        uid = gid = None
+        if user is not None:
+            u = User.parse(user) if user != "root" else User(0, 0)
+            uid, gid = u.uid, u.gid
+        if workdir is not None and not workdir.startswith("/"):
+            raise SpecError(f"bad working directory {workdir!r}: give an absolute path")
+        return planner.plan_join(run.plan, argv, env=tuple((env or {}).items()), cwd=workdir, uid=uid, gid=gid,
+                                 tty=tty, term=term)
+
+    async def exec_captured(self, peer: int, name: str, argv: Sequence[str], env: Mapping[str, str] | None,
+                            workdir: str | None, user: str | None, stdin: bytes,
+                            timeout: float | None) -> dict[str, Any]:
+        run = self.running_of(peer, name)
+        plan = self.join_plan(run, argv, env, workdir, user)
+        stdin_fd = os.memfd_create("silo-stdin", os.MFD_CLOEXEC)
+        out_r, out_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        err_r, err_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        os.set_blocking(out_w, True)
+        os.set_blocking(err_w, True)
+        try:
+            if stdin:
+                os.write(stdin_fd, stdin)
+                os.lseek(stdin_fd, 0, os.SEEK_SET)
+            proc = await self.runtime.join(run.proc, plan, (stdin_fd, out_w, err_w))
+        except BaseException:
+            for fd in (out_r, err_r):
+                os.close(fd)
+            raise
+        finally:
+            for fd in (stdin_fd, out_w, err_w):
+                os.close(fd)
+        outs = [bytearray(), bytearray()]
+        loop = asyncio.get_running_loop()
+        done = [loop.create_future(), loop.create_future()]
+
+        def reader(fd: int, i: int) -> None:
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:
+                return
+            if not chunk:
+                loop.remove_reader(fd)
+                if not done[i].done():
+                    done[i].set_result(None)
+                return
+            if len(outs[i]) < OUTPUT_CAP:
+                outs[i] += chunk[:OUTPUT_CAP - len(outs[i])]
+
+        loop.add_reader(out_r, reader, out_r, 0)
+        loop.add_reader(err_r, reader, err_r, 1)
+        try:
+            try:
+                code = await asyncio.wait_for(asyncio.shield(proc.exited), timeout)
+            except TimeoutError:
+                code = await self.runtime.kill(proc)
+            # The command's stdio may live on in what it left in the background.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*done), 0.5)
+        finally:
+            for fd in (out_r, err_r):
+                loop.remove_reader(fd)
+                os.close(fd)
+            proc.close()
+        return {"exit_code": code, "stdout": base64.b64encode(bytes(outs[0])).decode(),
+                "stderr": base64.b64encode(bytes(outs[1])).decode()}
+
+    # -- files -----------------------------------------------------------------------
+
+    async def copier(self, peer: int, name: str, mode: str, path: str) -> tuple[asyncio.subprocess.Process, Any]:
+        """The copy helper joined to the workspace (see :mod:`silo.backends.process.copier`)."""
+        from silo.backends.process import copier
+
+        record = self.record(peer, name)
+        require("cp", name, record.state, disposable=record.spec.disposable)
+        if not path.startswith("/") or "\0" in path:
+            raise SpecError(f"bad path {path!r} in the workspace: give an absolute path")
+        run = self.running.get(name)
+        plan = run.plan if run is not None else self._plan(record)
+        return await copier.start(mode, path, run.proc if run is not None else None, plan, self.runtime)
+
+    # -- storage verbs ---------------------------------------------------------------
+
+    async def _quiet(self, peer: int, name: str, verb: str) -> WorkspaceRecord:
+        record = self.record(peer, name)
+        require(verb, name, record.state, disposable=record.spec.disposable)
+        return record
+
+    async def snapshot(self, peer: int, name: str, tag: str | None) -> dict[str, Any]:
+        async with self.lock(name):
+            record = await self._quiet(peer, name, "snapshot")
+            snap = await asyncio.to_thread(self.storage.snapshot, name, tag)
+            self._log(record, f"snapshot {snap.tag}")
+            return {"tag": snap.tag, "created": snap.created}
+
+    def snapshots(self, peer: int, name: str) -> list[dict[str, Any]]:
+        self.record(peer, name)
+        return [{"tag": s.tag, "created": s.created} for s in self.storage.snapshots(name)]
+
+    async def delete_snapshot(self, peer: int, name: str, tag: str) -> None:
+        async with self.lock(name):
+            self.record(peer, name)
+            await asyncio.to_thread(self.storage.delete_snapshot, name, tag)
+
+    async def restore(self, peer: int, name: str, tag: str) -> WorkspaceRecord:
+        async with self.lock(name):
+            record = await self._quiet(peer, name, "restore")
+            await asyncio.to_thread(self.storage.restore, name, tag)
+            self._log(record, f"restored snapshot {tag}")
+            return self.store.update(name)
+
+    async def reset(self, peer: int, name: str) -> WorkspaceRecord:
+        async with self.lock(name):
+            record = await self._quiet(peer, name, "reset")
+            await asyncio.to_thread(self.storage.reset, name)
+            self._log(record, "reset")
+            return self.store.update(name)
+
+    async def fork(self, peer: int, name: str, new_name: str) -> WorkspaceRecord:
+        parse_name(new_name)
+        async with self.lock(name), self.lock(new_name):
+            record = await self._quiet(peer, name, "fork")
+            spec = WorkspaceSpec.from_dict({**record.spec.to_dict(), "name": new_name})
+            now = time.time()
+            new = WorkspaceRecord(spec=spec, state=State.CREATED, created=now, updated=now,
+                                  template=record.template, owner=peer)
+            self.store.create(new)
+            try:
+                await asyncio.to_thread(self.storage.fork, name, new_name)
+            except BaseException:
+                self.store.delete(new_name)
+                raise
+            self._log(new, f"forked from {name}")
+            return new
+
+    async def diff(self, peer: int, name: str) -> list[dict[str, str]]:
+        self.record(peer, name)
+        changes = await asyncio.to_thread(self.storage.diff, name)
+        return [{"kind": c.kind, "path": c.path} for c in changes]
+
+    def logs(self, peer: int, name: str, tail: int | None) -> str:
+        record = self.record(peer, name)
+        try:
+            with open(self.log_path(record), "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return ""
+        text = data.decode("utf-8", "replace")
+        if tail is not None:
+            text = "".join(text.splitlines(keepends=True)[-tail:]) if tail > 0 else ""
+        return text
+
+    # -- templates -------------------------------------------------------------------
+
+    async def create_template(self, peer: int, tname: str, source: str) -> dict[str, Any]:
+        parse_name(tname, "template name")
+        async with self.lock(source):
+            await self._quiet(peer, source, "template-create")
+            info = await asyncio.to_thread(self.storage.create_template, tname, source)
+        return template_info(info)
+
+    def templates(self) -> list[dict[str, Any]]:
+        return [template_info(t) for t in self.storage.templates()]
+
+    async def remove_template(self, tname: str) -> None:
+        parse_name(tname, "template name")
+        await asyncio.to_thread(self.storage.remove_template, tname)
+
+    # -- export / import -------------------------------------------------------------
+
+    async def export(self, peer: int, name: str) -> AsyncIterator[bytes]:
+        from silo.store import archive
+
+        record = await self._quiet(peer, name, "export")
+        r, w = os.pipe2(os.O_CLOEXEC)
+        spec = record.spec.to_dict()
+
+        def produce() -> None:
+            with open(w, "wb") as out:
+                archive.export(self.storage, name, spec, out)
+
+        loop = asyncio.get_running_loop()
+        producer = loop.run_in_executor(None, produce)
+
+        async def stream() -> AsyncIterator[bytes]:
+            with open(r, "rb", buffering=0) as src:
+                while True:
+                    chunk = await loop.run_in_executor(None, src.read, 1 << 20)
+                    if not chunk:
+                        break
+                    yield chunk
+            await producer
+
+        return stream()
+
+    async def import_(self, peer: int, path: str, name: str | None) -> WorkspaceRecord:
+        from silo.store import archive
+
+        if name is not None:
+            parse_name(name)
+
+        def run() -> tuple[str, dict[str, Any]]:
+            with open(path, "rb") as src:
+                return archive.import_(self.storage, src, name)
+
+        new_name, spec_data = await asyncio.to_thread(run)
+        try:
+            spec = WorkspaceSpec.from_dict(spec_data, name=new_name)
+            self._check_sources(peer, spec)
+            now = time.time()
+            record = WorkspaceRecord(spec=spec, state=State.CREATED, created=now, updated=now, owner=peer)
+            self.store.create(record)
+        except BaseException:
+            await asyncio.to_thread(self.storage.remove, new_name)
+            raise
+        self._log(record, "imported")
+        return record
+
+
+def template_info(t: Any) -> dict[str, Any]:
+    return {"name": t.name, "base": t.base, "from": t.source, "created": t.created, "layers": len(t.layers)}
+
+
+__all__ = ["Manager", "Running", "WorkspaceExists"]
