@@ -60,6 +60,7 @@ static const char PY_CODE[] = "import sys; sys.path.insert(0, sys.argv.pop(1)); 
 extern char **environ;
 
 static int g_argc;
+static int exec_mode; /* `silo exec`: silod's exec.sock, plain-text replies */
 static char **g_argv;
 
 /* ---- exits ----------------------------------------------------------------------- */
@@ -846,6 +847,14 @@ static void forward_signals(struct session *s)
                 copy_winsize(s->master);
             continue;
         }
+        if (exec_mode) {
+            char text[32];
+            int len = snprintf(text, sizeof text, "signal %d", (int)si.ssi_signo);
+            if (send(s->sock, text, (size_t)len, MSG_NOSIGNAL) < 0) {
+                /* the daemon is gone: the socket says so next */
+            }
+            continue;
+        }
         out.len = 0;
         out_tuple(3);
         out_cstr("signal");
@@ -969,10 +978,199 @@ static void __attribute__((noreturn)) run(int argc, char **argv)
     }
 }
 
+/* ---- `silo exec`: silod's streamed exec (docs/api.md, "Streamed exec") ------------- */
+
+static void out_field(const char *key, const char *value)
+{
+    out_put(key, strlen(key) + 1);
+    out_put(value, strlen(value) + 1);
+}
+
+/* paths.exec_socket() */
+static int exec_socket(char *dst, size_t size)
+{
+    const char *dir = getenv("SILO_DAEMON_DIR");
+    char base[4096];
+    if (dir != NULL && *dir != '\0')
+        return join(dst, size, dir, "exec.sock");
+    if (geteuid() == 0 && (getenv("SILO_RUNTIME_DIR") == NULL || *getenv("SILO_RUNTIME_DIR") == '\0'))
+        return join(dst, size, "/run/silod", "exec.sock");
+    if (runtime_dir(base, sizeof base) != 0)
+        return -1;
+    return join(dst, size, base, "exec.sock");
+}
+
+/* "started PID", "pty" + the master, "exit CODE", "error CLASS MESSAGE" */
+static void on_exec_reply(struct session *s)
+{
+    static char buf[8192];
+    union {
+        char buf[CMSG_SPACE(4 * sizeof(int))];
+        struct cmsghdr align;
+    } ctl;
+    struct iovec iov = {buf, sizeof buf - 1};
+    struct msghdr m = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = ctl.buf, .msg_controllen = sizeof ctl.buf};
+    ssize_t n;
+    do
+        n = recvmsg(s->sock, &m, MSG_CMSG_CLOEXEC);
+    while (n < 0 && errno == EINTR);
+    int fd = -1;
+    if (n >= 0)
+        for (struct cmsghdr *c = CMSG_FIRSTHDR(&m); c != NULL; c = CMSG_NXTHDR(&m, c))
+            if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS)
+                for (size_t i = 0; i < (c->cmsg_len - CMSG_LEN(0)) / sizeof(int); i++) {
+                    int got;
+                    memcpy(&got, CMSG_DATA(c) + i * sizeof(int), sizeof got);
+                    if (fd == -1)
+                        fd = got;
+                    else
+                        close(got);
+                }
+    if (n <= 0) {
+        restore_tty();
+        die(EXIT_SILO, "silod went away; the command was killed");
+    }
+    buf[n] = '\0';
+    if (n == 3 && memcmp(buf, "pty", 3) == 0 && fd >= 0 && s->master < 0) {
+        attach(s, fd);
+        return;
+    }
+    if (fd != -1)
+        close(fd);
+    if (strncmp(buf, "exit ", 5) == 0) {
+        drain(s);
+        restore_tty();
+        exit(atoi(buf + 5));
+    }
+    if (strncmp(buf, "error ", 6) == 0) {
+        char *cls = buf + 6, *message = strchr(cls, ' ');
+        if (message != NULL)
+            *message++ = '\0';
+        int code = strcmp(cls, "CommandNotFound") == 0 ? 127 : strcmp(cls, "CommandNotExecutable") == 0 ? 126 : EXIT_SILO;
+        restore_tty();
+        die_text(code, "", message ? message : "error", message ? strlen(message) : 5);
+    }
+    /* "started PID": keep waiting */
+}
+
+static void __attribute__((noreturn)) exec_cmd(int argc, char **argv)
+{
+    int tty = 0, interactive = 0, i = 0;
+    const char *workdir = NULL, *user = NULL;
+    char *envs[256];
+    int nenv = 0;
+    for (; i < argc && argv[i][0] == '-' && argv[i][1] != '\0'; i++) {
+        const char *a = argv[i];
+        if (strcmp(a, "--") == 0)
+            fallback(); /* no name before '--': let the Python CLI explain */
+        if (strcmp(a, "-t") == 0 || strcmp(a, "--tty") == 0)
+            tty = 1;
+        else if (strcmp(a, "-i") == 0 || strcmp(a, "--interactive") == 0)
+            interactive = 1;
+        else if (strcmp(a, "-it") == 0 || strcmp(a, "-ti") == 0)
+            tty = interactive = 1;
+        else if ((strcmp(a, "-e") == 0 || strcmp(a, "--env") == 0) && i + 1 < argc && nenv < 256
+                 && strchr(argv[i + 1], '=') != NULL && argv[i + 1][0] != '=')
+            envs[nenv++] = argv[++i];
+        else if ((strcmp(a, "-w") == 0 || strcmp(a, "--workdir") == 0) && i + 1 < argc)
+            workdir = argv[++i];
+        else if ((strcmp(a, "-u") == 0 || strcmp(a, "--user") == 0) && i + 1 < argc)
+            user = argv[++i];
+        else
+            fallback(); /* --help, a bad option, anything unusual: the Python CLI */
+    }
+    if (i >= argc)
+        fallback();
+    const char *name = argv[i++];
+    if (i < argc && strcmp(argv[i], "--") == 0)
+        i++;
+    if (i >= argc)
+        fallback();
+    for (int fd = 0; fd < 3; fd++)
+        if (fcntl(fd, F_GETFD) < 0)
+            die(EXIT_SILO, "file descriptor %d (standard %s) is closed", fd,
+                fd == 0 ? "input" : fd == 1 ? "output" : "error");
+    char path[4096];
+    struct sockaddr_un addr = {.sun_family = AF_UNIX};
+    if (exec_socket(path, sizeof path) != 0 || strlen(path) >= sizeof addr.sun_path)
+        fallback();
+    memcpy(addr.sun_path, path, strlen(path) + 1);
+    int sock = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+    if (sock < 0 || connect(sock, (struct sockaddr *)&addr, sizeof addr) < 0)
+        fallback(); /* no daemon yet: the Python CLI starts it */
+    exec_mode = 1;
+    out.len = 0;
+    out_field("name", name);
+    for (; i < argc; i++)
+        out_field("arg", argv[i]);
+    for (int k = 0; k < nenv; k++)
+        out_field("env", envs[k]);
+    if (workdir)
+        out_field("workdir", workdir);
+    if (user)
+        out_field("user", user);
+    if (tty) {
+        out_field("tty", "1");
+        if (getenv("TERM"))
+            out_field("term", getenv("TERM"));
+    }
+    if (out.too_big)
+        die(EXIT_SILO, "the command line is too large (over %d bytes)", MAX_MESSAGE);
+    int null = -1;
+    if (!interactive) {
+        null = open("/dev/null", O_RDONLY | O_CLOEXEC);
+        if (null < 0 || dup2(null, 0) < 0)
+            die(EXIT_SILO, "/dev/null: %s", strerror(errno));
+        close(null);
+    }
+    sigset_t set;
+    sigemptyset(&set);
+    for (size_t k = 0; k < sizeof FORWARD / sizeof *FORWARD; k++)
+        sigaddset(&set, FORWARD[k]);
+    sigaddset(&set, SIGWINCH);
+    sigprocmask(SIG_BLOCK, &set, NULL);
+    signal(SIGPIPE, SIG_IGN);
+    static struct session s;
+    s.sock = sock;
+    s.master = -1;
+    s.sigfd = signalfd(-1, &set, SFD_NONBLOCK | SFD_CLOEXEC);
+    if (s.sigfd < 0)
+        die(EXIT_SILO, "signalfd: %s", strerror(errno));
+    if (send_out(sock, 1) != 0)
+        die(EXIT_SILO, "cannot send the request to silod: %s", strerror(errno));
+    for (;;) {
+        struct pollfd p[4] = {{sock, POLLIN, 0}, {s.sigfd, POLLIN, 0}};
+        int n = 2, at_master = -1, at_stdin = -1;
+        if (s.master >= 0) {
+            at_master = n;
+            p[n++] = (struct pollfd){s.master, (short)(POLLIN | (s.in_len ? POLLOUT : 0)), 0};
+        }
+        if (s.stdin_open && interactive && s.in_len == 0) {
+            at_stdin = n;
+            p[n++] = (struct pollfd){0, POLLIN, 0};
+        }
+        if (poll(p, (nfds_t)n, -1) < 0) {
+            if (errno == EINTR)
+                continue;
+            die(EXIT_SILO, "poll: %s", strerror(errno));
+        }
+        if (p[1].revents)
+            forward_signals(&s);
+        if (at_master >= 0 && p[at_master].revents && s.master >= 0)
+            pump_master(&s, p[at_master].revents);
+        if (at_stdin >= 0 && p[at_stdin].revents && s.stdin_open)
+            pump_stdin(&s);
+        if (p[0].revents)
+            on_exec_reply(&s);
+    }
+}
+
 int main(int argc, char **argv)
 {
     g_argc = argc;
     g_argv = argv;
+    if (argc >= 2 && strcmp(argv[1], "exec") == 0)
+        exec_cmd(argc - 2, argv + 2);
     if (argc < 2 || strcmp(argv[1], "run") != 0
         || (argc > 2 && (strcmp(argv[2], "-h") == 0 || strcmp(argv[2], "--help") == 0)))
         fallback();
