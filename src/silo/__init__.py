@@ -12,6 +12,8 @@ TYPE_CHECKING = False
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncClient",
+    "Client",
     "CommandNotExecutable",
     "CommandNotFound",
     "InternalError",
@@ -22,12 +24,20 @@ __all__ = [
     "PermissionDenied",
     "PrivilegeError",
     "ProtocolError",
+    "ExecResult",
+    "MockTransport",
     "Result",
     "Sandbox",
     "SiloError",
     "Spec",
     "SpecError",
+    "Template",
+    "Transport",
     "UserError",
+    "Workspace",
+    "WorkspaceExists",
+    "WorkspaceInfo",
+    "WorkspaceStateError",
     "__version__",
 ]
 
@@ -37,6 +47,14 @@ _LAZY = {
     "Spec": "silo.model.spec",
     "Mount": "silo.model.spec",
     "Isolation": "silo.model.spec",
+    "Client": "silo.sdk.client",
+    "AsyncClient": "silo.sdk.client",
+    "Workspace": "silo.sdk.client",
+    "WorkspaceInfo": "silo.sdk.client",
+    "Template": "silo.sdk.client",
+    "ExecResult": "silo.sdk.client",
+    "Transport": "silo.sdk.transport",
+    "MockTransport": "silo.sdk.transport",
 }
 
 if TYPE_CHECKING:
@@ -54,9 +72,13 @@ if TYPE_CHECKING:
         SiloError,
         SpecError,
         UserError,
+        WorkspaceExists,
+        WorkspaceStateError,
     )
     from silo.model.spec import Isolation, Mount, Spec
+    from silo.sdk.client import AsyncClient, Client, ExecResult, Template, Workspace, WorkspaceInfo
     from silo.sdk.sandbox import Result, Sandbox
+    from silo.sdk.transport import MockTransport, Transport
 
 
 def __getattr__(name: str) -> Any:

@@ -23,6 +23,8 @@ from silo.model import errors
 SRC = Path(__file__).resolve().parents[2] / "src"
 
 CURATED = [
+    "AsyncClient",
+    "Client",
     "CommandNotExecutable",
     "CommandNotFound",
     "InternalError",
@@ -33,12 +35,20 @@ CURATED = [
     "PermissionDenied",
     "PrivilegeError",
     "ProtocolError",
+    "ExecResult",
+    "MockTransport",
     "Result",
     "Sandbox",
     "SiloError",
     "Spec",
     "SpecError",
+    "Template",
+    "Transport",
     "UserError",
+    "Workspace",
+    "WorkspaceExists",
+    "WorkspaceInfo",
+    "WorkspaceStateError",
     "__version__",
 ]
 
@@ -66,12 +76,12 @@ def test_every_public_name_resolves(name: str) -> None:
 
 def test_error_classes_are_the_model_tree() -> None:
     for name in CURATED:
-        if name.endswith("Error") or name.startswith(("Command", "Limit", "Permission")):
+        if name.endswith("Error") or name.startswith(("Command", "Limit", "Permission", "WorkspaceExists")):
             cls = getattr(silo, name)
             assert cls is getattr(errors, name)
             assert issubclass(cls, silo.SiloError)
     for name in ("SpecError", "NotFoundError", "LimitUnavailable", "PrivilegeError", "CommandNotFound",
-                 "CommandNotExecutable"):
+                 "CommandNotExecutable", "WorkspaceStateError", "WorkspaceExists"):
         assert issubclass(getattr(silo, name), silo.UserError)
     assert silo.CommandNotFound.exit_code == 127
     assert silo.CommandNotExecutable.exit_code == 126
