@@ -7,20 +7,36 @@ serves every other verb, and ``run --help``. Errors print one line and exit 125
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
+from collections.abc import Callable
 from typing import NoReturn
 
 from silo.model.errors import SiloError
 
-USAGE = """usage: silo <command> [options]
+USAGE = """usage: silo <command> [options]   ('silo <command> --help' for its options)
 
-commands:
-  run     run a command in a fresh sandbox (see 'silo run --help')
-  plan    print the operations 'silo run' would execute, without running anything
-  diff    list what an app-level run kept with --keep DIR changed
-  server  stop | status: the per-user server behind 'silo run'
-  version print silo's version
+one-shot sandboxes:
+  run        run a command in a fresh sandbox (see 'silo run --help')
+  plan       print the operations 'silo run' would execute, without running anything
+  diff DIR   list what an app-level run kept with --keep DIR changed
+  server     stop | status: the per-user server behind 'silo run'
+
+workspaces (kept by the silod daemon, started on first use):
+  create     create a workspace: silo create NAME [-f silo.toml] [options]
+  start, stop, restart, rm NAME...
+  ls         list workspaces (--json, --quiet)
+  inspect    print a workspace as JSON
+  exec       run a command in a running workspace: silo exec NAME -- CMD...
+  cp         copy files: silo cp HOSTPATH NAME:PATH | silo cp NAME:PATH HOSTPATH
+  snapshot, snapshots, restore, reset, fork
+  diff NAME  list what a workspace changed
+  template   create TNAME --from NAME | ls | rm TNAME
+  export, import, logs
+  completion bash | zsh: print a shell completion script
+
+  version    print silo's version
 """
 
 
@@ -53,13 +69,16 @@ def cmd_plan(argv: list[str]) -> None:
         print(line)
 
 
-def cmd_diff(argv: list[str]) -> None:
+def cmd_diff(argv: list[str]) -> int | None:
+    """``silo diff NAME`` (a workspace); ``silo diff DIR`` for a ``--keep`` directory: an
+    argument with a '/' that names an existing directory."""
+    if len(argv) != 1 or "/" not in argv[0] or not os.path.isdir(argv[0]):
+        return _workspaces("diff", argv)
     from silo.cli.diff import changes
 
-    if len(argv) != 1 or argv[0].startswith("-"):
-        _fail("usage: silo diff DIR (a directory given to 'silo run --isolation app --keep DIR')")
     for kind, path in changes(os.path.abspath(argv[0])):
         print(f"{kind} {path}")
+    return None
 
 
 def cmd_server(argv: list[str]) -> None:
@@ -85,7 +104,27 @@ def cmd_server(argv: list[str]) -> None:
         print("stopping (running sandboxes finish first)")
 
 
-COMMANDS = {"run": cmd_run, "plan": cmd_plan, "diff": cmd_diff, "server": cmd_server}
+def _workspaces(verb: str, argv: list[str]) -> int | None:
+    from silo.cli import workspaces  # httpx and rich only for the verbs that need them
+
+    return workspaces.run(verb, argv)
+
+
+def cmd_completion(argv: list[str]) -> None:
+    from silo.cli.completion import script
+
+    if len(argv) != 1 or argv[0] not in ("bash", "zsh"):
+        _fail("usage: silo completion bash|zsh (then: source <(silo completion bash))")
+    print(script(argv[0], sorted(COMMANDS)), end="")
+
+
+_WORKSPACE_VERBS = ("create", "start", "stop", "restart", "rm", "ls", "inspect", "exec", "cp", "snapshot",
+                    "snapshots", "restore", "reset", "fork", "template", "export", "import", "logs")
+
+COMMANDS: dict[str, Callable[[list[str]], int | None]] = {
+    "run": cmd_run, "plan": cmd_plan, "diff": cmd_diff, "server": cmd_server, "completion": cmd_completion,
+    **{verb: functools.partial(_workspaces, verb) for verb in _WORKSPACE_VERBS},
+}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -102,13 +141,15 @@ def main(argv: list[str] | None = None) -> None:
     if command is None:
         _fail(f"unknown command {argv[0]!r}: run 'silo --help' for the list")
     try:
-        command(argv[1:])
+        code = command(argv[1:])
     except SiloError as e:
         _fail(e.message, e.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
     except BrokenPipeError:
         sys.exit(141)
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,467 @@
+"""The workspace verbs of ``silo`` (create, start, exec, cp, snapshot, ...): a thin client
+of :class:`silo.sdk.client.Client`. Each verb parses its argv, makes SDK calls, prints.
+
+Output: listings are rich tables on stdout, or one JSON array with ``--json`` (and
+nothing else); progress bars and spinners go to stderr, only when it is a terminal.
+Errors are :class:`SiloError`\\ s, printed as one line by :func:`silo.cli.main.main`.
+
+The client: every verb gets its :class:`Client` from :data:`make_client`, a module-level
+factory. Tests (and embedders) replace it, e.g. to serve a :class:`silo.MockTransport`::
+
+    monkeypatch.setattr(silo.cli.workspaces, "make_client", lambda: Client(transport=mock))
+
+This module is imported only when one of its verbs runs: ``silo run`` and ``silo
+version`` never pay for httpx or rich.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import IO, Any, NoReturn, TextIO
+
+from silo.model.errors import NotFoundError, SiloError, SpecError, UserError
+from silo.model.spec import parse_env_entry, parse_env_file
+from silo.model.workspace import parse_name
+from silo.sdk.client import Client, Progress, Workspace, WorkspaceInfo
+
+
+def _default_client() -> Client:
+    return Client()
+
+
+make_client: Callable[[], Client] = _default_client
+"""The factory every verb gets its client from (replace it to inject a transport)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are SpecErrors (one line, exit 125); ``-h`` exits 0."""
+
+    def error(self, message: str) -> NoReturn:
+        raise SpecError(f"{message}; see '{self.prog} --help'")
+
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
+        if message:
+            sys.stderr.write(message)
+        raise SystemExit(status)
+
+
+def _parser(verb: str, description: str, names: str | None = "NAME") -> _Parser:
+    ps = _Parser(prog=f"silo {verb}", description=description, allow_abbrev=False)
+    if names == "NAME":
+        ps.add_argument("name", metavar="NAME")
+    elif names == "NAME...":
+        ps.add_argument("names", metavar="NAME", nargs="+")
+    return ps
+
+
+def _with(ps: _Parser, *arguments: tuple[tuple[str, ...], dict[str, Any]]) -> _Parser:
+    """``ps`` with more arguments: ``(("--tail",), {"type": int})``."""
+    for flags, options in arguments:
+        ps.add_argument(*flags, **options)
+    return ps
+
+
+def _print_json(value: object) -> None:
+    print(json.dumps(value, indent=2))
+
+
+# -- formatting ----------------------------------------------------------------------------
+
+
+def relative_time(then: float, now: float | None = None) -> str:
+    """``12 seconds ago``, ``3 minutes ago``, ``2 days ago``."""
+    seconds = max(0, int((time.time() if now is None else now) - then))
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size:
+            count = seconds // size
+            return f"{count} {unit}{'s' if count != 1 else ''} ago"
+    return "just now" if seconds < 2 else f"{seconds} seconds ago"
+
+
+def human_size(size: int) -> str:
+    """``0 B``, ``4.0 KiB``, ``1.5 GiB``."""
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*row)
+    Console(soft_wrap=False).print(table)
+
+
+@contextlib.contextmanager
+def _progress(label: str) -> Iterator[Progress | None]:
+    """A byte progress bar on stderr when it is a terminal; the callback for the SDK."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
+
+    with Progress(*Progress.get_default_columns(), DownloadColumn(), TransferSpeedColumn(),
+                  console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(label, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
+@contextlib.contextmanager
+def _spinner(label: str) -> Iterator[None]:
+    if not sys.stderr.isatty():
+        yield
+        return
+    from rich.console import Console
+
+    with Console(stderr=True).status(label):
+        yield
+
+
+# -- create --------------------------------------------------------------------------------
+
+
+def _create_parser() -> _Parser:
+    ps = _parser("create", "Create a workspace (it is not started).", names=None)
+    ps.add_argument("name", metavar="NAME", nargs="?", help="required unless the spec file names it")
+    ps.add_argument("-f", "--file", metavar="FILE", help="a silo.toml spec; the options below override it")
+    ps.add_argument("--isolation", help="process (default) or app (NOT a security boundary)")
+    ps.add_argument("--root", metavar="host|DIR|TEMPLATE", help="host (default), an image directory or a template")
+    ps.add_argument("--disposable", action="store_true", default=None, help="keep changes in RAM: gone on stop")
+    ps.add_argument("-v", "--volume", action="append", default=[], metavar="HOST:GUEST[:ro]")
+    ps.add_argument("-e", "--env", action="append", default=[], metavar="K=V")
+    ps.add_argument("--env-file", action="append", default=[], metavar="FILE")
+    ps.add_argument("--memory", metavar="SIZE")
+    ps.add_argument("--cpus", metavar="N")
+    ps.add_argument("--pids", metavar="N")
+    ps.add_argument("--on-start", metavar="CMD", help="a shell command (sh -c) run each time it starts")
+    ps.add_argument("--restart", metavar="no|on-failure|always")
+    ps.add_argument("-w", "--workdir", metavar="DIR")
+    ps.add_argument("-u", "--user", metavar="UID[:GID]")
+    ps.add_argument("--hostname")
+    return ps
+
+
+def _env(entries: Sequence[str], files: Sequence[str] = ()) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for f in files:
+        try:
+            with open(f, encoding="utf-8") as fh:
+                env.update(parse_env_file(fh.read(), f))
+        except OSError as e:
+            raise SpecError(f"cannot read --env-file {f}: {e.strerror}") from None
+    env.update(parse_env_entry(entry) for entry in entries)
+    return env
+
+
+def _abs_volume(volume: str) -> str:
+    host, sep, rest = volume.partition(":")
+    return f"{os.path.abspath(host)}{sep}{rest}" if host and sep and not host.startswith("/") else volume
+
+
+def _root(root: str | None) -> str | None:
+    """``host`` and template names as given; a directory (has '/' or starts with '.') made absolute."""
+    if root is None or root == "host" or ("/" not in root and not root.startswith(".")):
+        return root
+    path = os.path.abspath(root)
+    if not os.path.isdir(path):
+        raise NotFoundError(f"root directory {root} does not exist: unpack an image there, use --root host "
+                            "or a template name")
+    return path
+
+
+def cmd_create(ns: argparse.Namespace) -> None:
+    if ns.name is None and ns.file is None:
+        raise SpecError("give the workspace a name, like 'silo create web', or a spec file with -f")
+    with make_client() as client:
+        ws = client.create(ns.name, file=ns.file, isolation=ns.isolation, root=_root(ns.root),
+                           disposable=ns.disposable, mounts=[_abs_volume(v) for v in ns.volume],
+                           env=_env(ns.env, ns.env_file), memory=ns.memory, cpus=ns.cpus, pids=ns.pids,
+                           on_start=None if ns.on_start is None else ["sh", "-c", ns.on_start],
+                           restart=ns.restart, workdir=ns.workdir, user=ns.user, hostname=ns.hostname)
+    print(ws.name)
+
+
+# -- verbs on one or more names ------------------------------------------------------------
+
+
+def _each(names: Sequence[str], act: Callable[[Workspace], object]) -> int:
+    """``act`` on every name; a failure is reported and the rest still done (exit code of the last)."""
+    code = 0
+    with make_client() as client:
+        for name in names:
+            try:
+                act(Workspace(client, parse_name(name)))
+                print(name)
+            except SiloError as e:
+                print(f"silo: {e.message}", file=sys.stderr)
+                code = e.exit_code
+    return code
+
+
+# -- listings ------------------------------------------------------------------------------
+
+
+def _info_row(info: WorkspaceInfo) -> list[str]:
+    return [info.name, info.state.value, info.spec.isolation.value, info.spec.root, relative_time(info.created),
+            human_size(info.private_bytes)]
+
+
+def cmd_ls(ns: argparse.Namespace) -> None:
+    with make_client() as client:
+        infos = client.list()
+    if ns.json:
+        _print_json([info.to_dict() for info in infos])
+    elif ns.quiet:
+        for info in infos:
+            print(info.name)
+    else:
+        _table(["NAME", "STATE", "ISOLATION", "ROOT", "CREATED", "PRIVATE SIZE"], [_info_row(i) for i in infos])
+
+
+def cmd_inspect(ns: argparse.Namespace) -> None:
+    with make_client() as client:
+        _print_json(Workspace(client, parse_name(ns.name)).info().to_dict())
+
+
+def cmd_snapshots(ns: argparse.Namespace) -> None:
+    with make_client() as client:
+        snaps = Workspace(client, parse_name(ns.name)).snapshots()
+    if ns.json:
+        _print_json([{"tag": s.tag, "created": s.created} for s in snaps])
+    else:
+        _table(["TAG", "CREATED"], [[s.tag, relative_time(s.created)] for s in snaps])
+
+
+def cmd_diff(ns: argparse.Namespace) -> None:
+    with make_client() as client:
+        changes = Workspace(client, parse_name(ns.name)).diff()
+    if ns.json:
+        _print_json([{"kind": c.kind, "path": c.path} for c in changes])
+    else:
+        _table(["KIND", "PATH"], [[c.kind[0].upper(), c.path] for c in changes])
+
+
+# -- exec ----------------------------------------------------------------------------------
+
+
+def run_exec(client: Client, name: str, argv: Sequence[str], *, env: dict[str, str], workdir: str | None,
+             user: str | None, interactive: bool, tty: bool) -> int:
+    """Run ``argv`` in workspace ``name`` for ``silo exec``; the command's exit code.
+
+    This is the captured path (HTTP exec: stdin read whole with ``-i``, output printed
+    when the command ends). The streamed path (``exec.sock``, docs/api.md) replaces
+    this function when it exists; ``-t`` needs it.
+    """
+    if tty:
+        raise UserError("silo exec -t needs the streamed exec path (exec.sock), which this silo does not have "
+                        "yet: run without -t")
+    stdin = sys.stdin.buffer.read() if interactive else None
+    result = Workspace(client, name).exec(list(argv), env=env or None, workdir=workdir, user=user, stdin=stdin)
+    for stream, data in ((sys.stdout, result.stdout), (sys.stderr, result.stderr)):
+        stream.flush()
+        stream.buffer.write(data)
+        stream.buffer.flush()
+    return result.exit_code
+
+
+def _exec_parser() -> _Parser:
+    ps = _parser("exec", "Run a command in a running workspace; exits with its exit code.")
+    ps.add_argument("-t", "--tty", action="store_true", help="give the command a terminal")
+    ps.add_argument("-i", "--interactive", action="store_true", help="pass this terminal's stdin")
+    ps.add_argument("-e", "--env", action="append", default=[], metavar="K=V")
+    ps.add_argument("-w", "--workdir", metavar="DIR")
+    ps.add_argument("-u", "--user", metavar="UID[:GID]")
+    ps.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD...")
+    return ps
+
+
+def cmd_exec(ns: argparse.Namespace) -> int:
+    command = ns.command[1:] if ns.command[:1] == ["--"] else ns.command
+    if not command:
+        raise SpecError("no command given: add it after the name, like: silo exec web -- ls -l")
+    with make_client() as client:
+        return run_exec(client, parse_name(ns.name), command, env=_env(ns.env), workdir=ns.workdir, user=ns.user,
+                        interactive=ns.interactive, tty=ns.tty)
+
+
+# -- files, snapshots, copies --------------------------------------------------------------
+
+
+def _cp_side(arg: str) -> tuple[str, str] | None:
+    """``NAME:PATH`` as (name, path); None for a host path (absolute, ``./...`` or without ':')."""
+    if arg.startswith(("/", ".")) or ":" not in arg:
+        return None
+    name, _, path = arg.partition(":")
+    if not path.startswith("/"):
+        raise SpecError(f"bad path {arg!r}: a workspace path is absolute, like {name}:/etc/hosts")
+    return parse_name(name), path
+
+
+def _cp_parser() -> _Parser:
+    ps = _parser("cp", "Copy files between the host and a workspace (write a host path with ':' as ./a:b).",
+                 names=None)
+    ps.add_argument("source", metavar="HOSTPATH|NAME:PATH")
+    ps.add_argument("dest", metavar="NAME:PATH|HOSTPATH")
+    return ps
+
+
+def cmd_cp(ns: argparse.Namespace) -> None:
+    src, dst = _cp_side(ns.source), _cp_side(ns.dest)
+    if (src is None) == (dst is None):
+        raise SpecError("copy between the host and a workspace: silo cp HOSTPATH NAME:PATH or "
+                        "silo cp NAME:PATH HOSTPATH")
+    with make_client() as client:
+        if dst is not None:
+            Workspace(client, dst[0]).put(ns.source, dst[1])
+        elif src is not None:
+            Workspace(client, src[0]).get(src[1], ns.dest)
+
+
+def cmd_snapshot(ns: argparse.Namespace) -> None:
+    with make_client() as client:
+        print(Workspace(client, parse_name(ns.name)).snapshot(ns.tag).tag)
+
+
+def cmd_restore(ns: argparse.Namespace) -> None:
+    with make_client() as client:
+        Workspace(client, parse_name(ns.name)).restore(ns.tag)
+
+
+def cmd_reset(ns: argparse.Namespace) -> None:
+    with make_client() as client:
+        Workspace(client, parse_name(ns.name)).reset()
+
+
+def cmd_fork(ns: argparse.Namespace) -> None:
+    with make_client() as client:
+        print(Workspace(client, parse_name(ns.name)).fork(ns.new_name).name)
+
+
+def cmd_logs(ns: argparse.Namespace) -> None:
+    with make_client() as client:
+        sys.stdout.write(Workspace(client, parse_name(ns.name)).logs(ns.tail))
+
+
+# -- archives and templates ----------------------------------------------------------------
+
+
+def _stdio(path: str, stream: TextIO) -> IO[bytes] | str:
+    if path != "-":
+        return path
+    if stream.isatty():
+        raise SpecError("an archive is binary: redirect it to or from a file instead of the terminal")
+    return stream.buffer
+
+
+def cmd_export(ns: argparse.Namespace) -> None:
+    with make_client() as client, _progress(f"exporting {ns.name}") as progress:
+        Workspace(client, parse_name(ns.name)).export(_stdio(ns.file, sys.stdout), progress)
+
+
+def _import_parser() -> _Parser:
+    ps = _parser("import", "Make a workspace from an archive of 'silo export'; FILE '-' is stdin.", names=None)
+    ps.add_argument("file", metavar="FILE")
+    ps.add_argument("name", metavar="NAME", nargs="?", help="its name (default: the archive's)")
+    return ps
+
+
+def cmd_import(ns: argparse.Namespace) -> None:
+    with make_client() as client, _progress(f"importing {ns.file}") as progress:
+        print(client.import_(_stdio(ns.file, sys.stdin), ns.name, progress).name)
+
+
+def _template_parser() -> _Parser:
+    ps = _parser("template", "Manage templates: read-only bases made from workspaces.", names=None)
+    sub = ps.add_subparsers(dest="action", required=True, metavar="create|ls|rm", parser_class=_Parser)
+    create = sub.add_parser("create", help="make a template from a stopped workspace")
+    create.add_argument("tname", metavar="TNAME")
+    create.add_argument("--from", dest="source", required=True, metavar="NAME")
+    _with(sub.add_parser("ls", help="list templates"), _JSON)
+    sub.add_parser("rm", help="remove a template no workspace uses").add_argument("tname", metavar="TNAME")
+    return ps
+
+
+def cmd_template(ns: argparse.Namespace) -> None:
+    with make_client() as client:
+        if ns.action == "create":
+            with _spinner(f"making template {ns.tname} from {ns.source}"):
+                print(client.create_template(ns.tname, from_=ns.source).name)
+        elif ns.action == "rm":
+            client.remove_template(ns.tname)
+        elif ns.json:
+            _print_json([t.to_dict() for t in client.templates()])
+        else:
+            _table(["NAME", "BASE", "FROM", "CREATED", "LAYERS"],
+                   [[t.name, t.base, t.from_ or "", relative_time(t.created), str(t.layers)]
+                    for t in client.templates()])
+
+
+Parse = Callable[[], _Parser]
+Run = Callable[[argparse.Namespace], "int | None"]
+
+
+def _named(verb: str, description: str, *arguments: tuple[tuple[str, ...], dict[str, Any]]) -> Parse:
+    return lambda: _with(_parser(verb, description), *arguments)
+
+
+def _many(verb: str, description: str, *arguments: tuple[tuple[str, ...], dict[str, Any]]) -> Parse:
+    return lambda: _with(_parser(verb, description, "NAME..."), *arguments)
+
+
+_JSON = (("--json",), {"action": "store_true", "help": "print one JSON array and nothing else"})
+
+VERBS: dict[str, tuple[Parse, Run]] = {
+    "create": (_create_parser, cmd_create),
+    "start": (_many("start", "Start workspaces."), lambda ns: _each(ns.names, Workspace.start)),
+    "stop": (_many("stop", "Stop workspaces (SIGTERM, then SIGKILL after the timeout).",
+                   (("--timeout",), {"type": float, "metavar": "SECONDS", "help": "grace period before SIGKILL"})),
+             lambda ns: _each(ns.names, lambda ws: ws.stop(ns.timeout))),
+    "restart": (_many("restart", "Stop (when running) and start workspaces."),
+                lambda ns: _each(ns.names, Workspace.restart)),
+    "rm": (_many("rm", "Remove workspaces and everything they keep.",
+                 (("-f", "--force"), {"action": "store_true", "help": "stop a running workspace first"})),
+           lambda ns: _each(ns.names, lambda ws: ws.remove(force=ns.force))),
+    "ls": (lambda: _with(_parser("ls", "List workspaces.", names=None), _JSON,
+                         (("-q", "--quiet"), {"action": "store_true", "help": "print names only"})), cmd_ls),
+    "inspect": (_named("inspect", "Print a workspace as JSON (the API's Workspace object).",
+                       (("--json",), {"action": "store_true", "help": "the default (and only) format"})),
+                cmd_inspect),
+    "exec": (_exec_parser, cmd_exec),
+    "cp": (_cp_parser, cmd_cp),
+    "snapshot": (_named("snapshot", "Snapshot a stopped workspace's private layer; prints the tag.",
+                        (("tag",), {"metavar": "TAG", "nargs": "?"})), cmd_snapshot),
+    "snapshots": (_named("snapshots", "List a workspace's snapshots.", _JSON), cmd_snapshots),
+    "restore": (_named("restore", "Bring a stopped workspace back to a snapshot.", (("tag",), {"metavar": "TAG"})),
+                cmd_restore),
+    "reset": (_named("reset", "Drop every change of a stopped workspace."), cmd_reset),
+    "fork": (_named("fork", "Make a new workspace from a copy of a stopped one.",
+                    (("new_name",), {"metavar": "NEWNAME"})), cmd_fork),
+    "diff": (_named("diff", "List what a workspace changed (A added, C changed, D deleted).", _JSON), cmd_diff),
+    "template": (_template_parser, cmd_template),
+    "export": (_named("export", "Write a stopped workspace (spec and files) to an archive; FILE '-' is stdout.",
+                      (("file",), {"metavar": "FILE"})), cmd_export),
+    "import": (_import_parser, cmd_import),
+    "logs": (_named("logs", "Print a workspace's log (its init's and on_start's output, the daemon's notes).",
+                    (("--tail",), {"type": int, "metavar": "N", "help": "only the last N lines"})), cmd_logs),
+}
+
+
+def run(verb: str, argv: list[str]) -> int | None:
+    """Parse ``argv`` for ``verb`` and run it; the exit code, when not 0."""
+    parse, act = VERBS[verb]
+    return act(parse().parse_args(argv))
