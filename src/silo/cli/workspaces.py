@@ -23,12 +23,14 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import IO, Any, NoReturn, TextIO
+from typing import IO, Any, NoReturn, TextIO, TypeVar
 
 from silo.model.errors import NotFoundError, SiloError, SpecError, UserError
 from silo.model.spec import parse_env_entry, parse_env_file
 from silo.model.workspace import parse_name
 from silo.sdk.client import Client, Progress, Workspace, WorkspaceInfo
+
+T = TypeVar("T")
 
 
 def _default_client() -> Client:
@@ -221,39 +223,39 @@ def _info_row(info: WorkspaceInfo) -> list[str]:
             human_size(info.private_bytes)]
 
 
+def _on(ns: argparse.Namespace, act: Callable[[Workspace], T]) -> T:
+    """``act`` on the workspace ``ns.name`` (one request, no lookup first)."""
+    with make_client() as client:
+        return act(Workspace(client, parse_name(ns.name)))
+
+
+def _listing(ns: argparse.Namespace, items: Sequence[T], to_json: Callable[[T], object], columns: Sequence[str],
+             row: Callable[[T], list[str]]) -> None:
+    """``items`` as one JSON array with ``--json``, else as a table."""
+    if ns.json:
+        _print_json([to_json(item) for item in items])
+    else:
+        _table(columns, [row(item) for item in items])
+
+
 def cmd_ls(ns: argparse.Namespace) -> None:
     with make_client() as client:
         infos = client.list()
-    if ns.json:
-        _print_json([info.to_dict() for info in infos])
-    elif ns.quiet:
-        for info in infos:
-            print(info.name)
-    else:
-        _table(["NAME", "STATE", "ISOLATION", "ROOT", "CREATED", "PRIVATE SIZE"], [_info_row(i) for i in infos])
-
-
-def cmd_inspect(ns: argparse.Namespace) -> None:
-    with make_client() as client:
-        _print_json(Workspace(client, parse_name(ns.name)).info().to_dict())
+    if ns.quiet and not ns.json:
+        print("".join(f"{info.name}\n" for info in infos), end="")
+        return
+    _listing(ns, infos, WorkspaceInfo.to_dict, ["NAME", "STATE", "ISOLATION", "ROOT", "CREATED", "PRIVATE SIZE"],
+             _info_row)
 
 
 def cmd_snapshots(ns: argparse.Namespace) -> None:
-    with make_client() as client:
-        snaps = Workspace(client, parse_name(ns.name)).snapshots()
-    if ns.json:
-        _print_json([{"tag": s.tag, "created": s.created} for s in snaps])
-    else:
-        _table(["TAG", "CREATED"], [[s.tag, relative_time(s.created)] for s in snaps])
+    _listing(ns, _on(ns, Workspace.snapshots), lambda s: {"tag": s.tag, "created": s.created}, ["TAG", "CREATED"],
+             lambda s: [s.tag, relative_time(s.created)])
 
 
 def cmd_diff(ns: argparse.Namespace) -> None:
-    with make_client() as client:
-        changes = Workspace(client, parse_name(ns.name)).diff()
-    if ns.json:
-        _print_json([{"kind": c.kind, "path": c.path} for c in changes])
-    else:
-        _table(["KIND", "PATH"], [[c.kind[0].upper(), c.path] for c in changes])
+    _listing(ns, _on(ns, Workspace.diff), lambda c: {"kind": c.kind, "path": c.path}, ["KIND", "PATH"],
+             lambda c: [c.kind[0].upper(), c.path])
 
 
 # -- exec ----------------------------------------------------------------------------------
@@ -332,29 +334,8 @@ def cmd_cp(ns: argparse.Namespace) -> None:
             Workspace(client, src[0]).get(src[1], ns.dest)
 
 
-def cmd_snapshot(ns: argparse.Namespace) -> None:
-    with make_client() as client:
-        print(Workspace(client, parse_name(ns.name)).snapshot(ns.tag).tag)
-
-
-def cmd_restore(ns: argparse.Namespace) -> None:
-    with make_client() as client:
-        Workspace(client, parse_name(ns.name)).restore(ns.tag)
-
-
-def cmd_reset(ns: argparse.Namespace) -> None:
-    with make_client() as client:
-        Workspace(client, parse_name(ns.name)).reset()
-
-
-def cmd_fork(ns: argparse.Namespace) -> None:
-    with make_client() as client:
-        print(Workspace(client, parse_name(ns.name)).fork(ns.new_name).name)
-
-
 def cmd_logs(ns: argparse.Namespace) -> None:
-    with make_client() as client:
-        sys.stdout.write(Workspace(client, parse_name(ns.name)).logs(ns.tail))
+    sys.stdout.write(_on(ns, lambda ws: ws.logs(ns.tail)))
 
 
 # -- archives and templates ----------------------------------------------------------------
@@ -412,7 +393,7 @@ def cmd_template(ns: argparse.Namespace) -> None:
 
 
 Parse = Callable[[], _Parser]
-Run = Callable[[argparse.Namespace], "int | None"]
+Run = Callable[[argparse.Namespace], object]  # an int is the exit code; anything else means 0
 
 
 def _named(verb: str, description: str, *arguments: tuple[tuple[str, ...], dict[str, Any]]) -> Parse:
@@ -440,17 +421,19 @@ VERBS: dict[str, tuple[Parse, Run]] = {
                          (("-q", "--quiet"), {"action": "store_true", "help": "print names only"})), cmd_ls),
     "inspect": (_named("inspect", "Print a workspace as JSON (the API's Workspace object).",
                        (("--json",), {"action": "store_true", "help": "the default (and only) format"})),
-                cmd_inspect),
+                lambda ns: _print_json(_on(ns, Workspace.info).to_dict())),
     "exec": (_exec_parser, cmd_exec),
     "cp": (_cp_parser, cmd_cp),
     "snapshot": (_named("snapshot", "Snapshot a stopped workspace's private layer; prints the tag.",
-                        (("tag",), {"metavar": "TAG", "nargs": "?"})), cmd_snapshot),
+                        (("tag",), {"metavar": "TAG", "nargs": "?"})),
+                 lambda ns: print(_on(ns, lambda ws: ws.snapshot(ns.tag)).tag)),
     "snapshots": (_named("snapshots", "List a workspace's snapshots.", _JSON), cmd_snapshots),
     "restore": (_named("restore", "Bring a stopped workspace back to a snapshot.", (("tag",), {"metavar": "TAG"})),
-                cmd_restore),
-    "reset": (_named("reset", "Drop every change of a stopped workspace."), cmd_reset),
+                lambda ns: _on(ns, lambda ws: ws.restore(ns.tag))),
+    "reset": (_named("reset", "Drop every change of a stopped workspace."), lambda ns: _on(ns, Workspace.reset)),
     "fork": (_named("fork", "Make a new workspace from a copy of a stopped one.",
-                    (("new_name",), {"metavar": "NEWNAME"})), cmd_fork),
+                    (("new_name",), {"metavar": "NEWNAME"})),
+             lambda ns: print(_on(ns, lambda ws: ws.fork(ns.new_name)).name)),
     "diff": (_named("diff", "List what a workspace changed (A added, C changed, D deleted).", _JSON), cmd_diff),
     "template": (_template_parser, cmd_template),
     "export": (_named("export", "Write a stopped workspace (spec and files) to an archive; FILE '-' is stdout.",
@@ -464,4 +447,5 @@ VERBS: dict[str, tuple[Parse, Run]] = {
 def run(verb: str, argv: list[str]) -> int | None:
     """Parse ``argv`` for ``verb`` and run it; the exit code, when not 0."""
     parse, act = VERBS[verb]
-    return act(parse().parse_args(argv))
+    result = act(parse().parse_args(argv))
+    return result if type(result) is int else None
