@@ -16,13 +16,15 @@ import tarfile
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pytest
 
 import silo
 from silo.cli import workspaces
 from silo.cli.main import main
-from silo.model.workspace import State
+from silo.model.workspace import State, WorkspaceSpec
 from silo.sdk.client import Client
+from silo.sdk.transport import FakeWorkspace
 
 Run = Callable[..., tuple[int, str, str]]
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -246,3 +248,29 @@ def test_a_hostile_archive_is_one_line(cli: Run, mock: silo.MockTransport, tmp_p
     code, _, err = cli("cp", "web:/x", str(tmp_path))
     assert code == 125 and err.startswith("silo: refusing the archive from silod: x is a symlink to '/etc/shadow'")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_guest_chosen_text_cannot_style_or_split_output(cli: Run, mock: silo.MockTransport,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    cli("create", "web")
+    ws = mock.daemon.workspaces["web"]
+    ws.files["/tmp/[red]x"] = b"1"
+
+    def fail(w: object, body: object) -> tuple[int, bytes, bytes]:
+        raise silo.UserError("line one\nsilo: forged line \x1b[31m")
+
+    mock.daemon.exec_handler = fail
+    assert "/tmp/[red]x" in cli("diff", "web")[1]
+    cli("start", "web")
+    code, _, err = cli("exec", "web", "--", "x")
+    assert code == 125 and err == "silo: line one\\nsilo: forged line \\x1b[31m\n"
+
+
+def test_an_unmeasured_size_is_a_dash(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    record = silo.MockTransport().daemon
+    record.workspaces["web"] = FakeWorkspace(WorkspaceSpec(name="web"))
+    wire = {**record.workspaces["web"].to_wire(), "private_bytes": None}
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, json=[wire]))
+    monkeypatch.setattr(workspaces, "make_client", lambda: Client(transport=transport))
+    main(["ls"])
+    assert capsys.readouterr().out.splitlines()[1].split()[-1] == "-"

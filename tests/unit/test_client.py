@@ -300,6 +300,10 @@ def test_export_import_with_progress(client: Client, tmp_path: Path) -> None:
         client.import_(buf)  # its own name, taken
     with pytest.raises(SpecError, match="cannot open"):
         client.import_(tmp_path / "missing")
+    ws.start()
+    with pytest.raises(silo.WorkspaceStateError, match="cannot export 'web'"):
+        ws.export(tmp_path / "half.silo")
+    assert not (tmp_path / "half.silo").exists()  # no half-written archive left
 
 
 def test_templates(client: Client, mock: silo.MockTransport) -> None:

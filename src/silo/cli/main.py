@@ -40,8 +40,14 @@ workspaces (kept by the silod daemon, started on first use):
 """
 
 
+def error_line(message: str) -> str:
+    """``silo: MESSAGE`` as one line: newlines and other control characters escaped (a
+    daemon's message may quote a workspace's file names, which its guest chose)."""
+    return "silo: " + "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in message)
+
+
 def _fail(message: str, code: int = 125) -> NoReturn:
-    print(f"silo: {message}", file=sys.stderr)
+    print(error_line(message), file=sys.stderr)
     sys.exit(code)
 
 

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import IO, Any, NoReturn, TextIO, TypeVar
 
+from silo.cli.main import error_line
 from silo.model.errors import NotFoundError, SiloError, SpecError, UserError
 from silo.model.spec import parse_env_entry, parse_env_file
 from silo.model.workspace import parse_name
@@ -99,12 +100,13 @@ def human_size(size: int) -> str:
 def _table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(box=None, header_style="bold", pad_edge=False)
     for column in columns:
         table.add_column(column, overflow="fold")
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*(Text(cell) for cell in row))  # Text: a path like "[red]x" is not markup
     Console(soft_wrap=False).print(table)
 
 
@@ -210,7 +212,7 @@ def _each(names: Sequence[str], act: Callable[[Workspace], object]) -> int:
                 act(Workspace(client, parse_name(name)))
                 print(name)
             except SiloError as e:
-                print(f"silo: {e.message}", file=sys.stderr)
+                print(error_line(e.message), file=sys.stderr)
                 code = e.exit_code
     return code
 
@@ -219,8 +221,8 @@ def _each(names: Sequence[str], act: Callable[[Workspace], object]) -> int:
 
 
 def _info_row(info: WorkspaceInfo) -> list[str]:
-    return [info.name, info.state.value, info.spec.isolation.value, info.spec.root, relative_time(info.created),
-            human_size(info.private_bytes)]
+    size = "-" if info.private_bytes is None else human_size(info.private_bytes)
+    return [info.name, info.state.value, info.spec.isolation.value, info.spec.root, relative_time(info.created), size]
 
 
 def _on(ns: argparse.Namespace, act: Callable[[Workspace], T]) -> T:

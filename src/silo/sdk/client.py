@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import binascii
 import builtins
+import contextlib
 import os
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
@@ -100,7 +101,7 @@ class WorkspaceInfo:
     pid: int | None = None
     template: str | None = None
     snapshots: tuple[Snapshot, ...] = ()
-    private_bytes: int = 0
+    private_bytes: int | None = None  # None: the daemon did not measure it
 
     def to_dict(self) -> dict[str, object]:
         """The API's ``Workspace`` object (what ``silo inspect`` prints)."""
@@ -203,7 +204,7 @@ def _parse_info(untrusted: object) -> WorkspaceInfo:
         error=_field(table, "error", str, optional=True), pid=_field(table, "pid", int, optional=True),
         template=_field(table, "template", str, optional=True),
         snapshots=tuple(_parse_snapshot(s) for s in _items(table.get("snapshots", []), "snapshots")),
-        private_bytes=_field(table, "private_bytes", int, optional=True) or 0)
+        private_bytes=_field(table, "private_bytes", int, optional=True))
 
 
 def _parse_template(untrusted: object) -> Template:
@@ -485,7 +486,8 @@ def _unreachable(socket: str, error: Exception) -> InternalError:
 
 
 class _File:
-    """A path or a caller's file object, opened for the length of one call."""
+    """A path or a caller's file object, opened for the length of one call; a file this
+    opened for writing is removed again when the call fails (no half-written archive)."""
 
     def __init__(self, target: str | os.PathLike[str] | IO[bytes], mode: str) -> None:
         self.target = target
@@ -501,9 +503,12 @@ class _File:
             return self.file
         return self.target
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
         if self.file is not None:
             self.file.close()
+            if kind is not None and "w" in self.mode:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.file.name)
 
 
 def _spool() -> IO[bytes]:

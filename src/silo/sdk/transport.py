@@ -142,7 +142,7 @@ def _answers(socket: str) -> bool:
 
 def start_daemon(socket: str) -> None:
     """Start silod detached (its own session, stderr to ``silod.log`` beside the socket)
-    and wait up to :data:`START_TIMEOUT` for it to answer; errors.InternalError naming the log if not.
+    and wait up to :data:`START_TIMEOUT` for it to answer; an InternalError naming the log if not.
 
     Two clients racing here may both start one; the daemon's own lock keeps one alive,
     and the loser's exit is not an error as long as the socket answers.
