@@ -164,16 +164,26 @@ def _items(untrusted: object, what: str) -> builtins.list[object]:
     return untrusted
 
 
-def _field(table: Mapping[str, object], key: str, kind: type[T] | tuple[type, ...], *,
-           optional: bool = False) -> Any:
+def _opt(table: Mapping[str, object], key: str, kind: type[T]) -> T | None:
+    """``table[key]`` when it is a ``kind`` (never a bool for a number), None when absent or null."""
     value = table.get(key)
-    if value is None and optional:
+    if value is None:
         return None
-    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
-        raise _malformed(f"{key!r} is {value!r}")
-    if not isinstance(value, kind):
-        raise _malformed(f"{key!r} is missing or of the wrong type")
+    if isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool):
+        return value
+    raise _malformed(f"{key!r} is not a {kind.__name__}")
+
+
+def _get(table: Mapping[str, object], key: str, kind: type[T]) -> T:
+    value = _opt(table, key, kind)
+    if value is None:
+        raise _malformed(f"{key!r} is missing")
     return value
+
+
+def _time(table: Mapping[str, object], key: str) -> float:
+    value = table.get(key)
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else _get(table, key, float)
 
 
 def _json(response: httpx.Response) -> object:
@@ -186,7 +196,7 @@ def _json(response: httpx.Response) -> object:
 def _parse_snapshot(untrusted: object) -> Snapshot:
     table = _table(untrusted, "a snapshot")
     try:
-        return Snapshot(_field(table, "tag", str), float(_field(table, "created", (int, float))))
+        return Snapshot(_get(table, "tag", str), _time(table, "created"))
     except SpecError as e:
         raise _malformed(e.message) from None
 
@@ -194,49 +204,49 @@ def _parse_snapshot(untrusted: object) -> Snapshot:
 def _parse_info(untrusted: object) -> WorkspaceInfo:
     table = _table(untrusted, "a workspace")
     try:
-        spec = WorkspaceSpec.from_dict(_field(table, "spec", dict))
-        state = State(_field(table, "state", str))
+        spec = WorkspaceSpec.from_dict(_get(table, "spec", dict))
+        state = State(_get(table, "state", str))
     except (SpecError, ValueError) as e:
         raise _malformed(f"workspace {table.get('name')!r}: {e}") from None
     return WorkspaceInfo(
-        name=spec.name, state=state, spec=spec, owner=_field(table, "owner", int),
-        created=float(_field(table, "created", (int, float))), updated=float(_field(table, "updated", (int, float))),
-        error=_field(table, "error", str, optional=True), pid=_field(table, "pid", int, optional=True),
-        template=_field(table, "template", str, optional=True),
+        name=spec.name, state=state, spec=spec, owner=_get(table, "owner", int),
+        created=_time(table, "created"), updated=_time(table, "updated"),
+        error=_opt(table, "error", str), pid=_opt(table, "pid", int),
+        template=_opt(table, "template", str),
         snapshots=tuple(_parse_snapshot(s) for s in _items(table.get("snapshots", []), "snapshots")),
-        private_bytes=_field(table, "private_bytes", int, optional=True))
+        private_bytes=_opt(table, "private_bytes", int))
 
 
 def _parse_template(untrusted: object) -> Template:
     table = _table(untrusted, "a template")
-    return Template(name=_field(table, "name", str), base=_field(table, "base", str),
-                    from_=_field(table, "from", str, optional=True),
-                    created=float(_field(table, "created", (int, float))), layers=_field(table, "layers", int))
+    return Template(name=_get(table, "name", str), base=_get(table, "base", str),
+                    from_=_opt(table, "from", str),
+                    created=_time(table, "created"), layers=_get(table, "layers", int))
 
 
 def _parse_change(untrusted: object) -> Change:
     table = _table(untrusted, "a change")
-    kind = _field(table, "kind", str)
+    kind = _get(table, "kind", str)
     if kind not in ("added", "changed", "deleted"):
         raise _malformed(f"unknown change kind {kind!r}")
-    return Change(kind, _field(table, "path", str))
+    return Change(kind, _get(table, "path", str))
 
 
 def _b64(table: Mapping[str, object], key: str) -> bytes:
     try:
-        return base64.b64decode(_field(table, key, str), validate=True)
+        return base64.b64decode(_get(table, key, str), validate=True)
     except binascii.Error:
         raise _malformed(f"{key} is not base64") from None
 
 
 def _parse_exec(untrusted: object) -> ExecResult:
     table = _table(untrusted, "an exec result")
-    return ExecResult(_field(table, "exit_code", int), _b64(table, "stdout"), _b64(table, "stderr"))
+    return ExecResult(_get(table, "exit_code", int), _b64(table, "stdout"), _b64(table, "stderr"))
 
 
 def _parse_version(untrusted: object) -> DaemonVersion:
     table = _table(untrusted, "the version")
-    return DaemonVersion(_field(table, "version", str), _field(table, "api", int))
+    return DaemonVersion(_get(table, "version", str), _get(table, "api", int))
 
 
 def _reply(parse: Callable[[object], T]) -> Callable[[httpx.Response], T]:
