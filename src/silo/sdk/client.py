@@ -20,10 +20,8 @@ from __future__ import annotations
 import base64
 import binascii
 import builtins
-import contextlib
 import os
-import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import IO, Any, Generic, TypedDict, TypeVar, Unpack
@@ -46,11 +44,8 @@ from silo.model.workspace import (
 from silo.sdk import transport as tp
 
 T = TypeVar("T")
-Progress = Callable[[int, "int | None"], None]
-"""``progress(done_bytes, total_bytes_or_None)``, called as an archive streams."""
-
-_CHUNK = 1 << 16
-_SPOOL = 16 << 20  # tar streams up to this size stay in memory
+Progress = tp.Progress
+_CHUNK = tp.CHUNK
 
 # -- values --------------------------------------------------------------------------------
 
@@ -449,80 +444,13 @@ def build_spec(name: str | None = None, **options: Unpack[CreateOptions]) -> Wor
     return overrides.apply()
 
 
-# -- streaming bodies ----------------------------------------------------------------------
-
-
-class _Meter:
-    """Counts streamed bytes and reports them to a progress callback."""
-
-    def __init__(self, progress: Progress | None, total: int | None) -> None:
-        self.progress = progress
-        self.total = total
-        self.done = 0
-
-    def add(self, chunk: bytes) -> bytes:
-        self.done += len(chunk)
-        if self.progress is not None:
-            self.progress(self.done, self.total)
-        return chunk
-
-
-def _size(f: IO[bytes]) -> int | None:
-    try:
-        st = os.fstat(f.fileno())
-        return st.st_size - f.tell() if st.st_size else None
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
-def _chunks(f: IO[bytes], progress: Progress | None) -> Iterator[bytes]:
-    meter = _Meter(progress, _size(f))
-    while chunk := f.read(_CHUNK):
-        yield meter.add(chunk)
-
-
-async def _achunks(f: IO[bytes], progress: Progress | None) -> AsyncIterator[bytes]:
-    for chunk in _chunks(f, progress):
-        yield chunk
-
-
-def _download_meter(call: _Call[Any], response: httpx.Response) -> _Meter:
+def _download_meter(call: _Call[Any], response: httpx.Response) -> tp.Meter:
     length = response.headers.get("content-length")
-    return _Meter(call.progress, int(length) if length and length.isdigit() else None)
+    return tp.Meter(call.progress, int(length) if length and length.isdigit() else None)
 
 
 def _unreachable(socket: str, error: Exception) -> InternalError:
     return InternalError(f"cannot reach silod at {socket}: {error}")
-
-
-class _File:
-    """A path or a caller's file object, opened for the length of one call; a file this
-    opened for writing is removed again when the call fails (no half-written archive)."""
-
-    def __init__(self, target: str | os.PathLike[str] | IO[bytes], mode: str) -> None:
-        self.target = target
-        self.mode = mode
-        self.file: IO[bytes] | None = None
-
-    def __enter__(self) -> IO[bytes]:
-        if isinstance(self.target, (str, os.PathLike)):
-            try:
-                self.file = open(self.target, self.mode)
-            except OSError as e:
-                raise SpecError(f"cannot open {os.fspath(self.target)}: {e.strerror}") from None
-            return self.file
-        return self.target
-
-    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
-        if self.file is not None:
-            self.file.close()
-            if kind is not None and "w" in self.mode:
-                with contextlib.suppress(OSError):
-                    os.unlink(self.file.name)
-
-
-def _spool() -> IO[bytes]:
-    return tempfile.SpooledTemporaryFile(max_size=_SPOOL)
 
 
 # -- the blocking client -------------------------------------------------------------------
@@ -565,7 +493,7 @@ class Client:
         raise AssertionError("unreachable")
 
     def _exchange(self, call: _Call[T]) -> T:
-        content = None if call.upload is None else _chunks(call.upload, call.progress)
+        content = None if call.upload is None else tp.chunks(call.upload, call.progress)
         with self._http.stream(call.method, call.path, params=call.params, json=call.json,
                                content=content) as response:
             if call.download is None or not response.is_success:
@@ -606,7 +534,7 @@ class Client:
     def import_(self, source: str | os.PathLike[str] | IO[bytes], name: str | None = None,
                 progress: Progress | None = None) -> Workspace:
         """Make a workspace from an archive of :meth:`Workspace.export` (a path or a file object)."""
-        with _File(source, "rb") as f:
+        with tp.OpenFile(source, "rb") as f:
             return Workspace(self, self._send(_req_import(f, name, progress)).name)
 
     def version(self) -> DaemonVersion:
@@ -688,7 +616,7 @@ class Workspace:
 
     def get(self, src: str, host_path: str | os.PathLike[str]) -> None:
         """Copy ``src`` from the workspace to ``host_path``; a hostile archive is refused whole."""
-        with _spool() as tar:
+        with tp.spool() as tar:
             self.client._send(_req_get(self.name, src, tar))
             tar.seek(0)
             tp.unpack(tar, host_path)
@@ -721,7 +649,7 @@ class Workspace:
 
     def export(self, dest: str | os.PathLike[str] | IO[bytes], progress: Progress | None = None) -> None:
         """Write an archive of the workspace (spec and private layer) to a path or file object."""
-        with _File(dest, "wb") as f:
+        with tp.OpenFile(dest, "wb") as f:
             self.client._send(_req_export(self.name, f, progress))
 
 
@@ -759,7 +687,7 @@ class AsyncClient:
         raise AssertionError("unreachable")
 
     async def _exchange(self, call: _Call[T]) -> T:
-        content = None if call.upload is None else _achunks(call.upload, call.progress)
+        content = None if call.upload is None else tp.achunks(call.upload, call.progress)
         async with self._http.stream(call.method, call.path, params=call.params, json=call.json,
                                      content=content) as response:
             if call.download is None or not response.is_success:
@@ -790,7 +718,7 @@ class AsyncClient:
 
     async def import_(self, source: str | os.PathLike[str] | IO[bytes], name: str | None = None,
                       progress: Progress | None = None) -> AsyncWorkspace:
-        with _File(source, "rb") as f:
+        with tp.OpenFile(source, "rb") as f:
             return AsyncWorkspace(self, (await self._send(_req_import(f, name, progress))).name)
 
     async def version(self) -> DaemonVersion:
@@ -856,7 +784,7 @@ class AsyncWorkspace:
             await self.client._send(_req_put(self.name, dest, tar))
 
     async def get(self, src: str, host_path: str | os.PathLike[str]) -> None:
-        with _spool() as tar:
+        with tp.spool() as tar:
             await self.client._send(_req_get(self.name, src, tar))
             tar.seek(0)
             await tp.run_blocking(tp.unpack, tar, host_path)
@@ -886,7 +814,7 @@ class AsyncWorkspace:
         return await self.client._send(_req_logs(self.name, tail))
 
     async def export(self, dest: str | os.PathLike[str] | IO[bytes], progress: Progress | None = None) -> None:
-        with _File(dest, "wb") as f:
+        with tp.OpenFile(dest, "wb") as f:
             await self.client._send(_req_export(self.name, f, progress))
 
 

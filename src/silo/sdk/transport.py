@@ -2,6 +2,8 @@
 
 * :class:`Transport` / :class:`AsyncTransport`: what ``Client(transport=...)`` accepts
   (any httpx transport); the default is httpx over silod's unix socket.
+* :class:`Meter`, :func:`chunks`, :class:`OpenFile`: streamed request and reply bodies
+  (archives) with progress; a file opened for a failed download is removed.
 * :func:`start_daemon`: the client's autostart (``python -m silo.daemon``, detached).
 * :func:`pack` / :func:`unpack`: the host side of ``cp``. ``unpack`` is a security
   boundary: the archive comes from the daemon, its contents from a workspace, so a guest
@@ -19,6 +21,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import io
 import itertools
@@ -32,7 +35,7 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import IO, Any, Protocol, TypeVar
 
@@ -43,7 +46,12 @@ from silo.model.errors import NotFoundError, SiloError, SpecError, UserError
 from silo.model.workspace import State, WorkspaceSpec, parse_name, require
 
 T = TypeVar("T")
+Progress = Callable[[int, "int | None"], None]
+"""``progress(done_bytes, total_bytes_or_None)``, called as an archive streams."""
+
 BASE_URL = "http://silod"
+CHUNK = 1 << 16
+SPOOL = 16 << 20  # tar streams up to this size stay in memory
 START_TIMEOUT = 10.0  # seconds a started daemon has to answer GET /v1/version
 
 
@@ -113,6 +121,73 @@ async def run_blocking(func: Callable[..., T], *args: Any) -> T:
     import anyio.to_thread
 
     return await anyio.to_thread.run_sync(functools.partial(func, *args))
+
+
+# -- streamed bodies ----------------------------------------------------------------------
+
+
+class Meter:
+    """Counts streamed bytes and reports them to a progress callback."""
+
+    def __init__(self, progress: Progress | None, total: int | None) -> None:
+        self.progress = progress
+        self.total = total
+        self.done = 0
+
+    def add(self, chunk: bytes) -> bytes:
+        self.done += len(chunk)
+        if self.progress is not None:
+            self.progress(self.done, self.total)
+        return chunk
+
+
+def _size(f: IO[bytes]) -> int | None:
+    try:
+        st = os.fstat(f.fileno())
+        return st.st_size - f.tell() if st.st_size else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def chunks(f: IO[bytes], progress: Progress | None) -> Iterator[bytes]:
+    meter = Meter(progress, _size(f))
+    while chunk := f.read(CHUNK):
+        yield meter.add(chunk)
+
+
+async def achunks(f: IO[bytes], progress: Progress | None) -> AsyncIterator[bytes]:
+    for chunk in chunks(f, progress):
+        yield chunk
+
+
+class OpenFile:
+    """A path or a caller's file object, opened for the length of one call; a file this
+    opened for writing is removed again when the call fails (no half-written archive)."""
+
+    def __init__(self, target: str | os.PathLike[str] | IO[bytes], mode: str) -> None:
+        self.target = target
+        self.mode = mode
+        self.file: IO[bytes] | None = None
+
+    def __enter__(self) -> IO[bytes]:
+        if isinstance(self.target, (str, os.PathLike)):
+            try:
+                self.file = open(self.target, self.mode)
+            except OSError as e:
+                raise SpecError(f"cannot open {os.fspath(self.target)}: {e.strerror}") from None
+            return self.file
+        return self.target
+
+    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
+        if self.file is not None:
+            self.file.close()
+            if kind is not None and "w" in self.mode:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.file.name)
+
+
+def spool() -> IO[bytes]:
+    return tempfile.SpooledTemporaryFile(max_size=SPOOL)
 
 
 # -- autostart -----------------------------------------------------------------------------
@@ -187,7 +262,7 @@ def pack(host_path: str | os.PathLike[str]) -> IO[bytes]:
     name = os.path.basename(os.path.abspath(path))
     if not name:
         raise SpecError("cannot copy / itself: name a directory below it")
-    out = tempfile.SpooledTemporaryFile(max_size=16 << 20)
+    out = spool()
     try:
         with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
             tar.add(path, arcname=name, filter=_owned_by_root)
