@@ -174,6 +174,8 @@ def test_snapshots_fork_diff_logs(cli: Run, tmp_path: Path) -> None:
 def test_diff_of_a_keep_directory_keeps_its_old_meaning(cli: Run, mock: silo.MockTransport, tmp_path: Path) -> None:
     code, _, err = cli("diff", str(tmp_path))
     assert code == 125 and "is not a kept app-level directory" in err
+    code, _, err = cli("diff", str(tmp_path / "missing"))
+    assert code == 125 and err.startswith(f"silo: {tmp_path}/missing: no such directory ('silo diff DIR'")
     assert mock.daemon.requests == []
 
 

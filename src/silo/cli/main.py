@@ -78,8 +78,12 @@ def cmd_plan(argv: list[str]) -> None:
 def cmd_diff(argv: list[str]) -> int | None:
     """``silo diff NAME`` (a workspace); ``silo diff DIR`` for a ``--keep`` directory: an
     argument with a '/' that names an existing directory."""
-    if len(argv) != 1 or "/" not in argv[0] or not os.path.isdir(argv[0]):
+    paths = [arg for arg in argv if "/" in arg and not arg.startswith("-")]
+    if not paths:
         return _workspaces("diff", argv)
+    if len(argv) != 1 or not os.path.isdir(argv[0]):
+        _fail(f"{paths[0]}: no such directory ('silo diff DIR' takes a directory of 'silo run --keep DIR'; "
+              "'silo diff NAME' a workspace)")
     from silo.cli.diff import changes
 
     for kind, path in changes(os.path.abspath(argv[0])):
