@@ -12,7 +12,9 @@ resolved to a silo module. The rules:
   subpackage imports another one;
 * ``engine`` imports none of ``spawner``, ``sdk``, ``cli``;
 * ``spawner`` imports neither ``sdk`` nor ``cli``;
-* ``sdk`` does not import ``cli``.
+* ``sdk`` does not import ``cli``;
+* ``daemon`` imports none of ``sdk``, ``cli``, ``spawner`` (it owns its own runtime),
+  and nothing imports ``daemon`` but ``daemon``.
 
 ``from silo import X`` of a name that is not a subpackage reaches the lazy top-level
 package (which loads the SDK), so it counts as an import of the ``sdk`` layer.
@@ -99,7 +101,9 @@ FORBIDDEN = {
     "engine": {"spawner", "sdk", "cli"},
     "spawner": {"sdk", "cli"},
     "sdk": {"cli"},
+    "daemon": {"sdk", "cli", "spawner"},
 }
+ONLY_FROM_ITSELF = {"daemon"}
 
 
 def violations(module: str, imports: set[str]) -> list[str]:
@@ -111,6 +115,8 @@ def violations(module: str, imports: set[str]) -> list[str]:
             out.append(f"{module} ({layer}) imports {imp} ({target})")
         if layer in FORBIDDEN and target in FORBIDDEN[layer]:
             out.append(f"{module} ({layer}) imports {imp} ({target})")
+        if target in ONLY_FROM_ITSELF and layer != target:
+            out.append(f"{module} ({layer}) imports {imp} ({target}), which only it may import")
         mine, theirs = _backend(module), _backend(imp)
         if mine is not None and theirs is not None and mine != theirs:
             out.append(f"{module} (backend {mine}) imports {imp} (backend {theirs})")
@@ -129,7 +135,7 @@ def _graph() -> dict[str, set[str]]:
 def test_every_module_parses_and_is_in_a_known_layer() -> None:
     graph = _graph()
     assert len(graph) > 20
-    known = {"silo", "model", "sys", "native", "store", "backends", "engine", "spawner", "sdk", "cli"}
+    known = {"silo", "model", "sys", "native", "store", "backends", "engine", "spawner", "sdk", "cli", "daemon"}
     assert {_layer(m) for m in graph} <= known
     for layer in ("model", "sys", "backends", "engine", "spawner", "sdk", "cli"):
         assert any(_layer(m) == layer for m in graph), layer
@@ -162,6 +168,9 @@ def test_the_parser_sees_real_imports() -> None:
     ("silo.spawner.core", "from silo import SpecError", True),
     ("silo.sdk.sandbox", "from silo.cli.main import main", True),
     ("silo.sdk.sandbox", "from silo.spawner import client", False),
+    ("silo.daemon.manager", "from silo.sdk import client", True),
+    ("silo.daemon.manager", "from silo.store import layers", False),
+    ("silo.sdk.client", "from silo.daemon import api", True),
 ])
 def test_the_rules_catch_violations(module: str, source: str, bad: bool) -> None:
     path = SRC.joinpath(*module.split(".")).with_suffix(".py")

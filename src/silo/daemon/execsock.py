@@ -117,7 +117,7 @@ class Server:
             await self._exec(conn, peer, parse_request(data), fds)
         except SiloError as e:
             with contextlib.suppress(OSError):
-                conn.send(f"error {type(e).__name__} {e.message}".encode())
+                conn.send(f"error {e.to_wire()['class']} {e.message}".encode())
         except asyncio.CancelledError:
             raise
         except Exception as e:  # one bad connection must not take the daemon down

@@ -142,10 +142,16 @@ class Manager:
                 "snapshots": snaps, "private_bytes": private}
 
     def _check_sources(self, peer: int, spec: WorkspaceSpec) -> None:
-        """A non-root caller of a root daemon maps only what it owns (the daemon reads as root)."""
+        """A non-root caller of a root daemon maps only what it owns (the daemon reads as root);
+        nobody maps a folder that holds silod's sockets or state (SECURITY.md #12, #21)."""
+        private = [os.path.realpath(d) for d in (self.run_dir, self.state_dir, os.path.dirname(self.run_dir))]
         for mount in spec.mounts:
             if not os.path.exists(mount.source):
                 raise NotFoundError(f"mount source {mount.source} does not exist: create it or fix the path")
+            source = os.path.realpath(mount.source)
+            if any(d == source or d.startswith(source.rstrip("/") + "/") for d in private):
+                raise PermissionDenied(f"cannot map {mount.source}: it holds silod's sockets or state, which "
+                                       "no workspace may reach; map a folder below it instead")
             if peer != 0 and os.stat(mount.source).st_uid != peer:
                 raise PermissionDenied(f"cannot map {mount.source}: it is not yours (uid {peer})")
         if spec.root.startswith("/"):

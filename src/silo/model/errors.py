@@ -31,7 +31,9 @@ class SiloError(Exception):
         self.message = message
 
     def to_wire(self) -> dict[str, object]:
-        return {"class": type(self).__name__, "message": self.message}
+        """The nearest class the wire knows (a module's own subclass travels as its parent)."""
+        name = next(c.__name__ for c in type(self).__mro__ if c.__name__ in _CLASSES)
+        return {"class": name, "message": self.message}
 
 
 class UserError(SiloError):

@@ -92,8 +92,9 @@ def put(dest: str, src: Any) -> None:
                 assert data is not None
                 while chunk := data.read(1 << 20):
                     out.write(chunk)
-            os.chmod(target, member.mode & 0o7777, follow_symlinks=False)
-            os.utime(target, (member.mtime, member.mtime), follow_symlinks=False)
+                out.flush()
+                os.fchmod(out.fileno(), member.mode & 0o7777)
+                os.utime(out.fileno(), (member.mtime, member.mtime))
 
 
 def get(path: str, out: Any) -> None:
@@ -135,8 +136,11 @@ def main(argv: list[str]) -> int:
         print(f"{e}", file=sys.stderr)
         return 2
     except OSError as e:
-        where = f" {e.filename}" if e.filename else ""
-        print(f"{e.strerror}:{where}", file=sys.stderr)
+        where = f": {e.filename}" if e.filename else ""
+        print(f"{e.strerror}{where}", file=sys.stderr)
+        return 2
+    except Exception as e:  # one line for the user, never a traceback
+        print(f"{type(e).__name__}: {e}", file=sys.stderr)
         return 2
     return 0
 
