@@ -267,10 +267,23 @@ def run_exec(client: Client, name: str, argv: Sequence[str], *, env: dict[str, s
              user: str | None, interactive: bool, tty: bool) -> int:
     """Run ``argv`` in workspace ``name`` for ``silo exec``; the command's exit code.
 
-    This is the captured path (HTTP exec: stdin read whole with ``-i``, output printed
-    when the command ends). The streamed path (``exec.sock``, docs/api.md) replaces
-    this function when it exists; ``-t`` needs it.
+    The streamed path (``exec.sock``, docs/api.md: the command gets this process's own
+    stdio or a pty) is the C launcher's (``silo`` in the virtualenv's bin), which hands
+    the command line here only when it cannot reach the daemon. So once ``client`` has
+    reached (or started) the daemon, the launcher is exec'd again with the same command
+    line; ``SILO_EXEC_HANDOFF`` stops a second round trip. Without the launcher this is
+    the captured path (HTTP exec: stdin read whole with ``-i``, output printed when the
+    command ends), which cannot give a terminal.
     """
+    launcher = os.path.join(os.path.dirname(sys.executable), "silo")
+    own_command_line = sys.argv[1:2] == ["exec"]  # not when called as a function (tests, scripts)
+    if (own_command_line and not os.environ.get("SILO_EXEC_HANDOFF") and os.access(launcher, os.X_OK)
+            and _is_elf(launcher)):
+        client.version()  # reaches or starts the daemon
+        os.environ["SILO_EXEC_HANDOFF"] = "1"
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(launcher, [launcher, *sys.argv[1:]])  # noqa: S606 - the launcher, a fixed path beside our interpreter
     if tty:
         raise UserError("silo exec -t needs the streamed exec path (exec.sock), which this silo does not have "
                         "yet: run without -t")
@@ -281,6 +294,14 @@ def run_exec(client: Client, name: str, argv: Sequence[str], *, env: dict[str, s
         stream.buffer.write(data)
         stream.buffer.flush()
     return result.exit_code
+
+
+def _is_elf(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"\x7fELF"
+    except OSError:
+        return False
 
 
 def _exec_parser() -> _Parser:

@@ -16,6 +16,8 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Iterator
+from typing import Any
 
 from silo.engine import paths
 from silo.model.errors import SiloError
@@ -50,6 +52,20 @@ def _alive(path: str) -> bool:
         probe.close()
 
 
+def _server(config: Any) -> Any:
+    """uvicorn's server without its signal capture: uvicorn re-raises a captured SIGTERM
+    once it has stopped serving, which would end the process before silod stops its
+    workspaces. silod's own loop handlers ask it to exit instead."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield
+
+    return Server(config)
+
+
 async def serve() -> int:
     import uvicorn
 
@@ -77,13 +93,12 @@ async def serve() -> int:
     exec_sock = _listen(exec_path, socket.SOCK_SEQPACKET, group)
     config = uvicorn.Config(api.build(manager), http=api.PeerH11Protocol, log_level="warning",
                             access_log=False, lifespan="off", timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
+    server = _server(config)
     execs = execsock.Server(exec_sock, manager)
     execs.start()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     log.warning("silod %d serving %s", os.getpid(), api_path)
     try:
         await server.serve(sockets=[api_sock])

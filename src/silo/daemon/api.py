@@ -16,7 +16,7 @@ import socket
 import struct
 import tempfile
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import Body, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -36,7 +36,7 @@ MAX_UPLOAD = 1 << 40
 class PeerH11Protocol(H11Protocol):
     """uvicorn's HTTP/1.1 protocol, with the peer's uid (SO_PEERCRED) as the scope's client."""
 
-    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+    def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
         sock = transport.get_extra_info("socket")
         uid = -1
@@ -196,7 +196,7 @@ def build(manager: Manager) -> FastAPI:
 
     @app.get("/v1/workspaces", response_model=list[WorkspaceOut])
     async def list_workspaces(request: Request) -> list[dict[str, Any]]:
-        return [info(r) for r in manager.list(peer_of(request))]
+        return [info(r) for r in manager.records(peer_of(request))]
 
     @app.post("/v1/workspaces", response_model=WorkspaceOut, status_code=201)
     async def create(request: Request, body: CreateIn) -> dict[str, Any]:
@@ -235,7 +235,8 @@ def build(manager: Manager) -> FastAPI:
         return info(await manager.start(peer_of(request), name))
 
     @app.post("/v1/workspaces/{name}/stop", response_model=WorkspaceOut)
-    async def stop(request: Request, name: str, body: StopIn | None = Body(None)) -> dict[str, Any]:
+    async def stop(request: Request, name: str,
+                   body: Annotated[StopIn | None, Body()] = None) -> dict[str, Any]:
         return info(await manager.stop(peer_of(request), name, body.timeout if body else None))
 
     @app.post("/v1/workspaces/{name}/restart", response_model=WorkspaceOut)
@@ -318,7 +319,8 @@ def build(manager: Manager) -> FastAPI:
         return StreamingResponse(stream(), media_type="application/x-tar")
 
     @app.post("/v1/workspaces/{name}/snapshots", response_model=SnapshotOut, status_code=201)
-    async def snapshot(request: Request, name: str, body: SnapshotIn | None = Body(None)) -> dict[str, Any]:
+    async def snapshot(request: Request, name: str,
+                       body: Annotated[SnapshotIn | None, Body()] = None) -> dict[str, Any]:
         return await manager.snapshot(peer_of(request), name, body.tag if body else None)
 
     @app.get("/v1/workspaces/{name}/snapshots", response_model=list[SnapshotOut])

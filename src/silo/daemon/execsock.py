@@ -26,6 +26,7 @@ import struct
 from typing import Any
 
 from silo.daemon.manager import Manager
+from silo.daemon.runtime import settle
 from silo.model.errors import InternalError, ProtocolError, SiloError
 
 MAX_REQUEST = 1 << 20
@@ -95,7 +96,7 @@ class Server:
     async def _readable(self, conn: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         ready: asyncio.Future[None] = loop.create_future()
-        loop.add_reader(conn.fileno(), lambda: ready.done() or ready.set_result(None))
+        loop.add_reader(conn.fileno(), settle, ready)
         try:
             await ready
         finally:
@@ -145,7 +146,8 @@ class Server:
             loop = asyncio.get_running_loop()
             while not proc.exited.done():
                 readable = loop.create_task(self._readable(conn))
-                done, _ = await asyncio.wait({readable, proc.exited}, return_when=asyncio.FIRST_COMPLETED)
+                waiters: set[asyncio.Future[Any]] = {readable, proc.exited}
+                done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
                 if readable not in done:
                     readable.cancel()
                     with contextlib.suppress(asyncio.CancelledError):

@@ -163,7 +163,7 @@ class Manager:
 
     # -- listing ---------------------------------------------------------------------
 
-    def list(self, peer: int) -> list[WorkspaceRecord]:
+    def records(self, peer: int) -> list[WorkspaceRecord]:
         records, _corrupt = self.store.load_all()
         return sorted((r for r in records if peer == 0 or r.owner == peer), key=lambda r: r.name)
 
@@ -381,6 +381,11 @@ class Manager:
         """Bring every record to the truth after a previous daemon's end (or crash)."""
         await asyncio.to_thread(self.storage.recover)
         records, corrupt = self.store.load_all()
+        # Storage without a record: a fork or import the crash cut before its record.
+        known = {r.name for r in records} | {bad.path.parent.name for bad in corrupt}
+        for orphan in set(self.storage.names()) - known:
+            log.warning("removing the storage of %s: it has no record (an interrupted fork or import)", orphan)
+            await asyncio.to_thread(self.storage.remove, orphan)
         for bad in corrupt:
             log.error("%s", bad.message)
         restart = []

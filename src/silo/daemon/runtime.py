@@ -177,7 +177,7 @@ class Runtime:
         try:
             while True:
                 ready: asyncio.Future[None] = loop.create_future()
-                loop.add_reader(sock.fileno(), lambda: ready.done() or ready.set_result(None))
+                loop.add_reader(sock.fileno(), settle, ready)
                 try:
                     await ready
                 finally:
@@ -221,6 +221,11 @@ class Runtime:
             proc.cgroup.kill()
             proc.cgroup.destroy()
         return code
+
+
+def settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def error_of(exc: BaseException) -> SiloError:

@@ -176,7 +176,7 @@ def _plan_process(spec: Spec, argv: Sequence[str], term: str | None, tty: bool, 
         mkdir(f"{upper}/root/tmp", 0o1777)
         if seed and os.path.isdir(os.path.join(lower, "etc")) and not os.path.islink(os.path.join(lower, "etc")):
             mkdir(f"{upper}/root/etc")
-    if seed and os.path.isdir(f"{upper}/root/etc") or any(
+    if (seed and os.path.isdir(f"{upper}/root/etc")) or any(
             isinstance(o, p.Mkdir) and o.path == f"{upper}/root/etc" for o in ops):
         ops += [p.WriteFile(f"{upper}/root/etc/hosts", _hosts(spec.hostname)),
                 p.WriteFile(f"{upper}/root/etc/hostname", (spec.hostname + "\n").encode())]
