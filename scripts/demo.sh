@@ -151,4 +151,41 @@ expect_ok
 [ "$OUT" = "b'42\\n'" ] || fail "expected b'42\\n'"
 ok "one Sandbox, as many runs as you like; the spawner keeps them fast"
 
+step "11. Workspaces: a persistent sandbox owned by silod, snapshotted and reset"
+chmod 711 "$WORK"  # the workspaces' mapped root must reach its state below it
+export SILO_STATE_DIR="$WORK/state" SILO_DAEMON_DIR="$WORK/silod"
+run "$SILO" create demo-ws
+expect_ok
+run "$SILO" start demo-ws
+expect_ok
+run "$SILO" exec demo-ws -- sh -c 'echo tool > /usr/local/bin/demo-tool && echo installed'
+expect_ok
+[ ! -e /usr/local/bin/demo-tool ] || fail "/usr/local/bin/demo-tool appeared on the host"
+ok "the workspace's root wrote to its /usr; the host's /usr is untouched"
+run "$SILO" stop demo-ws
+expect_ok
+run "$SILO" start demo-ws
+run "$SILO" exec demo-ws -- cat /usr/local/bin/demo-tool
+expect_ok
+[ "$OUT" = "tool" ] || fail "the file did not survive stop/start"
+ok "its files survive stop and start"
+run "$SILO" stop demo-ws
+run "$SILO" snapshot demo-ws installed
+expect_ok
+run "$SILO" reset demo-ws
+expect_ok
+run "$SILO" start demo-ws
+run "$SILO" exec demo-ws -- sh -c 'test -e /usr/local/bin/demo-tool && echo still-there || echo gone'
+[ "$OUT" = "gone" ] || fail "reset did not bring the workspace back to its base"
+ok "reset brings it back to the base; the snapshot 'installed' can restore it"
+run "$SILO" rm -f demo-ws
+expect_ok
+pkill -TERM -f "SILO_DAEMON_DIR=$SILO_DAEMON_DIR" 2>/dev/null || true
+for pid in $(pgrep -f 'silo.daemon'); do
+    if tr '\0' '\n' </proc/"$pid"/environ 2>/dev/null | grep -qx "SILO_DAEMON_DIR=$SILO_DAEMON_DIR"; then
+        kill -TERM "$pid"; while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+    fi
+done
+ok "the demo's daemon is stopped"
+
 printf '\n%sdemo: all steps passed%s\n' "$G" "$N"

@@ -78,13 +78,30 @@ def _starttime(pid: int) -> str | None:
     return data[data.rindex(b")") + 2:].split()[19].decode()
 
 
+def _check_traversable(state_dir: str) -> None:
+    """A root daemon's workspaces build their overlays as their mapped root, not as host
+    root: every directory above the state dir must let others through (o+x)."""
+    path = os.path.dirname(os.path.abspath(state_dir))
+    while True:
+        with contextlib.suppress(FileNotFoundError):
+            if not os.stat(path).st_mode & 0o001:
+                raise UserError(f"the state directory {state_dir} is below {path}, which workspaces cannot "
+                                f"traverse (their root is not host root): run 'chmod o+x {path}' or choose "
+                                "another SILO_STATE_DIR")
+        if path == "/":
+            return
+        path = os.path.dirname(path)
+
+
 class Manager:
     def __init__(self, state_dir: str, run_dir: str, runtime: Runtime) -> None:
         self.state_dir = state_dir
         self.run_dir = run_dir
         self.runtime = runtime
-        self.store = Store(state_dir)
         self.host = hostmod.host()
+        if self.host.is_root:
+            _check_traversable(state_dir)
+        self.store = Store(state_dir)
         owner = (self.host.idmap_base, self.host.idmap_base) if self.host.is_root else None
         self.storage = Storage(state_dir, owner)
         self.running: dict[str, Running] = {}
