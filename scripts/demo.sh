@@ -14,7 +14,16 @@ PY="$REPO/.venv/bin/python"
 
 WORK="$(mktemp -d /tmp/silo-demo.XXXXXX)"
 NOTE="$HOME/silo-demo-note-$$.txt"
-cleanup() { rm -rf "$WORK"; }
+# Stop the daemon the workspace step started (it runs with SILO_DAEMON_DIR below $WORK).
+stop_daemon() {
+    local pid
+    for pid in $(pgrep -f 'silo.daemon'); do
+        if tr '\0' '\n' </proc/"$pid"/environ 2>/dev/null | grep -qx "SILO_DAEMON_DIR=$WORK/silod"; then
+            kill -TERM "$pid"; while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+        fi
+    done
+}
+cleanup() { stop_daemon; rm -rf "$WORK"; }
 trap cleanup EXIT
 
 if [ -t 1 ]; then B=$'\e[1m' G=$'\e[32m' R=$'\e[31m' N=$'\e[0m'; else B="" G="" R="" N=""; fi
@@ -180,12 +189,7 @@ run "$SILO" exec demo-ws -- sh -c 'test -e /usr/local/bin/demo-tool && echo stil
 ok "reset brings it back to the base; the snapshot 'installed' can restore it"
 run "$SILO" rm -f demo-ws
 expect_ok
-pkill -TERM -f "SILO_DAEMON_DIR=$SILO_DAEMON_DIR" 2>/dev/null || true
-for pid in $(pgrep -f 'silo.daemon'); do
-    if tr '\0' '\n' </proc/"$pid"/environ 2>/dev/null | grep -qx "SILO_DAEMON_DIR=$SILO_DAEMON_DIR"; then
-        kill -TERM "$pid"; while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
-    fi
-done
+stop_daemon
 ok "the demo's daemon is stopped"
 
 printf '\n%sdemo: all steps passed%s\n' "$G" "$N"
