@@ -77,12 +77,16 @@ def cmd_plan(argv: list[str]) -> None:
 
 def cmd_diff(argv: list[str]) -> int | None:
     """``silo diff NAME`` (a workspace); ``silo diff DIR`` for a ``--keep`` directory: an
-    argument with a '/' that names an existing directory."""
-    paths = [arg for arg in argv if "/" in arg and not arg.startswith("-")]
-    if not paths:
+    argument with a '/', or an existing directory that ``--keep`` made (it holds
+    ``silo-keep.json``; a workspace name cannot name a path)."""
+    if not argv:
+        _fail("usage: silo diff NAME (a workspace) | silo diff DIR (a directory of 'silo run --keep DIR')")
+    keep_dirs = [arg for arg in argv if not arg.startswith("-") and (
+        "/" in arg or os.path.isfile(os.path.join(arg, "silo-keep.json")))]
+    if not keep_dirs:
         return _workspaces("diff", argv)
     if len(argv) != 1 or not os.path.isdir(argv[0]):
-        _fail(f"{paths[0]}: no such directory ('silo diff DIR' takes a directory of 'silo run --keep DIR'; "
+        _fail(f"{keep_dirs[0]}: no such directory ('silo diff DIR' takes a directory of 'silo run --keep DIR'; "
               "'silo diff NAME' a workspace)")
     from silo.cli.diff import changes
 
