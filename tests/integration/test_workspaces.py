@@ -333,13 +333,7 @@ def test_exec_with_a_tty(made: Made) -> None:
     assert (r.returncode, r.stdout) == (1, "not a tty\n")
 
 
-@pytest.mark.parametrize("flags", [
-    "-it",
-    pytest.param("-t", marks=pytest.mark.xfail(strict=True, reason=(
-        "BUG: 'silo exec -t' without -i gives the command a 0x0 pty: native/client.c exec_cmd dup2()s "
-        "/dev/null onto fd 0 before attach() copies the window size from fd 0 (TIOCGWINSZ fails), "
-        "and SIGWINCH resizes fail the same way"))),
-])
+@pytest.mark.parametrize("flags", ["-it", "-t"])
 def test_exec_tty_has_the_terminal_size(made: Made, flags: str) -> None:
     """(After a second: the size is set once the client holds the pty, which races with the command's start.)"""
     ws = made.started()

@@ -429,9 +429,11 @@ static const struct value *dict_get(const struct value *d, const char *key)
 /* ---- messages --------------------------------------------------------------------- */
 
 /* Send the encoded message, with our stdin, stdout and stderr if `stdio`. */
+static int send_stdin; /* the fd sent as the command's stdin: 0, or /dev/null for `exec` without -i */
+
 static int send_out(int sock, int stdio)
 {
-    int fds[3] = {0, 1, 2};
+    int fds[3] = {send_stdin, 1, 2};
     union {
         char buf[CMSG_SPACE(sizeof fds)];
         struct cmsghdr align;
@@ -776,7 +778,7 @@ static void attach(struct session *s, int master)
     s->master = master;
     fcntl(master, F_SETFL, fcntl(master, F_GETFL) | O_NONBLOCK);
     copy_winsize(master);
-    if (isatty(0) && tcgetattr(0, &saved_tty) == 0) {
+    if (isatty(0) && (!exec_mode || send_stdin == 0) && tcgetattr(0, &saved_tty) == 0) {
         struct termios raw = saved_tty;
         struct sigaction sa = {.sa_handler = on_fatal};
         cfmakeraw(&raw);
@@ -1116,12 +1118,11 @@ static void __attribute__((noreturn)) exec_cmd(int argc, char **argv)
     }
     if (out.too_big)
         die(EXIT_SILO, "the command line is too large (over %d bytes)", MAX_MESSAGE);
-    int null = -1;
     if (!interactive) {
-        null = open("/dev/null", O_RDONLY | O_CLOEXEC);
-        if (null < 0 || dup2(null, 0) < 0)
+        /* the command's stdin is /dev/null; ours stays, for the terminal's size (-t) */
+        send_stdin = open("/dev/null", O_RDONLY | O_CLOEXEC);
+        if (send_stdin < 0)
             die(EXIT_SILO, "/dev/null: %s", strerror(errno));
-        close(null);
     }
     sigset_t set;
     sigemptyset(&set);
