@@ -45,6 +45,7 @@ if os.geteuid() != 0:
 OPERATIONS = 200
 KILL_EVERY = 10  # on average
 MAX_WORKSPACES = 4
+TYPICAL_MS = {"create": 5, "start": 10, "write": 20, "stop": 7, "snapshot": 5, "restore": 7, "fork": 9, "rm": 8}
 Value = int | None  # the counter in /root/c; None: never written
 
 
@@ -216,8 +217,8 @@ class Crasher:
         if not kill:
             call()
             return
-        # Most operations take 5-30 ms: aim most kills inside one, some a little after.
-        delay = self.rng.uniform(0, 0.015) if self.rng.random() < 0.8 else self.rng.uniform(0, 0.05)
+        # Operations take 5-30 ms here: aim most kills inside one, some a little after.
+        delay = self.rng.uniform(0, TYPICAL_MS[op] * 1.5e-3) if self.rng.random() < 0.8 else self.rng.uniform(0, 0.05)
         killer = threading.Timer(delay, self.daemon.kill)
         killer.start()
         try:
