@@ -17,27 +17,12 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
+from silo import native
 from silo.backends.process import launcher, script
 from silo.model import plan as p
 from silo.model.errors import InternalError, SiloError
 
 DEVNULL = os.devnull
-
-
-def _sealed(name: str) -> int:
-    import fcntl
-
-    from silo import native
-
-    with open(native.built(name), "rb") as f:
-        data = f.read()
-    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    os.write(fd, data)
-    # SECURITY: sealed, so no workspace (through /proc/1/exe) can rewrite the programs
-    # every workspace runs (CVE-2019-5736).
-    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK
-                | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE)
-    return fd
 
 
 @dataclass
@@ -70,8 +55,8 @@ class Runtime:
     """Sealed helper programs, compiled seccomp programs and the cgroup manager."""
 
     def __init__(self) -> None:
-        self.init_fd = _sealed("silo-init")
-        self.setup_fd = _sealed("silo-setup")
+        self.init_fd = native.sealed("silo-init")
+        self.setup_fd = native.sealed("silo-setup")
         self._bpf: dict[str, bytes] = {}
         self._cgroups: Any = None
 
@@ -123,13 +108,7 @@ class Runtime:
             raise
         finally:
             os.close(null)
-        proc = self._watch(started, cgroup)
-        try:
-            await self._until_running(proc)
-        except BaseException:
-            await self.kill(proc)
-            raise
-        return proc
+        return await self._running(started, cgroup)
 
     async def join(self, target: Process, plan: p.Plan, stdio: tuple[int, int, int]) -> Process:
         """Start ``plan``'s command in the workspace whose init is ``target``; returns
@@ -139,7 +118,11 @@ class Runtime:
                                     self.bpf(plan.process), target.cgroup)
         except OSError as e:
             raise InternalError(f"cannot start the command: {e}") from None
-        proc = self._watch(started, None)
+        return await self._running(started, None)
+
+    async def _running(self, started: launcher.Started, cgroup: Any) -> Process:
+        """Watch ``started`` and return once its command runs; killed if it cannot."""
+        proc = self._watch(started, cgroup)
         try:
             await self._until_running(proc)
         except BaseException:

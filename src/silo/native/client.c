@@ -918,25 +918,13 @@ static void on_reply(struct session *s)
     /* "started" and anything else: keep waiting, as the Python client does */
 }
 
-static void __attribute__((noreturn)) run(int argc, char **argv)
+/* Send the request with our stdio and serve the session until a reply ends it:
+ * forwarded signals arrive only through the signalfd (a write to a closed stdout is
+ * an error, not our death), `on_reply` handles the peer's packets, and our stdin is
+ * copied to a pty master only when `read_stdin`. */
+static void __attribute__((noreturn)) drive(int sock, const char *peer, void (*on_reply)(struct session *),
+                                            int read_stdin)
 {
-    for (int fd = 0; fd < 3; fd++)
-        if (fcntl(fd, F_GETFD) < 0)
-            die(EXIT_SILO, "file descriptor %d (standard %s) is closed", fd,
-                fd == 0 ? "input" : fd == 1 ? "output" : "error");
-    int sock = connect_server();
-    if (sock < 0)
-        fallback(); /* no server, a stale one, a path we cannot use, or unreadable code */
-    char *cwd = getcwd(NULL, 0);
-    if (cwd == NULL)
-        fallback();
-    encode_request(argc, argv, cwd);
-    if (out.too_big)
-        die(EXIT_SILO, "the command line and environment are too large (over %d bytes)", MAX_MESSAGE);
-
-    /* From here on a sandbox may run (the command may run before the first reply):
-     * the forwarded signals only reach us through the signalfd, and a write to a
-     * closed stdout is an error, not our death. */
     sigset_t set;
     sigemptyset(&set);
     for (size_t i = 0; i < sizeof FORWARD / sizeof *FORWARD; i++)
@@ -951,7 +939,7 @@ static void __attribute__((noreturn)) run(int argc, char **argv)
     if (s.sigfd < 0)
         die(EXIT_SILO, "signalfd: %s", strerror(errno));
     if (send_out(sock, 1) != 0)
-        die(EXIT_SILO, "cannot send the request to silo's server: %s", strerror(errno));
+        die(EXIT_SILO, "cannot send the request to %s: %s", peer, strerror(errno));
 
     for (;;) {
         struct pollfd p[4] = {{sock, POLLIN, 0}, {s.sigfd, POLLIN, 0}};
@@ -960,7 +948,7 @@ static void __attribute__((noreturn)) run(int argc, char **argv)
             at_master = n;
             p[n++] = (struct pollfd){s.master, (short)(POLLIN | (s.in_len ? POLLOUT : 0)), 0};
         }
-        if (s.stdin_open && s.in_len == 0) {
+        if (s.stdin_open && read_stdin && s.in_len == 0) {
             at_stdin = n;
             p[n++] = (struct pollfd){0, POLLIN, 0};
         }
@@ -978,6 +966,26 @@ static void __attribute__((noreturn)) run(int argc, char **argv)
         if (p[0].revents)
             on_reply(&s);
     }
+}
+
+static void __attribute__((noreturn)) run(int argc, char **argv)
+{
+    for (int fd = 0; fd < 3; fd++)
+        if (fcntl(fd, F_GETFD) < 0)
+            die(EXIT_SILO, "file descriptor %d (standard %s) is closed", fd,
+                fd == 0 ? "input" : fd == 1 ? "output" : "error");
+    int sock = connect_server();
+    if (sock < 0)
+        fallback(); /* no server, a stale one, a path we cannot use, or unreadable code */
+    char *cwd = getcwd(NULL, 0);
+    if (cwd == NULL)
+        fallback();
+    encode_request(argc, argv, cwd);
+    if (out.too_big)
+        die(EXIT_SILO, "the command line and environment are too large (over %d bytes)", MAX_MESSAGE);
+
+    /* From here on a sandbox may run (the command may run before the first reply). */
+    drive(sock, "silo's server", on_reply, 1);
 }
 
 /* ---- `silo exec`: silod's streamed exec (docs/api.md, "Streamed exec") ------------- */
@@ -1124,46 +1132,7 @@ static void __attribute__((noreturn)) exec_cmd(int argc, char **argv)
         if (send_stdin < 0)
             die(EXIT_SILO, "/dev/null: %s", strerror(errno));
     }
-    sigset_t set;
-    sigemptyset(&set);
-    for (size_t k = 0; k < sizeof FORWARD / sizeof *FORWARD; k++)
-        sigaddset(&set, FORWARD[k]);
-    sigaddset(&set, SIGWINCH);
-    sigprocmask(SIG_BLOCK, &set, NULL);
-    signal(SIGPIPE, SIG_IGN);
-    static struct session s;
-    s.sock = sock;
-    s.master = -1;
-    s.sigfd = signalfd(-1, &set, SFD_NONBLOCK | SFD_CLOEXEC);
-    if (s.sigfd < 0)
-        die(EXIT_SILO, "signalfd: %s", strerror(errno));
-    if (send_out(sock, 1) != 0)
-        die(EXIT_SILO, "cannot send the request to silod: %s", strerror(errno));
-    for (;;) {
-        struct pollfd p[4] = {{sock, POLLIN, 0}, {s.sigfd, POLLIN, 0}};
-        int n = 2, at_master = -1, at_stdin = -1;
-        if (s.master >= 0) {
-            at_master = n;
-            p[n++] = (struct pollfd){s.master, (short)(POLLIN | (s.in_len ? POLLOUT : 0)), 0};
-        }
-        if (s.stdin_open && interactive && s.in_len == 0) {
-            at_stdin = n;
-            p[n++] = (struct pollfd){0, POLLIN, 0};
-        }
-        if (poll(p, (nfds_t)n, -1) < 0) {
-            if (errno == EINTR)
-                continue;
-            die(EXIT_SILO, "poll: %s", strerror(errno));
-        }
-        if (p[1].revents)
-            forward_signals(&s);
-        if (at_master >= 0 && p[at_master].revents && s.master >= 0)
-            pump_master(&s, p[at_master].revents);
-        if (at_stdin >= 0 && p[at_stdin].revents && s.stdin_open)
-            pump_stdin(&s);
-        if (p[0].revents)
-            on_exec_reply(&s);
-    }
+    drive(sock, "silod", on_exec_reply, interactive);
 }
 
 int main(int argc, char **argv)

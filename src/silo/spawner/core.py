@@ -37,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from silo import native
 from silo.backends.process import launcher, script
 from silo.model import plan as p
 from silo.model.errors import (
@@ -71,21 +72,6 @@ def _has_cap_sys_nice() -> bool:
     except OSError:
         pass
     return False
-
-
-def _sealed(name: str) -> int:
-    from silo import native
-
-    path = native.built(name)
-    with open(path, "rb") as f:
-        data = f.read()
-    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    os.write(fd, data)
-    # SECURITY: sealed, so nobody - least of all a sandbox through /proc/1/exe - can
-    # rewrite the programs every sandbox runs (CVE-2019-5736).
-    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK
-                | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE)
-    return fd
 
 
 @dataclass
@@ -148,8 +134,8 @@ class Connection:
 class Spawner:
     def __init__(self) -> None:
         self.sel = selectors.DefaultSelector()
-        self.init_fd = _sealed("silo-init")
-        self.setup_fd = _sealed("silo-setup")
+        self.init_fd = native.sealed("silo-init")
+        self.setup_fd = native.sealed("silo-setup")
         self.handlers: dict[str, Handler] = {
             "run": self._on_run, "signal": self._on_signal, "attach": self._on_attach,
         }
