@@ -219,25 +219,23 @@ def test_every_documented_endpoint_is_in_the_openapi_document(openapi: Doc) -> N
     assert served == documented, f"in openapi.json only: {served - documented}; in docs only: {documented - served}"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: openapi.json lists 422 HTTPValidationError (FastAPI's default) for "
-                   "most operations, but silod answers a malformed request 400 with ErrorReply "
-                   "(api.py's RequestValidationError handler): a client generated from the document expects 422")
 def test_the_document_lists_only_statuses_silod_sends(openapi: Doc) -> None:
+    """No 422 (FastAPI's default): silod answers a malformed request 400 with ErrorReply."""
     listed = {(m, p) for p, ops in openapi["paths"].items() for m, op in ops.items() if "422" in op["responses"]}
     assert listed == set()
+    assert "HTTPValidationError" not in openapi["components"]["schemas"]
+    for p, ops in openapi["paths"].items():
+        for m, op in ops.items():
+            refs = {s: r["content"]["application/json"]["schema"].get("$ref") for s, r in op["responses"].items()
+                    if s == "default" or int(s) >= 400}
+            assert set(refs.values()) == {"#/components/schemas/ErrorReply"}, (m, p, refs)
 
 
 @pytest.mark.parametrize("method, template, params, status", [
-    pytest.param("GET", WS + "/files", {"path": "/etc/hostname"}, 200, id="files", marks=pytest.mark.xfail(
-        strict=True, reason="BUG: openapi.json says GET files replies application/json; silod sends "
-                            "application/x-tar (api.py get_files has no response_class/responses for it)")),
-    pytest.param("GET", WS + "/export", {}, 200, id="export", marks=pytest.mark.xfail(
-        strict=True, reason="BUG: openapi.json says GET export replies application/json; silod sends "
-                            "application/octet-stream")),
+    pytest.param("GET", WS + "/files", {"path": "/etc/hostname"}, 200, id="files"),
+    pytest.param("GET", WS + "/export", {}, 200, id="export"),
     pytest.param("GET", WS + "/logs", {}, 200, id="logs"),
-    pytest.param("GET", "/v1/workspaces/{name}-none/logs", {}, 404, id="logs-404", marks=pytest.mark.xfail(
-        strict=True, reason="BUG: openapi.json says the logs endpoint's errors are text/plain (its "
-                            "PlainTextResponse class applies to every status); silod sends JSON ErrorReply")),
+    pytest.param("GET", "/v1/workspaces/{name}-none/logs", {}, 404, id="logs-404"),
 ])
 def test_reply_content_types(daemon: Daemon, openapi: Doc, method: str, template: str, params: dict[str, str],
                              status: int) -> None:
@@ -250,20 +248,24 @@ def test_reply_content_types(daemon: Daemon, openapi: Doc, method: str, template
             kind = r.headers["content-type"].split(";")[0]
             listed = operation(openapi, method, template.replace("{name}-none", "{name}"))["responses"][str(status)]
             assert kind in listed.get("content", {}), f"sent {kind}; openapi.json lists {sorted(listed['content'])}"
+            assert len(listed["content"]) == 1, f"openapi.json lists {sorted(listed['content'])}"
         finally:
             h.delete(f"/v1/workspaces/{name}")
 
 
-@pytest.mark.parametrize("method, path, status", [("GET", "/v1/nothing-here", 404), ("DELETE", "/v1/version", 405),
-                                                  ("GET", "/v1/workspaces/a%2Fb", 404)])
-@pytest.mark.xfail(strict=True, reason="BUG: a path or method no route serves gets Starlette's body "
-                   "{'detail': 'Not Found'} / {'detail': 'Method Not Allowed'}, not docs/api.md's "
-                   "{'error': {'class', 'message'}} (no handler for starlette's HTTPException); the SDK reports it as "
-                   "an InternalError 'silod replied 404 Not Found'")
+@pytest.mark.parametrize("method, path, status, cls", [("GET", "/v1/nothing-here", 404, "NotFoundError"),
+                                                       ("DELETE", "/v1/version", 405, "ProtocolError"),
+                                                       ("GET", "/v1/workspaces/a%2Fb", 404, "NotFoundError")])
 def test_unrouted_requests_get_the_documented_error_body(daemon: Daemon, openapi: Doc, method: str, path: str,
-                                                         status: int) -> None:
+                                                         status: int, cls: str) -> None:
+    """docs/api.md's error body, with a class the SDK re-raises and a one-line message saying what to do."""
     with daemon.http() as h:
         r = h.request(method, path)
     assert r.status_code == status
     schema = openapi["components"]["schemas"]["ErrorReply"]
     Draft202012Validator({**schema, "components": openapi["components"]}).validate(r.json())
+    error = r.json()["error"]
+    assert error["class"] == cls
+    assert "\n" not in error["message"] and "docs/api.md" in error["message"], error["message"]
+    if status == 405:
+        assert r.headers["allow"] == "GET"

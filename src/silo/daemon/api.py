@@ -4,7 +4,12 @@ Who is asking comes from the unix socket's peer credentials, read once per conne
 by :class:`PeerH11Protocol` and carried in the ASGI scope's ``client`` as
 ``("uid", UID)`` (uvicorn has no other slot for it; a TCP client would never reach this
 app, it listens on a unix socket only). Errors are silo's classes as JSON
-(``{"error": {"class", "message"}}``) with the status of their kind.
+(``{"error": {"class", "message"}}``) with the status of their kind; so are the refusals
+no route makes (unknown path 404, wrong method 405) and malformed requests (400, never
+FastAPI's 422).
+
+The OpenAPI document (``GET /openapi.json``) is the contract ``tests/contract`` checks real
+replies against: every status an operation sends is listed with its body and content type.
 """
 
 from __future__ import annotations
@@ -19,8 +24,10 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import Body, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 import silo
@@ -65,6 +72,23 @@ def status_of(err: SiloError) -> int:
     if isinstance(err, e.UserError | e.ProtocolError):
         return 400
     return 500
+
+
+def unrouted_error(method: str, untrusted_path: str, exc: HTTPException) -> SiloError:
+    """What silo class a refusal of Starlette's own (no route, wrong method, unreadable body)
+    travels as; the reply keeps Starlette's status. The path is quoted with ``repr`` so a
+    decoded newline cannot break the CLI's one-line message."""
+    where = f"{method} {untrusted_path[:200]!r}"
+    hint = f"see docs/api.md, or use a silo client of silod's version ({silo.__version__}, API v{API_VERSION})"
+    if exc.status_code == 404:
+        return e.NotFoundError(f"silod has no endpoint {where}: {hint}")
+    if exc.status_code == 405:
+        allowed = (exc.headers or {}).get("Allow")
+        return e.ProtocolError(f"silod does not allow {where}" + (f" (only {allowed})" if allowed else "")
+                               + f": {hint}")
+    if exc.status_code < 500:
+        return e.ProtocolError(f"bad request: {exc.detail}")
+    return e.InternalError(f"silod failed: {exc.detail}")
 
 
 class ErrorBody(BaseModel):
@@ -158,8 +182,23 @@ class TemplateIn(BaseModel):
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorReply, "description": text}
     for code, text in ((400, "bad request or spec"), (403, "not allowed"), (404, "no such workspace"),
-                       (409, "wrong state or name taken"), (500, "silo's fault"))
+                       (409, "wrong state or name taken"), (500, "silo's fault"),
+                       ("default", "any other refusal (405 wrong method, 507 store full)"))
 }
+"""Every operation's error replies. With a ``default`` reply listed, FastAPI adds no 422
+HTTPValidationError: silod answers a malformed request 400 with ErrorReply."""
+
+
+def body_of(media_type: str, description: str) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` for a route whose 200 is not JSON; give it ``response_class=Response``
+    (no media type), so that its error replies stay ``application/json`` ErrorReply."""
+    schema = {"schema": {"type": "string"}} if media_type.startswith("text/") else {}
+    return {200: {"description": description, "content": {media_type: schema}}}
+
+
+def raw_body(media_type: str) -> dict[str, Any]:
+    """``openapi_extra=`` for a route that reads its request body as a stream."""
+    return {"requestBody": {"required": True, "content": {media_type: {}}}}
 
 
 def build(manager: Manager) -> FastAPI:
@@ -178,7 +217,10 @@ def build(manager: Manager) -> FastAPI:
         body = e.InternalError(f"silod failed: {type(exc).__name__}: {exc}").to_wire()
         return JSONResponse({"error": body}, status_code=500)
 
-    from fastapi.exceptions import RequestValidationError
+    @app.exception_handler(HTTPException)
+    async def unrouted(request: Request, exc: HTTPException) -> JSONResponse:
+        err = unrouted_error(request.method, request.url.path, exc)
+        return JSONResponse({"error": err.to_wire()}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -202,7 +244,8 @@ def build(manager: Manager) -> FastAPI:
     async def create(request: Request, body: CreateIn) -> dict[str, Any]:
         return info(await manager.create(peer_of(request), body.spec))
 
-    @app.post("/v1/workspaces/import", response_model=WorkspaceOut, status_code=201)
+    @app.post("/v1/workspaces/import", response_model=WorkspaceOut, status_code=201,
+              openapi_extra=raw_body("application/octet-stream"))
     async def import_(request: Request, name: str | None = Query(None)) -> dict[str, Any]:
         peer = peer_of(request)
         tmp_dir = os.path.join(manager.state_dir, "tmp")
@@ -252,7 +295,7 @@ def build(manager: Manager) -> FastAPI:
         return await manager.exec_captured(peer_of(request), name, body.argv, body.env, body.workdir, body.user,
                                            stdin, body.timeout)
 
-    @app.put("/v1/workspaces/{name}/files", status_code=204)
+    @app.put("/v1/workspaces/{name}/files", status_code=204, openapi_extra=raw_body("application/x-tar"))
     async def put_files(request: Request, name: str, path: str = Query(...)) -> Response:
         peer = peer_of(request)
         async with manager.lock(name):
@@ -279,7 +322,8 @@ def build(manager: Manager) -> FastAPI:
             raise e.UserError(f"cannot copy into {name}:{path}: {err.decode(errors='replace').strip()}")
         return Response(status_code=204)
 
-    @app.get("/v1/workspaces/{name}/files")
+    @app.get("/v1/workspaces/{name}/files", response_class=Response,
+             responses=body_of("application/x-tar", "a tar stream of the path"))
     async def get_files(request: Request, name: str, path: str = Query(...)) -> StreamingResponse:
         peer = peer_of(request)
         lock = manager.lock(name)
@@ -348,11 +392,13 @@ def build(manager: Manager) -> FastAPI:
     async def diff(request: Request, name: str) -> list[dict[str, str]]:
         return await manager.diff(peer_of(request), name)
 
-    @app.get("/v1/workspaces/{name}/logs", response_class=PlainTextResponse)
-    async def logs(request: Request, name: str, tail: int | None = Query(None, ge=0)) -> str:
-        return manager.logs(peer_of(request), name, tail)
+    @app.get("/v1/workspaces/{name}/logs", response_class=Response,
+             responses=body_of("text/plain", "the workspace's log"))
+    async def logs(request: Request, name: str, tail: int | None = Query(None, ge=0)) -> Response:
+        return PlainTextResponse(manager.logs(peer_of(request), name, tail))
 
-    @app.get("/v1/workspaces/{name}/export")
+    @app.get("/v1/workspaces/{name}/export", response_class=Response,
+             responses=body_of("application/octet-stream", "the workspace's archive, streamed"))
     async def export(request: Request, name: str) -> StreamingResponse:
         stream = await manager.export(peer_of(request), name)
         return StreamingResponse(stream, media_type="application/octet-stream")
