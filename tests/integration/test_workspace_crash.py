@@ -85,7 +85,7 @@ def our_processes(base: str) -> set[int]:
 
 
 def cgroups_of(name: str) -> list[str]:
-    return glob.glob(f"/sys/fs/cgroup/*/silo*/ws-{name}")
+    return glob.glob(f"/sys/fs/cgroup/*/silo*/ws-*-{name}")
 
 
 def remove_empty_cgroups(prefix: str) -> None:
@@ -323,13 +323,6 @@ def daemon() -> Iterator[Daemon]:
         yield d
 
 
-CGROUP_BUG = ("BUG: a daemon crash leaves a running workspace's cgroup behind when it is younger than the sweep's "
-              "min_age (5 s; Manager.recover removes a straggler's cgroup only through runtime.cgroups().sweep()), "
-              "and the next 'start' fails: InternalError 'cgroup /sys/fs/cgroup/pids/silo/ws-NAME already exists "
-              "(duplicate sandbox name)', and with restart = 'always' the next silod exits 125 at start with that "
-              "message (recover() catches only UserError); 'rm' leaves the cgroup too")
-
-
 def revive(daemon: Daemon, prefix: str) -> None:
     """Bring the module's daemon back after a test that may have left it down."""
     if daemon.proc is None or daemon.proc.poll() is not None:
@@ -340,7 +333,7 @@ def revive(daemon: Daemon, prefix: str) -> None:
 
 @pytest.mark.parametrize("limits", [
     pytest.param({}, id="no-limits"),
-    pytest.param({"pids": 512}, id="pids-limit", marks=pytest.mark.xfail(strict=True, reason=CGROUP_BUG)),
+    pytest.param({"pids": 512}, id="pids-limit"),
 ])
 def test_random_operations_with_daemon_crashes(daemon: Daemon, limits: dict[str, int]) -> None:
     seed = int(os.environ.get("SILO_CRASH_SEED") or random.randrange(1 << 30))
@@ -367,7 +360,6 @@ def test_random_operations_with_daemon_crashes(daemon: Daemon, limits: dict[str,
           f"(interrupting {sorted(crasher.cut)}), {time.monotonic() - started:.1f} s")
 
 
-@pytest.mark.xfail(strict=True, reason=CGROUP_BUG)
 @pytest.mark.parametrize("restart", ["no", "always"])
 def test_a_workspace_with_limits_starts_again_after_a_crash(daemon: Daemon, restart: str) -> None:
     prefix = f"c{uuid.uuid4().hex[:6]}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import grp
+import hashlib
 import logging
 import os
 import signal
@@ -86,8 +87,9 @@ async def serve() -> int:
     if _alive(api_path):
         print(f"silod: already running ({api_path})", file=sys.stderr)
         return 0
-    runtime = Runtime()
-    manager = Manager(paths.state_dir(), os.path.join(daemon_dir, "run"), runtime)
+    state_dir = paths.state_dir()
+    runtime = Runtime(hashlib.sha256(os.path.realpath(state_dir).encode()).hexdigest()[:8])
+    manager = Manager(state_dir, os.path.join(daemon_dir, "run"), runtime)
     await manager.recover()
     api_sock = _listen(api_path, socket.SOCK_STREAM, group)
     exec_sock = _listen(exec_path, socket.SOCK_SEQPACKET, group)

@@ -36,6 +36,7 @@ from silo.model.errors import (
     InternalError,
     NotFoundError,
     PermissionDenied,
+    SiloError,
     SpecError,
     UserError,
     WorkspaceExists,
@@ -214,6 +215,8 @@ class Manager:
         async with self.lock(name):
             record = self.record(peer, name)
             require("rm", name, record.state)
+            with contextlib.suppress(OSError, SiloError):
+                self.runtime.reclaim_cgroup(name)
             await asyncio.to_thread(self.storage.remove, name)
             with contextlib.suppress(OSError):
                 os.unlink(self.log_path(record))
@@ -323,7 +326,7 @@ class Manager:
                     return
                 try:
                     await self._start(record)
-                except UserError as e:
+                except SiloError as e:
                     self.store.update(name, error=f"restart failed: {e.message}")
                     return
                 new = self.running.get(name)
@@ -408,6 +411,10 @@ class Manager:
         restart = []
         for record in records:
             self._kill_straggler(record.name)
+            try:
+                self.runtime.reclaim_cgroup(record.name)
+            except (OSError, SiloError) as e:
+                log.error("cannot remove the cgroup %s left by the last run: %s", record.name, e)
             if record.state in (State.RUNNING, State.PAUSED):
                 self.store.transition(record.name, State.STOPPED,
                                       error="the daemon stopped while it ran, and its processes with it")
@@ -424,7 +431,8 @@ class Manager:
                 record = self.store.load(name)
                 try:
                     await self._start(record)
-                except UserError as e:
+                except SiloError as e:
+                    log.error("cannot restart %s: %s", name, e.message)
                     self.store.update(name, error=f"restart failed: {e.message}")
         self._background(asyncio.to_thread(self.storage.empty_trash))
 

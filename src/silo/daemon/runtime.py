@@ -52,9 +52,14 @@ class Process:
 
 
 class Runtime:
-    """Sealed helper programs, compiled seccomp programs and the cgroup manager."""
+    """Sealed helper programs, compiled seccomp programs and the cgroup manager.
 
-    def __init__(self) -> None:
+    ``tag`` sets this daemon's workspaces' cgroups apart (``ws-TAG-NAME``) from those of
+    another daemon on the host (another user's, or one with another state directory), so
+    reclaiming a crashed run's cgroup never touches a workspace someone else runs."""
+
+    def __init__(self, tag: str) -> None:
+        self.tag = tag
         self.init_fd = native.sealed("silo-init")
         self.setup_fd = native.sealed("silo-setup")
         self._bpf: dict[str, bytes] = {}
@@ -84,10 +89,19 @@ class Runtime:
             self._cgroups = cgroups.open_manager()
         return self._cgroups
 
+    def cgroup_name(self, name: str) -> str:
+        return f"ws-{self.tag}-{name}"
+
+    def reclaim_cgroup(self, name: str) -> None:
+        """Kill and remove workspace ``name``'s cgroup if one is left (by a crashed daemon,
+        or a stop that could not remove it); a workspace without limits has none."""
+        self.cgroups().reclaim(self.cgroup_name(name))
+
     def cgroup_for(self, name: str, plan: p.Plan) -> Any:
         if plan.memory is None and plan.cpus is None and plan.pids is None:
             return None
-        return self.cgroups().create(f"ws-{name}", plan.memory, plan.cpus, plan.pids)
+        self.reclaim_cgroup(name)
+        return self.cgroups().create(self.cgroup_name(name), plan.memory, plan.cpus, plan.pids)
 
     # -- starting ------------------------------------------------------------------------
 

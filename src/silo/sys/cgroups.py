@@ -92,6 +92,10 @@ class CgroupManager(Protocol):
         """Remove empty leftover silo cgroups (a crashed spawner's); returns the count."""
         ...
 
+    def reclaim(self, name: str) -> None:
+        """Kill every process in cgroup ``name`` and remove it, if it exists (its owner
+        crashed and is about to reuse the name); never raises for a missing one."""
+
 
 class NoCgroupManager:
     """Stand-in when no cgroup filesystem is mounted: every ``create`` refuses."""
@@ -108,6 +112,9 @@ class NoCgroupManager:
 
     def sweep(self) -> int:
         return 0
+
+    def reclaim(self, name: str) -> None:
+        pass
 
 
 # ---------------------------------------------------------------- detection

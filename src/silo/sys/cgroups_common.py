@@ -304,6 +304,15 @@ def remove_cgroup(fs: CgroupFs, path: str, *, wait: bool) -> bool:
     return False
 
 
+def reclaim_dirs(fs: CgroupFs, paths: Iterable[str]) -> None:
+    """Kill whatever runs in each cgroup of ``paths`` and remove it (a crashed daemon's
+    cgroup of a name it is about to use again); missing ones are fine."""
+    for path in paths:
+        if os.path.isdir(path):
+            kill_procs(f"{path}/cgroup.procs")
+            remove_cgroup(fs, path, wait=True)
+
+
 def sweep_dirs(fs: CgroupFs, parents: Iterable[str], live: set[str], min_age: float) -> int:
     """Remove empty sandbox cgroups under each of ``parents``; returns distinct names removed.
 

@@ -265,6 +265,12 @@ class V1Manager:
         ]
         return c.sweep_dirs(self.fs, parents, self.live, min_age)
 
+    def reclaim(self, name: str) -> None:
+        c.check_name(name)
+        c.reclaim_dirs(self.fs, [f"{m}/{self.subdir}/{name}" for k, m in self.mounts.items()
+                                 if k in ("memory", "cpu", "pids")])
+        self.live.discard(name)
+
 
 def probe_pids_notify(fs: c.CgroupFs, silo: str) -> bool:
     """Does this kernel notify ``pids.events`` when a fork is refused? (~2 ms, once).

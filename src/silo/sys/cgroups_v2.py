@@ -286,6 +286,12 @@ class V2Manager:
             return 0
         return c.sweep_dirs(self.fs, [self.silo_dir], self.live, min_age)
 
+    def reclaim(self, name: str) -> None:
+        c.check_name(name)
+        if self.silo_dir is not None:
+            c.reclaim_dirs(self.fs, [f"{self.silo_dir}/{name}"])
+        self.live.discard(name)
+
 
 def own_cgroup(proc_self_cgroup: str) -> str | None:
     """This process's path on the unified hierarchy (the ``0::`` line), or None."""
