@@ -372,17 +372,15 @@ def roots_template(root_daemon: Daemon, roots: silo.Workspace) -> Iterator[str]:
                 client.remove_template(tname)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: templates have no owner: a non-root client of a root silod removes "
-                   "root's template (DELETE /v1/templates/NAME -> 204; manager.remove_template ignores the peer)")
 def test_a_non_root_client_cannot_remove_roots_template(root_daemon: Daemon, roots_template: str,
                                                         guest: User) -> None:
-    [(status, _)] = api_as(guest, root_daemon, ("DELETE", f"/v1/templates/{roots_template}", None))
+    [(status, _), (_, listed)] = api_as(guest, root_daemon, ("DELETE", f"/v1/templates/{roots_template}", None),
+                                        ("GET", "/v1/templates", None))
     assert status in (403, 404)
+    assert roots_template not in json.dumps(listed), "another's template is listed"
     assert roots_template in [t.name for t in silo.Client(root_daemon.socket, autostart=False).templates()]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: templates have no owner: a non-root client of a root silod creates a "
-                   "workspace on root's template and reads root's files in it (manager.create accepts any template)")
 def test_a_non_root_client_cannot_read_roots_template(root_daemon: Daemon, roots_template: str,
                                                       guest: User) -> None:
     name = fresh("guest")

@@ -405,8 +405,7 @@ def build(manager: Manager) -> FastAPI:
 
     @app.get("/v1/templates", response_model=list[TemplateOut])
     async def templates(request: Request) -> list[dict[str, Any]]:
-        peer_of(request)
-        return manager.templates()
+        return manager.templates(peer_of(request))
 
     @app.post("/v1/templates", response_model=TemplateOut, status_code=201)
     async def create_template(request: Request, body: TemplateIn) -> dict[str, Any]:
@@ -414,8 +413,7 @@ def build(manager: Manager) -> FastAPI:
 
     @app.delete("/v1/templates/{tname}", status_code=204)
     async def remove_template(request: Request, tname: str) -> Response:
-        peer_of(request)
-        await manager.remove_template(tname)
+        await manager.remove_template(peer_of(request), tname)
         return Response(status_code=204)
 
     return app

@@ -193,7 +193,7 @@ class Manager:
         template = spec.template
         base = spec.root
         if template is not None:
-            base = self.storage.template(template).base
+            base = self.template_of(peer, template).base
         async with self.lock(spec.name):
             now = time.time()
             record = WorkspaceRecord(spec=spec, state=State.CREATED, created=now, updated=now,
@@ -605,14 +605,23 @@ class Manager:
         parse_name(tname, "template name")
         async with self.lock(source):
             await self._quiet(peer, source, "template-create")
-            info = await asyncio.to_thread(self.storage.create_template, tname, source)
+            info = await asyncio.to_thread(self.storage.create_template, tname, source, peer)
         return template_info(info)
 
-    def templates(self) -> list[dict[str, Any]]:
-        return [template_info(t) for t in self.storage.templates()]
+    def template_of(self, peer: int, tname: str) -> Any:
+        """Template ``tname`` if ``peer`` may use it (its maker or root); another's is
+        reported as not existing, like another's workspace."""
+        info = self.storage.template(tname)
+        if peer not in (0, info.owner):
+            raise NotFoundError(f"template {tname!r} does not exist: run 'silo template ls'")
+        return info
 
-    async def remove_template(self, tname: str) -> None:
+    def templates(self, peer: int) -> list[dict[str, Any]]:
+        return [template_info(t) for t in self.storage.templates() if peer in (0, t.owner)]
+
+    async def remove_template(self, peer: int, tname: str) -> None:
         parse_name(tname, "template name")
+        self.template_of(peer, tname)
         await asyncio.to_thread(self.storage.remove_template, tname)
 
     # -- export / import -------------------------------------------------------------

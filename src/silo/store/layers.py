@@ -111,6 +111,7 @@ class TemplateInfo:
     source: str  # the workspace it was made from
     created: float
     layers: tuple[str, ...]  # absolute layer directories, top first
+    owner: int  # the uid that made it: only it and root may see, use or remove it
 
 
 @dataclass(frozen=True)
@@ -202,15 +203,20 @@ class _TemplateFile:
     layers: tuple[str, ...]
     source: str
     created: float
+    owner: int
 
     def to_dict(self) -> dict[str, object]:
-        return {"base": self.base, "layers": list(self.layers), "from": self.source, "created": self.created}
+        return {"base": self.base, "layers": list(self.layers), "from": self.source, "created": self.created,
+                "owner": self.owner}
 
     @classmethod
     def parse(cls, untrusted: object) -> _TemplateFile:
-        top = _table(untrusted, ("base", "layers", "from", "created"), "it")
+        top = _table(untrusted, ("base", "layers", "from", "created", "owner"), "it")
+        owner = top["owner"]
+        if isinstance(owner, bool) or not isinstance(owner, int) or not 0 <= owner < 1 << 32:
+            raise ValueError(f"owner {owner!r} is not a uid")
         return cls(check_base(top["base"]), _ids(top["layers"]), parse_name(top["from"]),  # type: ignore[arg-type]
-                   _time(top["created"]))
+                   _time(top["created"]), owner)
 
 
 # The steps of a journal; paths are relative to the state directory.
@@ -931,9 +937,10 @@ class Storage:
     # -- templates -----------------------------------------------------------------------
 
     def _template_info(self, tname: str, t: _TemplateFile) -> TemplateInfo:
-        return TemplateInfo(tname, t.base, t.source, t.created, tuple(str(self._layers / lid) for lid in t.layers))
+        return TemplateInfo(tname, t.base, t.source, t.created, tuple(str(self._layers / lid) for lid in t.layers),
+                            t.owner)
 
-    def create_template(self, tname: str, source: str) -> TemplateInfo:
+    def create_template(self, tname: str, source: str, owner: int = 0) -> TemplateInfo:
         """Freeze ``source``'s upper; the template's layers are then ``source``'s whole stack."""
         with self._mutex:
             if os.path.lexists(self._templates / parse_name(tname, "template name") / TEMPLATE):
@@ -943,7 +950,7 @@ class Storage:
             steps, layers = self._freeze(source, s)
             if layers != s.layers:
                 steps.append(_WriteStack(source, replace(s, layers=layers), s))
-            tpl = _TemplateFile(s.base, (*layers, *s.template_layers), source, self._clock())
+            tpl = _TemplateFile(s.base, (*layers, *s.template_layers), source, self._clock(), owner)
             self._run(source, f"make template {tname!r} from workspace {source!r}",
                       [*steps, _WriteTemplate(tname, tpl)])
             return self._template_info(tname, tpl)
