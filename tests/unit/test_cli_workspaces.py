@@ -81,23 +81,28 @@ def test_create_from_a_file_with_overrides(cli: Run, mock: silo.MockTransport, t
     assert spec.root == str(tmp_path / "img") and spec.mounts[0].source == str(tmp_path / "data")
 
 
-@pytest.mark.parametrize(("argv", "message"), [
-    (["create", "Web"], "bad workspace name 'Web'"),
-    (["create"], "give the workspace a name"),
-    (["create", "web", "--isolation", "vmm"], "unknown isolation 'vmm'"),
-    (["create", "web", "--root", "./nope"], "root directory ./nope does not exist"),
-    (["create", "web", "--bogus"], "unrecognized arguments: --bogus; see 'silo create --help'"),
-    (["start", "nope"], "no workspace named 'nope': see 'silo ls'"),
-    (["exec", "web"], "no command given"),
-    (["cp", "a", "b"], "copy between the host and a workspace"),
-    (["cp", "web:rel", "/tmp"], "a workspace path is absolute"),
-    (["template", "create", "t"], "the following arguments are required: --from"),
-    (["frobnicate"], "unknown command 'frobnicate'"),
+@pytest.mark.parametrize(("argv", "code", "message"), [
+    (["create", "Web"], 2, "bad workspace name 'Web'"),
+    (["create"], 2, "give the workspace a name"),
+    (["create", "web", "--isolation", "vmm"], 2, "unknown isolation 'vmm'"),
+    (["create", "web", "--root", "./nope"], 3, "root directory ./nope does not exist"),
+    (["create", "web", "--bogus"], 2, "unrecognized arguments: --bogus; see 'silo create --help'"),
+    (["create", "web"], 5, "a workspace named 'web' exists already"),
+    (["start", "nope"], 3, "no workspace named 'nope': see 'silo ls'"),
+    (["stop", "web"], 4, "cannot stop 'web'"),
+    (["exec", "web"], 125, "no command given"),
+    (["exec", "nope", "--", "true"], 125, "no workspace named 'nope'"),
+    (["cp", "a", "b"], 2, "copy between the host and a workspace"),
+    (["cp", "web:rel", "/tmp"], 2, "a workspace path is absolute"),
+    (["template", "create", "t"], 2, "the following arguments are required: --from"),
+    (["frobnicate"], 2, "unknown command 'frobnicate'"),
 ])
-def test_errors_are_one_line(cli: Run, argv: list[str], message: str) -> None:
+def test_errors_are_one_line_with_a_code_per_kind(cli: Run, argv: list[str], code: int, message: str) -> None:
+    """Every verb but exec (whose code is the command's, so silo's own is 125) exits with
+    the code of its error's kind (silo.model.errors)."""
     cli("create", "web")
-    code, out, err = cli(*argv)
-    assert code == 125 and out == ""
+    got, out, err = cli(*argv)
+    assert (got, out) == (code, ""), err
     assert err.startswith("silo: ") and message in err and err.count("\n") == 1, err
 
 
@@ -122,12 +127,12 @@ def test_several_names_go_on_after_a_failure(cli: Run, mock: silo.MockTransport)
     cli("create", "a")
     cli("create", "b")
     code, out, err = cli("start", "a", "nope", "b")
-    assert (code, out) == (125, "a\nb\n") and err == "silo: no workspace named 'nope': see 'silo ls'\n"
+    assert (code, out) == (3, "a\nb\n") and err == "silo: no workspace named 'nope': see 'silo ls'\n"
     assert cli("stop", "--timeout", "2", "a", "b") == (0, "a\nb\n", "")
     assert json.loads(mock.daemon.requests[-1].content) == {"timeout": 2.0}
     assert cli("restart", "a")[0] == 0 and mock.daemon.workspaces["a"].state is State.RUNNING
     code, _, err = cli("rm", "a")
-    assert code == 125 and "or 'silo rm -f a'" in err
+    assert code == 4 and "or 'silo rm -f a'" in err
     assert cli("rm", "-f", "a", "b") == (0, "a\nb\n", "")
     assert mock.daemon.workspaces == {}
 
@@ -165,7 +170,7 @@ def test_snapshots_fork_diff_logs(cli: Run, tmp_path: Path) -> None:
     assert cli("diff", "web")[1].splitlines()[1].split() == ["A", "/tmp/f"]
     assert cli("fork", "web", "web2") == (0, "web2\n", "")
     code, _, err = cli("fork", "web", "web2")
-    assert code == 125 and "exists already" in err
+    assert code == 5 and "exists already" in err
     cli("start", "web")
     cli("stop", "web")
     assert cli("logs", "web", "--tail", "1") == (0, "stop\n", "")
@@ -173,9 +178,9 @@ def test_snapshots_fork_diff_logs(cli: Run, tmp_path: Path) -> None:
 
 def test_diff_of_a_keep_directory_keeps_its_old_meaning(cli: Run, mock: silo.MockTransport, tmp_path: Path) -> None:
     code, _, err = cli("diff", str(tmp_path))
-    assert code == 125 and "is not a kept app-level directory" in err
+    assert code == 2 and "is not a kept app-level directory" in err
     code, _, err = cli("diff", str(tmp_path / "missing"))
-    assert code == 125 and err.startswith(f"silo: {tmp_path}/missing: no such directory ('silo diff DIR'")
+    assert code == 3 and err.startswith(f"silo: {tmp_path}/missing: no such directory ('silo diff DIR'")
     assert mock.daemon.requests == []
 
 
@@ -205,7 +210,7 @@ def test_completion_scripts(cli: Run, tmp_path: Path) -> None:
     assert code == 0 and "complete -o default -F _silo silo" in script
     code, zsh, _ = cli("completion", "zsh")
     assert zsh.startswith("#compdef silo") and script in zsh
-    assert cli("completion", "fish")[0] == 125
+    assert cli("completion", "fish")[0] == 2
     bash = shutil.which("bash")
     if bash is None:
         pytest.skip("no bash")
@@ -248,7 +253,7 @@ def test_a_hostile_archive_is_one_line(cli: Run, mock: silo.MockTransport, tmp_p
         tar.addfile(info)
     mock.daemon.files_reply = out.getvalue()
     code, _, err = cli("cp", "web:/x", str(tmp_path))
-    assert code == 125 and err.startswith("silo: refusing the archive from silod: x is a symlink to '/etc/shadow'")
+    assert code == 11 and err.startswith("silo: refusing the archive from silod: x is a symlink to '/etc/shadow'")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -8,9 +8,12 @@ import base64
 import io
 import json
 import os
+import shutil
 import signal
+import socket
 import sys
 import tarfile
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -165,10 +168,12 @@ def test_odd_replies() -> None:
     # a FieldError is a SpecError (the class is not registered for the wire)
     with pytest.raises(SpecError, match=r"mount\[0\].source: bad"):
         _reply(400, {"error": {"class": "FieldError", "message": "mount[0].source: bad"}}).list()
-    # an unknown class keeps its message as an InternalError
-    with pytest.raises(InternalError, match="disk full"):
+    # a full disk is its own class (exit code 8 in the CLI); an unknown class keeps its message as an InternalError
+    with pytest.raises(silo.StoreFull, match="disk full"):
         _reply(507, {"error": {"class": "StoreFull", "message": "disk full"}}).list()
-    # FastAPI's own 404 for an unknown path, and a non-JSON error
+    with pytest.raises(InternalError, match=r"^odd$"):
+        _reply(500, {"error": {"class": "NoSuchClass", "message": "odd"}}).list()
+    # an old silod's own 404 for an unknown path (today's sends the error body), and a non-JSON error
     with pytest.raises(InternalError, match="silod replied 404 Not Found to GET /v1/workspaces"):
         _reply(404, {"detail": "Not Found"}).list()
     with pytest.raises(InternalError, match="silod replied 502"):
@@ -368,7 +373,7 @@ def test_a_daemon_that_cannot_start_is_a_clear_error(tmp_path: Path, monkeypatch
     monkeypatch.setenv("SILO_DAEMON_DIR", str(tmp_path))
     monkeypatch.setattr(tp, "daemon_command",
                         lambda: [sys.executable, "-c", "import sys; print('no luck', file=sys.stderr); sys.exit(3)"])
-    with pytest.raises(InternalError) as e:
+    with pytest.raises(silo.DaemonUnavailable) as e:
         Client().list()
     assert e.value.message == f"silod exited at start (status 3); see {tmp_path}/silod.log"
     assert "no luck" in (tmp_path / "silod.log").read_text()
@@ -378,15 +383,47 @@ def test_a_daemon_that_does_not_answer_times_out(tmp_path: Path, monkeypatch: py
     monkeypatch.setenv("SILO_DAEMON_DIR", str(tmp_path))
     monkeypatch.setattr(tp, "START_TIMEOUT", 0.3)
     monkeypatch.setattr(tp, "daemon_command", lambda: [sys.executable, "-c", "pass"])
-    with pytest.raises(InternalError, match=r"silod exited at start \(status 0\)|did not answer"):
+    with pytest.raises(silo.DaemonUnavailable, match=r"silod exited at start \(status 0\)|did not answer"):
         Client().list()
 
 
 def test_without_autostart_a_missing_daemon_is_unreachable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SILO_DAEMON_DIR", str(tmp_path))
     monkeypatch.setattr(tp, "daemon_command", lambda: pytest.fail("must not start"))
-    with pytest.raises(InternalError, match=f"cannot reach silod at {tmp_path}/silod.sock"):
+    with pytest.raises(silo.DaemonUnavailable, match=f"cannot reach silod at {tmp_path}/silod.sock"):
         Client(autostart=False).list()
+
+
+def test_a_socket_the_caller_may_not_use_is_refused_not_replaced(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another user's silod (here root's, asked by nobody): a clear PermissionDenied, and
+    no second daemon started beside it."""
+    directory = tempfile.mkdtemp(prefix="silo-sock-")
+    os.chmod(directory, 0o755)  # like /run/silod: the socket's own mode guards it
+    monkeypatch.setenv("SILO_DAEMON_DIR", directory)
+    monkeypatch.setattr(tp, "daemon_command", lambda: pytest.fail("must not start"))
+    path = os.path.join(directory, "silod.sock")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(path)
+    os.chmod(path, 0o600)
+    try:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            code = 1
+            try:
+                os.setgroups([])
+                os.setgid(65534)
+                os.setuid(65534)
+                try:
+                    Client().list()
+                except silo.PermissionDenied as e:
+                    code = 0 if e.message.startswith(f"you may not use silod at {path}: it is another user's") else 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        sock.close()
+        shutil.rmtree(directory)
 
 
 # -- the async client ------------------------------------------------------------------------
@@ -440,7 +477,7 @@ def test_async_autostart_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         async with AsyncClient() as client:
             await client.list()
 
-    with pytest.raises(InternalError, match="status 4"):
+    with pytest.raises(silo.DaemonUnavailable, match="status 4"):
         asyncio.run(scenario())
 
 

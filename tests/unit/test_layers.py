@@ -13,10 +13,17 @@ from pathlib import Path
 
 import pytest
 
-from silo.model.errors import InternalError, NotFoundError, SpecError, UserError, WorkspaceExists, WorkspaceStateError
+from silo.model.errors import (
+    InternalError,
+    NotFoundError,
+    SpecError,
+    StoreFull,
+    UserError,
+    WorkspaceExists,
+    WorkspaceStateError,
+)
 from silo.store import layers
 from silo.store.layers import MAX_LAYERS, Change, SnapshotInfo, Storage
-from silo.store.records import StoreFull
 
 IS_ROOT = os.geteuid() == 0
 OWNER = (100_000, 100_000) if IS_ROOT else (os.getuid(), os.getgid())

@@ -1,8 +1,9 @@
 """``silo``: the command line. A thin client of the SDK; one module per verb.
 
 ``silo run`` normally takes the fast path (:mod:`silo.cli.client`); this module
-serves every other verb, and ``run --help``. Errors print one line and exit 125
-(or 126/127 for commands that cannot run); never a traceback.
+serves every other verb, and ``run --help``. Errors print one line, never a
+traceback, and exit with a code that tells their kind (``silo.model.errors``: 125-127
+for run, plan and exec, whose own code is the command's; 1-11 for the other verbs).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
-from silo.model.errors import SiloError
+from silo.model.errors import EXIT_BAD_INPUT, EXIT_NO_SUCH, SiloError
 
 USAGE = """usage: silo <command> [options]   ('silo <command> --help' for its options)
 
@@ -80,14 +81,15 @@ def cmd_diff(argv: list[str]) -> int | None:
     argument with a '/', or an existing directory that ``--keep`` made (it holds
     ``silo-keep.json``; a workspace name cannot name a path)."""
     if not argv:
-        _fail("usage: silo diff NAME (a workspace) | silo diff DIR (a directory of 'silo run --keep DIR')")
+        _fail("usage: silo diff NAME (a workspace) | silo diff DIR (a directory of 'silo run --keep DIR')",
+              EXIT_BAD_INPUT)
     keep_dirs = [arg for arg in argv if not arg.startswith("-") and (
         "/" in arg or os.path.isfile(os.path.join(arg, "silo-keep.json")))]
     if not keep_dirs:
         return _workspaces("diff", argv)
     if len(argv) != 1 or not os.path.isdir(argv[0]):
         _fail(f"{keep_dirs[0]}: no such directory ('silo diff DIR' takes a directory of 'silo run --keep DIR'; "
-              "'silo diff NAME' a workspace)")
+              "'silo diff NAME' a workspace)", EXIT_NO_SUCH)
     from silo.cli.diff import changes
 
     for kind, path in changes(os.path.abspath(argv[0])):
@@ -102,7 +104,7 @@ def cmd_server(argv: list[str]) -> None:
     from silo.spawner import protocol
 
     if argv not in (["stop"], ["status"]):
-        _fail("usage: silo server stop|status")
+        _fail("usage: silo server stop|status", EXIT_BAD_INPUT)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         sock.connect(paths.server_socket())
@@ -128,12 +130,16 @@ def cmd_completion(argv: list[str]) -> None:
     from silo.cli.completion import script
 
     if len(argv) != 1 or argv[0] not in ("bash", "zsh"):
-        _fail("usage: silo completion bash|zsh (then: source <(silo completion bash))")
+        _fail("usage: silo completion bash|zsh (then: source <(silo completion bash))", EXIT_BAD_INPUT)
     print(script(argv[0], sorted(COMMANDS)), end="")
 
 
 _WORKSPACE_VERBS = ("create", "start", "stop", "restart", "rm", "ls", "inspect", "exec", "cp", "snapshot",
                     "snapshots", "restore", "reset", "fork", "template", "export", "import", "logs")
+
+# The verbs whose exit code is a command's: silo's own failures are 125-127 there
+# (silo.model.errors explains both sets of codes).
+COMMAND_CODE_VERBS = ("run", "plan", "exec")
 
 COMMANDS: dict[str, Callable[[list[str]], int | None]] = {
     "run": cmd_run, "plan": cmd_plan, "diff": cmd_diff, "server": cmd_server, "completion": cmd_completion,
@@ -153,11 +159,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     command = COMMANDS.get(argv[0])
     if command is None:
-        _fail(f"unknown command {argv[0]!r}: run 'silo --help' for the list")
+        _fail(f"unknown command {argv[0]!r}: run 'silo --help' for the list", EXIT_BAD_INPUT)
     try:
         code = command(argv[1:])
     except SiloError as e:
-        _fail(e.message, e.exit_code)
+        _fail(e.message, e.exit_code if argv[0] in COMMAND_CODE_VERBS else e.verb_exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
     except BrokenPipeError:

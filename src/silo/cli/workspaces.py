@@ -43,7 +43,7 @@ make_client: Callable[[], Client] = _default_client
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse whose usage errors are SpecErrors (one line, exit 125); ``-h`` exits 0."""
+    """argparse whose usage errors are SpecErrors (one line, exit 2, or 125 for exec); ``-h`` exits 0."""
 
     def error(self, message: str) -> NoReturn:
         raise SpecError(f"{message}; see '{self.prog} --help'")
@@ -213,7 +213,7 @@ def _each(names: Sequence[str], act: Callable[[Workspace], object]) -> int:
                 print(name)
             except SiloError as e:
                 print(error_line(e.message), file=sys.stderr)
-                code = e.exit_code
+                code = e.verb_exit_code
     return code
 
 

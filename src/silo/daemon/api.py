@@ -31,10 +31,10 @@ from starlette.exceptions import HTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 import silo
+from silo.backends.process import copier
 from silo.daemon.manager import Manager
 from silo.model import errors as e
 from silo.model.errors import SiloError
-from silo.store.records import StoreFull
 
 API_VERSION = 1
 MAX_UPLOAD = 1 << 40
@@ -58,20 +58,6 @@ def peer_of(request: Request) -> int:
     if not client or client[0] != "uid" or client[1] < 0:
         raise e.PermissionDenied("the caller's credentials are unknown: use silod's unix socket")
     return int(client[1])
-
-
-def status_of(err: SiloError) -> int:
-    if isinstance(err, e.PermissionDenied):
-        return 403
-    if isinstance(err, e.NotFoundError):
-        return 404
-    if isinstance(err, e.WorkspaceExists | e.WorkspaceStateError):
-        return 409
-    if isinstance(err, StoreFull):
-        return 507
-    if isinstance(err, e.UserError | e.ProtocolError):
-        return 400
-    return 500
 
 
 def unrouted_error(method: str, untrusted_path: str, exc: HTTPException) -> SiloError:
@@ -207,7 +193,7 @@ def build(manager: Manager) -> FastAPI:
 
     @app.exception_handler(SiloError)
     async def silo_error(request: Request, exc: SiloError) -> JSONResponse:
-        return JSONResponse({"error": exc.to_wire()}, status_code=status_of(exc))
+        return JSONResponse({"error": exc.to_wire()}, status_code=e.http_status(exc))
 
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception) -> JSONResponse:
@@ -319,7 +305,7 @@ def build(manager: Manager) -> FastAPI:
                 if temp is not None:
                     await manager.runtime.stop(temp, 0)
         if code != 0:
-            raise e.UserError(f"cannot copy into {name}:{path}: {err.decode(errors='replace').strip()}")
+            raise copier.error_of(code, f"cannot copy into {name}:{path}: {err.decode(errors='replace').strip()}")
         return Response(status_code=204)
 
     @app.get("/v1/workspaces/{name}/files", response_class=Response,
@@ -339,11 +325,12 @@ def build(manager: Manager) -> FastAPI:
         first = await helper.stdout.read(1 << 16)
         if not first:
             err = await helper.stderr.read()
-            await helper.wait()
+            code = await helper.wait()
             if temp is not None:
                 await manager.runtime.stop(temp, 0)
             lock.release()
-            raise e.UserError(f"cannot copy {name}:{path}: {err.decode(errors='replace').strip() or 'failed'}")
+            raise copier.error_of(code, f"cannot copy {name}:{path}: "
+                                        f"{err.decode(errors='replace').strip() or 'failed'}")
 
         async def stream() -> AsyncIterator[bytes]:
             try:

@@ -45,7 +45,7 @@ def load(keep: str) -> list[dict[str, str]]:
         with open(path) as f:
             data = json.load(f)
     except FileNotFoundError:
-        raise UserError(f"{keep} is not a kept app-level directory (no {MANIFEST}): "
+        raise SpecError(f"{keep} is not a kept app-level directory (no {MANIFEST}): "
                         "make one with 'silo run --isolation app --keep DIR ...'") from None
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read {path}: {e}") from None

@@ -30,7 +30,15 @@ import httpx
 
 from silo.engine import paths
 from silo.model import specfile
-from silo.model.errors import InternalError, ProtocolError, SpecError, error_from_wire
+from silo.model.errors import (
+    DaemonUnavailable,
+    InternalError,
+    PermissionDenied,
+    ProtocolError,
+    SiloError,
+    SpecError,
+    error_from_wire,
+)
 from silo.model.spec import Mount
 from silo.model.workspace import (
     FieldError,
@@ -449,8 +457,27 @@ def _download_meter(call: _Call[Any], response: httpx.Response) -> tp.Meter:
     return tp.Meter(call.progress, int(length) if length and length.isdigit() else None)
 
 
-def _unreachable(socket: str, error: Exception) -> InternalError:
-    return InternalError(f"cannot reach silod at {socket}: {error}")
+def _unreachable(socket: str, error: Exception) -> SiloError:
+    try:
+        os.stat(socket)
+        ours = os.access(socket, os.R_OK | os.W_OK)
+    except PermissionError:  # a directory on the way is closed to us
+        ours = False
+    except OSError:
+        ours = True  # not there: ours to start
+    if not ours:
+        # Another's daemon (or the system one, for a user outside group 'silo'): never
+        # start a second one beside it.
+        return PermissionDenied(f"you may not use silod at {socket}: it is another user's; use your own "
+                                "(unset SILO_DAEMON_DIR), or ask for the group of the system daemon ('silo')")
+    return DaemonUnavailable(f"cannot reach silod at {socket}: {error}")
+
+
+def _may_start(socket: str, error: Exception) -> None:
+    """Raise instead of starting a daemon when the socket is there but not ours to use."""
+    refusal = _unreachable(socket, error)
+    if isinstance(refusal, PermissionDenied):
+        raise refusal
 
 
 # -- the blocking client -------------------------------------------------------------------
@@ -487,6 +514,7 @@ class Client:
             except httpx.ConnectError as e:
                 if attempt == 2 or not self._autostart:
                     raise _unreachable(self.socket, e) from None
+                _may_start(self.socket, e)
                 tp.start_daemon(self.socket)
             except httpx.HTTPError as e:
                 raise _unreachable(self.socket, e) from None
@@ -681,6 +709,7 @@ class AsyncClient:
             except httpx.ConnectError as e:
                 if attempt == 2 or not self._autostart:
                     raise _unreachable(self.socket, e) from None
+                _may_start(self.socket, e)
                 await tp.run_blocking(tp.start_daemon, self.socket)
             except httpx.HTTPError as e:
                 raise _unreachable(self.socket, e) from None

@@ -230,16 +230,16 @@ def start_daemon(socket: str) -> None:
             proc = subprocess.Popen(daemon_command(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                     stderr=log, start_new_session=True, env=_daemon_env())
     except OSError as e:
-        raise errors.InternalError(f"cannot start silod: {e}; see {log_path}") from None
+        raise errors.DaemonUnavailable(f"cannot start silod: {e}; see {log_path}") from None
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         if _answers(socket):
             return
         status = proc.poll()
         if status is not None and not _answers(socket):
-            raise errors.InternalError(f"silod exited at start (status {status}); see {log_path}")
+            raise errors.DaemonUnavailable(f"silod exited at start (status {status}); see {log_path}")
         time.sleep(0.05)
-    raise errors.InternalError(f"silod did not answer on {socket} within {START_TIMEOUT:g} s; see {log_path}")
+    raise errors.DaemonUnavailable(f"silod did not answer on {socket} within {START_TIMEOUT:g} s; see {log_path}")
 
 
 # -- cp: tar streams -----------------------------------------------------------------------
@@ -408,21 +408,8 @@ def unpack(archive: IO[bytes], host_path: str | os.PathLike[str]) -> None:
 # -- the fake daemon -----------------------------------------------------------------------
 
 
-def status_of(error: SiloError) -> int:
-    """The HTTP status docs/api.md gives an error class."""
-    if isinstance(error, NotFoundError):
-        return 404
-    if isinstance(error, (errors.WorkspaceExists, errors.WorkspaceStateError)):
-        return 409
-    if isinstance(error, errors.PermissionDenied):
-        return 403
-    if type(error).__name__ == "StoreFull":
-        return 507
-    return 400 if isinstance(error, (UserError, errors.ProtocolError)) else 500
-
-
 def _error(error: SiloError) -> httpx.Response:
-    return httpx.Response(status_of(error), json={"error": error.to_wire()})
+    return httpx.Response(errors.http_status(error), json={"error": error.to_wire()})
 
 
 Files = dict[str, "bytes | None"]  # path -> content; None is a directory

@@ -3,6 +3,7 @@
 Daemon-side: it imports only :mod:`silo.model`, and nothing but the daemon imports it.
 """
 
-from silo.store.records import CorruptRecord, Store, StoreFull, StoreLocked
+from silo.model.errors import StoreFull
+from silo.store.records import CorruptRecord, Store, StoreLocked
 
 __all__ = ["CorruptRecord", "Store", "StoreFull", "StoreLocked"]

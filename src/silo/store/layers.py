@@ -62,12 +62,12 @@ from silo.model.errors import (
     NotFoundError,
     SiloError,
     SpecError,
+    StoreFull,
     UserError,
     WorkspaceExists,
     WorkspaceStateError,
 )
 from silo.model.workspace import parse_name
-from silo.store.records import StoreFull
 from silo.store.records import _fsync_dir as fsync_dir
 
 MAX_LAYERS = 60  # own + template layers: overlay's options must fit in a page

@@ -44,7 +44,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
-from silo.model.errors import InternalError, NotFoundError, SpecError, UserError, WorkspaceExists
+from silo.model.errors import InternalError, NotFoundError, SpecError, StoreFull, UserError, WorkspaceExists
 from silo.model.workspace import State, WorkspaceRecord, check_transition, parse_name
 
 RECORD = "record.json"
@@ -66,10 +66,6 @@ class CorruptRecord(UserError):
         super().__init__(f"{path}: corrupt workspace record: {detail}; fix the file, "
                          f"or remove {path.parent} to forget the workspace")
         self.path = path
-
-
-class StoreFull(UserError):
-    """The disk or quota is full: a record could not be saved (the old one is intact)."""
 
 
 def _reject_constant(name: str) -> object:

@@ -29,9 +29,13 @@ import tarfile
 from typing import Any
 
 from silo.model import plan as p
+from silo.model.errors import NotFoundError, PermissionDenied, SiloError, UserError
 from silo.sys import kernel as sysk
 
 JOIN_FLAGS = sysk.CLONE_NEWUSER | sysk.CLONE_NEWNS
+# The helper's exit codes that say more than "failed" (2): the daemon picks its error class by them.
+EXIT_MISSING = 3
+EXIT_DENIED = 4
 
 
 class CopyError(Exception):
@@ -138,7 +142,8 @@ def main(argv: list[str]) -> int:
     except OSError as e:
         where = f": {e.filename}" if e.filename else ""
         print(f"{e.strerror}{where}", file=sys.stderr)
-        return 2
+        return EXIT_MISSING if isinstance(e, FileNotFoundError) else EXIT_DENIED if isinstance(
+            e, PermissionError) else 2
     except Exception as e:  # one line for the user, never a traceback
         print(f"{type(e).__name__}: {e}", file=sys.stderr)
         return 2
@@ -146,6 +151,12 @@ def main(argv: list[str]) -> int:
 
 
 # -- the daemon's side ------------------------------------------------------------------
+
+
+def error_of(code: int, message: str) -> SiloError:
+    """The error a helper's exit ``code`` and its stderr line stand for."""
+    kind = {EXIT_MISSING: NotFoundError, EXIT_DENIED: PermissionDenied}.get(code, UserError)
+    return kind(message)
 
 
 async def start(mode: str, path: str, target: Any, plan: p.Plan, runtime: Any) -> tuple[Any, Any]:
