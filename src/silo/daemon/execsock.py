@@ -6,7 +6,8 @@ and peer-credential rule as the API). Protocol (docs/api.md, "Streamed exec"):
 
 * request: one packet of NUL-separated key/value fields with three fds (stdin, stdout,
   stderr) as SCM_RIGHTS. Keys: ``name``, ``arg`` (repeated, in order), ``env``
-  (``K=V``, repeated), ``workdir``, ``user``, ``tty`` (``1``), ``term``.
+  (``K=V``, repeated), ``workdir``, ``user``, ``tty`` (``1``), ``term``, ``rows`` and
+  ``cols`` (the terminal's size, set on the pty before the command starts).
 * replies: ``started PID``; with a tty, ``pty`` carrying the pty master; then
   ``exit CODE`` or ``error CLASS MESSAGE``.
 * the client may send ``signal N`` (forwarded to the command's process group through
@@ -30,7 +31,7 @@ from silo.daemon.runtime import settle
 from silo.model.errors import InternalError, ProtocolError, SiloError
 
 MAX_REQUEST = 1 << 20
-KEYS = {b"name", b"arg", b"env", b"workdir", b"user", b"tty", b"term"}
+KEYS = {b"name", b"arg", b"env", b"workdir", b"user", b"tty", b"term", b"rows", b"cols"}
 
 
 def parse_request(data: bytes) -> dict[str, Any]:
@@ -54,6 +55,10 @@ def parse_request(data: bytes) -> dict[str, Any]:
             out["env"][name] = val
         elif key == b"tty":
             out["tty"] = value == "1"
+        elif key in (b"rows", b"cols"):
+            if not (value.isdigit() and len(value) <= 5 and int(value) < 65536):
+                raise ProtocolError(f"malformed exec request: {key.decode()} must be 0-65535")
+            out[key.decode()] = int(value)
         else:
             out[key.decode()] = value
     if "name" not in out:
@@ -134,7 +139,8 @@ class Server:
         manager = self.manager
         run = manager.running_of(peer, req["name"])
         plan = manager.join_plan(run, req["argv"], req["env"], req.get("workdir"), req.get("user"),
-                                 tty=req["tty"], term=req.get("term"))
+                                 tty=req["tty"], term=req.get("term"),
+                                 winsize=(req.get("rows", 0), req.get("cols", 0)))
         proc = await manager.runtime.join(run.proc, plan, (fds[0], fds[1], fds[2]))
         for fd in fds:
             os.close(fd)

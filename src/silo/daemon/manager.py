@@ -25,7 +25,7 @@ import os
 import signal
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from silo.daemon.runtime import Process, Runtime
@@ -447,15 +447,17 @@ class Manager:
         return run
 
     def join_plan(self, run: Running, argv: Sequence[str], env: Mapping[str, str] | None, workdir: str | None,
-                  user: str | None, tty: bool = False, term: str | None = None) -> p.Plan:
+                  user: str | None, tty: bool = False, term: str | None = None,
+                  winsize: tuple[int, int] = (0, 0)) -> p.Plan:
         uid = gid = None
         if user is not None:
             u = User.parse(user) if user != "root" else User(0, 0)
             uid, gid = u.uid, u.gid
         if workdir is not None and not workdir.startswith("/"):
             raise SpecError(f"bad working directory {workdir!r}: give an absolute path")
-        return planner.plan_join(run.plan, argv, env=tuple((env or {}).items()), cwd=workdir, uid=uid, gid=gid,
+        plan = planner.plan_join(run.plan, argv, env=tuple((env or {}).items()), cwd=workdir, uid=uid, gid=gid,
                                  tty=tty, term=term)
+        return replace(plan, process=replace(plan.process, winsize=winsize)) if tty else plan
 
     async def exec_captured(self, peer: int, name: str, argv: Sequence[str], env: Mapping[str, str] | None,
                             workdir: str | None, user: str | None, stdin: bytes,

@@ -224,6 +224,7 @@ class Process:
     harden: bool = True  # drop capabilities, no_new_privs, seccomp; False only at the app level
     setgroups: bool = True  # False when the user namespace denies setgroups (rootless)
     tty: bool = False  # stdio is a pty made in the sandbox's own devpts; the master goes to the client
+    winsize: tuple[int, int] = (0, 0)  # the pty's rows and columns from the start (0, 0: left to the client)
 
 
 @dataclass(frozen=True)

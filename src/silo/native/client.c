@@ -1123,6 +1123,14 @@ static void __attribute__((noreturn)) exec_cmd(int argc, char **argv)
         out_field("tty", "1");
         if (getenv("TERM"))
             out_field("term", getenv("TERM"));
+        struct winsize size;
+        if (ioctl(0, TIOCGWINSZ, &size) == 0) { /* sized before the command first looks */
+            char rows[8], cols[8];
+            snprintf(rows, sizeof rows, "%u", size.ws_row);
+            snprintf(cols, sizeof cols, "%u", size.ws_col);
+            out_field("rows", rows);
+            out_field("cols", cols);
+        }
     }
     if (out.too_big)
         die(EXIT_SILO, "the command line is too large (over %d bytes)", MAX_MESSAGE);

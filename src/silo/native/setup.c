@@ -61,7 +61,7 @@
 #include <sys/types.h>
 #include <unistd.h>
 
-#define MAGIC "silo-setup 2"
+#define MAGIC "silo-setup 3"
 #define LAST_CAP 40
 #define MAX_SCRIPT (16 << 20)
 
@@ -609,12 +609,19 @@ static void set_capabilities(uint64_t keep) {
             internal("raising ambient capability %d: %s", cap, strerror(errno));
 }
 
-static void open_pty(void) {
+/* `winsize` is rows << 16 | cols, set before the command runs so its first look at the
+ * terminal's size is right (0: the client sets it when the master reaches it). */
+static void open_pty(long long winsize) {
     int master = open("/dev/ptmx", O_RDWR | O_NOCTTY | O_CLOEXEC);
     int unlock = 0;
     unsigned number;
     if (master < 0 || ioctl(master, TIOCSPTLCK, &unlock) < 0 || ioctl(master, TIOCGPTN, &number) < 0)
         internal("cannot open a pty: %s", strerror(errno));
+    if (winsize > 0) {
+        struct winsize size = {.ws_row = (unsigned short)(winsize >> 16 & 0xffff),
+                               .ws_col = (unsigned short)(winsize & 0xffff)};
+        ioctl(master, TIOCSWINSZ, &size);
+    }
     char name[32];
     snprintf(name, sizeof name, "/dev/pts/%u", number);
     int slave = open(name, O_RDWR);
@@ -809,6 +816,7 @@ int main(int argc, char **argv) {
     uint64_t keep = (uint64_t)num(&r);
     int no_new_privs = (int)num(&r), harden = (int)num(&r), new_session = (int)num(&r), tty = (int)num(&r),
         with_init = (int)num(&r);
+    long long winsize = num(&r);
     long long nrlimits = num(&r);
     struct {
         int resource;
@@ -878,7 +886,7 @@ int main(int argc, char **argv) {
         if (setsid() < 0)
             internal("setsid: %s", strerror(errno));
         if (tty)
-            open_pty();
+            open_pty(winsize);
     }
     for (long long i = 0; i < nrlimits; i++)
         if (setrlimit((__rlimit_resource_t)rlimits[i].resource, &rlimits[i].lim) < 0)
