@@ -43,7 +43,11 @@ def cli(*args: str, stdin: str | None = None, timeout: float = 60) -> subprocess
                           stdin=None if stdin is not None else subprocess.DEVNULL)
 
 
-def assert_refused(r: subprocess.CompletedProcess[str], message: str, code: int = 125) -> None:
+# Exit codes of the workspace verbs (README): exec keeps run's 125 for its own refusals.
+BAD_INPUT, NOT_FOUND, WRONG_STATE, EXISTS, NOT_ALLOWED, EXEC_REFUSED = 2, 3, 4, 5, 6, 125
+
+
+def assert_refused(r: subprocess.CompletedProcess[str], message: str, code: int) -> None:
     """One line on stderr, exactly ``silo: MESSAGE``; nothing on stdout; ``code``."""
     assert (r.returncode, r.stderr, r.stdout) == (code, f"silo: {message}\n", ""), r
 
@@ -168,7 +172,7 @@ def test_lifecycle_through_the_cli(daemon: Daemon, made: Made) -> None:
     r = cli("create", name)
     assert (r.returncode, r.stdout, r.stderr) == (0, f"{name}\n", "")
     assert_refused(cli("exec", name, "--", "true"),
-                   f"cannot exec in '{name}': it has not been started; run 'silo start {name}'")
+                   f"cannot exec in '{name}': it has not been started; run 'silo start {name}'", EXEC_REFUSED)
     assert cli("start", name).stdout == f"{name}\n"
     r = cli("exec", name, "--", "sh", "-c", "echo hello; echo oops >&2")
     assert (r.returncode, r.stdout, r.stderr) == (0, "hello\n", "oops\n")
@@ -182,9 +186,10 @@ def test_lifecycle_through_the_cli(daemon: Daemon, made: Made) -> None:
     assert inspected["state"] == "running" and comm(inspected["pid"]) == "silo-init"
     assert inspected["spec"]["name"] == name and inspected["private_bytes"] is not None
 
-    assert_refused(cli("start", name), f"cannot start '{name}': it is already running")
+    assert_refused(cli("start", name), f"cannot start '{name}': it is already running", WRONG_STATE)
     assert_refused(cli("rm", name),
-                   f"cannot remove '{name}': it is running; run 'silo stop {name}' first, or 'silo rm -f {name}'")
+                   f"cannot remove '{name}': it is running; run 'silo stop {name}' first, or 'silo rm -f {name}'",
+                   WRONG_STATE)
 
     assert cli("restart", name).returncode == 0
     restarted = json.loads(cli("inspect", name).stdout)
@@ -192,8 +197,9 @@ def test_lifecycle_through_the_cli(daemon: Daemon, made: Made) -> None:
 
     assert cli("stop", name).stdout == f"{name}\n"
     assert json.loads(cli("inspect", name).stdout)["state"] == "stopped"
-    assert_refused(cli("exec", name, "--", "true"), f"cannot exec in '{name}': it is stopped; run 'silo start {name}'")
-    assert_refused(cli("stop", name), f"cannot stop '{name}': it is already stopped")
+    assert_refused(cli("exec", name, "--", "true"), f"cannot exec in '{name}': it is stopped; run 'silo start {name}'",
+                   EXEC_REFUSED)
+    assert_refused(cli("stop", name), f"cannot stop '{name}': it is already stopped", WRONG_STATE)
 
     cli("start", name)
     r = cli("rm", "-f", name)
@@ -205,13 +211,14 @@ def test_lifecycle_through_the_cli(daemon: Daemon, made: Made) -> None:
 def test_cli_errors_are_one_line(made: Made) -> None:
     r = cli("create", "Bad/Name")
     assert_refused(r, "bad workspace name 'Bad/Name': use 1 to 63 lowercase letters, digits, '_', '.' or '-', "
-                      "starting with a letter or digit, no '..'")
+                      "starting with a letter or digit, no '..'", BAD_INPUT)
     missing = made.name("missing")
-    for argv in (("start", missing), ("exec", missing, "--", "true"), ("inspect", missing), ("rm", missing)):
-        assert_refused(cli(*argv), f"no workspace named '{missing}': see 'silo ls'")
+    for argv, code in ((("start", missing), NOT_FOUND), (("exec", missing, "--", "true"), EXEC_REFUSED),
+                       (("inspect", missing), NOT_FOUND), (("rm", missing), NOT_FOUND)):
+        assert_refused(cli(*argv), f"no workspace named '{missing}': see 'silo ls'", code)
     assert_refused(cli("exec", "Bad/Name", "--", "true"), "bad workspace name 'Bad/Name': use 1 to 63 lowercase "
-                   "letters, digits, '_', '.' or '-', starting with a letter or digit, no '..'")
-    # silo's own refusals are 125, apart from the codes a command gives (126, 127, its own)
+                   "letters, digits, '_', '.' or '-', starting with a letter or digit, no '..'", EXEC_REFUSED)
+    # exec's own refusals are 125, apart from the codes a command gives (126, 127, its own)
     r = cli("exec", missing)
     assert r.returncode == 125 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
 
@@ -224,7 +231,7 @@ def test_create_of_an_existing_name_leaves_it_untouched(client: silo.Client, mad
         client.create(ws.name, env={"WHO": "second"}, disposable=True)
     exists = f"a workspace named '{ws.name}' already exists: pick another name, or 'silo rm {ws.name}' first"
     assert e.value.message == exists
-    assert_refused(cli("create", ws.name), exists)
+    assert_refused(cli("create", ws.name), exists, EXISTS)
     after = ws.info()
     assert (after.state, after.pid, after.spec, after.created) == (before.state, before.pid, before.spec,
                                                                     before.created)
@@ -238,7 +245,7 @@ def test_bad_spec_file_points_at_line_and_column(daemon: Daemon, client: silo.Cl
     spec.write_text(f'name = "{name}"\n\n  bogus = 1\n')
     before, entries = listed(client), state_entries(daemon)
     r = cli("create", "-f", str(spec))
-    assert r.returncode == 125 and r.stdout == "" and r.stderr.count("\n") == 1
+    assert r.returncode == BAD_INPUT and r.stdout == "" and r.stderr.count("\n") == 1
     assert r.stderr.startswith(f"silo: {spec}:3:3: unknown key 'bogus'"), r.stderr
     assert (listed(client), state_entries(daemon)) == (before, entries)
 
@@ -247,14 +254,15 @@ def test_a_failed_create_leaves_nothing(daemon: Daemon, client: silo.Client, mad
     before, entries = listed(client), state_entries(daemon)
     name = made.name()
     attempts = [
-        (("create", name, "-v", f"{hostdir}/absent:/data"), f"mount source {hostdir}/absent does not exist"),
-        (("create", name, "--root", made.template()), "template"),
-        (("create", name, "--memory", "lots"), "memory"),
-        (("create", name, "-v", f"{os.path.dirname(daemon.sockets)}:/d"), "silod's sockets or state"),
+        (("create", name, "-v", f"{hostdir}/absent:/data"), f"mount source {hostdir}/absent does not exist",
+         NOT_FOUND),
+        (("create", name, "--root", made.template()), "template", NOT_FOUND),
+        (("create", name, "--memory", "lots"), "memory", BAD_INPUT),
+        (("create", name, "-v", f"{os.path.dirname(daemon.sockets)}:/d"), "silod's sockets or state", NOT_ALLOWED),
     ]
-    for argv, words in attempts:
+    for argv, words, code in attempts:
         r = cli(*argv)
-        assert r.returncode == 125 and words in r.stderr and r.stderr.count("\n") == 1, r
+        assert r.returncode == code and words in r.stderr and r.stderr.count("\n") == 1, r
         assert (listed(client), state_entries(daemon)) == (before, entries), argv
     assert not os.path.exists(os.path.join(daemon.state, "workspaces", name))
 
@@ -401,11 +409,56 @@ def test_a_package_installed_with_dpkg_stays_in_the_workspace(made: Made, hostdi
     install_and_check(made.started(), hostdir, ["dpkg", "-i"])
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: apt-get cannot install even a local .deb in a root=host workspace: "
-                   "the curated /etc has no /etc/apt and /var is empty (no /var/cache/apt/archives/partial, "
-                   "no /var/lib/dpkg/status), apt-get exits 100")
 def test_a_package_installed_with_apt_get_stays_in_the_workspace(made: Made, hostdir: Path) -> None:
     install_and_check(made.started(), hostdir, ["apt-get", "install", "-y"])
+
+
+
+def test_package_state_goes_through_snapshots_forks_and_exports(client: silo.Client, made: Made,
+                                                                hostdir: Path) -> None:
+    """The package state lives in nested layer directories (``var/lib/dpkg``): the storage
+    verbs and diff treat them like any other."""
+    ws = made.started()
+    assert cli("cp", str(build_deb(hostdir)), f"{ws.name}:/tmp/pkg.deb").returncode == 0
+    ws.stop()
+    ws.snapshot("before")
+    ws.start()
+    out(ws.exec(["dpkg", "-i", "/tmp/pkg.deb"]))
+    ws.stop()
+    changes = {(c.kind, c.path) for c in ws.diff()}
+    assert {("added", "/var/lib/dpkg/info/silo-test-pkg.list"), ("changed", "/var/lib/dpkg/status"),
+            ("added", "/usr/share/silo-test/hello")} <= changes
+    ws.snapshot("after")
+
+    def installed(w: silo.Workspace) -> bool:
+        if w.info().state.value != "running":
+            w.start()
+        return w.exec(["dpkg", "-s", "silo-test-pkg"]).exit_code == 0
+
+    fork_name = made.name("fork")
+    ws.fork(fork_name)
+    ws.export(hostdir / "ws.tar")
+    imported_name = made.name("imported")
+    client.import_(hostdir / "ws.tar", imported_name)
+    ws.restore("before")
+    assert not installed(ws)
+    ws.stop()
+    ws.restore("after")
+    assert installed(ws)
+    ws.stop()
+    ws.reset()
+    assert not installed(ws)
+    assert installed(client.get(fork_name)) and installed(client.get(imported_name))
+    assert not host_has_test_package()
+
+def test_apt_sees_the_host_sources_but_no_credentials(made: Made) -> None:
+    ws = made.started()
+    secrets = ("/etc/apt/auth.conf", "/etc/apt/auth.conf.d", "/var/cache/debconf/passwords.dat", "/etc/ssl/private")
+    shown = out(ws.exec(["sh", "-c", 'for f in "$@"; do ls -d "$f" 2>/dev/null; done; true', "sh", *secrets]))
+    assert shown == ""
+    # the host's package database and sources, not empty ones
+    assert out(ws.exec(["dpkg-query", "-W", "-f", "${Package}", "dpkg"])) == "dpkg"
+    assert set(out(ws.exec(["ls", "/etc/apt"])).split()) & {"sources.list", "sources.list.d"}
 
 
 def files_under(path: str) -> list[str]:
@@ -450,7 +503,7 @@ def test_snapshot_and_restore(made: Made) -> None:
         ws.snapshot("clean")
     assert e.value.message == f"cannot snapshot '{ws.name}': it is running; run 'silo stop {ws.name}' first"
     assert_refused(cli("snapshot", ws.name, "clean"),
-                   f"cannot snapshot '{ws.name}': it is running; run 'silo stop {ws.name}' first")
+                   f"cannot snapshot '{ws.name}': it is running; run 'silo stop {ws.name}' first", WRONG_STATE)
     ws.stop()
     assert cli("snapshot", ws.name, "clean").stdout == "clean\n"
     assert [s["tag"] for s in json.loads(cli("snapshots", ws.name, "--json").stdout)] == ["clean"]
@@ -508,7 +561,8 @@ def test_templates(client: silo.Client, made: Made) -> None:
     assert out(ws.exec(["cat", "/root/t", "/usr/local/bin/silo-tpl-tool"])) == "in-template\ntool\n"
     out(ws.exec(["sh", "-c", "echo mine > /root/t"]))
     assert_refused(cli("template", "rm", tname),
-                   f"cannot remove template '{tname}': workspace '{child}' is made from it; remove it first")
+                   f"cannot remove template '{tname}': workspace '{child}' is made from it; remove it first",
+                   WRONG_STATE)
     src.start()  # the template is a copy: the source changes on its own
     out(src.exec(["sh", "-c", "echo source-later > /root/t"]))
     other = made.started(root=tname)
@@ -535,7 +589,7 @@ def test_export_and_import_under_a_new_name(client: silo.Client, made: Made, hos
     ws = made.started(env={"FROM": "export"})
     out(ws.exec(["sh", "-c", "mkdir -p /root/d && echo exported > /root/d/f && rm /etc/issue"]))
     assert_refused(cli("export", ws.name, str(hostdir / "a.tar")),
-                   f"cannot export '{ws.name}': it is running; run 'silo stop {ws.name}' first")
+                   f"cannot export '{ws.name}': it is running; run 'silo stop {ws.name}' first", WRONG_STATE)
     ws.stop()
     archive = hostdir / "ws.tar"
     assert cli("export", ws.name, str(archive)).returncode == 0
@@ -549,7 +603,7 @@ def test_export_and_import_under_a_new_name(client: silo.Client, made: Made, hos
     assert out(imported.exec(["sh", "-c", "cat /root/d/f; echo $FROM; ls /etc/issue || true"])) == "exported\nexport\n"
     out(imported.exec(["sh", "-c", "echo after-import > /root/d/f"]))
     assert_refused(cli("import", str(archive), new),
-                   f"a workspace named '{new}' already exists: import it under another name")
+                   f"a workspace named '{new}' already exists: import it under another name", EXISTS)
     assert out(imported.exec(["cat", "/root/d/f"])) == "after-import\n"
 
 

@@ -20,7 +20,7 @@ import pytest
 from silo.engine import host as hostmod
 from silo.engine import planner
 from silo.model import plan as p
-from silo.model.errors import NotFoundError, ProtocolError, SpecError
+from silo.model.errors import NotFoundError, ProtocolError, SpecError, UserError
 from silo.model.spec import Isolation, Limits, Mount, Spec, User
 
 BASE = 1_000_000_000
@@ -42,7 +42,7 @@ def fake_host(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, cache_dir: Path) 
         base, count = (BASE, 65536) if uid == 0 else (uid, 1)
         h = hostmod.Host(uid, uid, str(runtime), str(cache_dir), base, count)
         monkeypatch.setattr(hostmod, "host", lambda: h)
-        monkeypatch.setattr(hostmod, "_checked", (0.0, ""))  # no skeleton from another cache
+        monkeypatch.setattr(hostmod, "_checked", {})  # no skeleton from another cache
         return h
 
     return use
@@ -335,6 +335,139 @@ def test_image_root_without_etc_writes_no_etc(root_host: hostmod.Host, tmp_path:
     image.mkdir()
     plan = planner.plan(Spec(root=str(image)), ["/bin/sh"])
     assert _ops(plan, p.WriteFile) == []
+
+
+# workspaces: the host's package state ----------------------------------------------------------
+
+PACKAGE_STATE = ("var/lib/dpkg", "var/lib/apt", "var/cache/apt")
+
+
+@pytest.fixture
+def package_state(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A host with all of :data:`hostmod.PACKAGE_STATE`, whatever this machine has."""
+    monkeypatch.setattr(hostmod, "package_state_dirs", lambda: list(PACKAGE_STATE))
+
+
+def _storage(tmp_path: Path) -> planner.Layers:
+    (tmp_path / "ws" / "upper").mkdir(parents=True)
+    (tmp_path / "ws" / "work").mkdir()
+    return planner.Layers(upper=str(tmp_path / "ws" / "upper"), work=str(tmp_path / "ws" / "work"))
+
+
+def test_a_workspace_gets_the_host_package_state_copy_on_write(root_host: hostmod.Host, package_state: None,
+                                                                tmp_path: Path) -> None:
+    layers = _storage(tmp_path)
+    upper, work, attach = layers.upper, layers.work, f"{root_host.scratch}/l"
+    plan = planner.plan_workspace(Spec(), layers)
+    root = f"{root_host.scratch}/root"
+    # on a skeleton with the mount points (a one-shot sandbox's /var stays empty)
+    skeleton = hostmod.skeleton(workspace=True)
+    assert next(o for o in _ops(plan, p.Overlay) if o.target == root).lower == (skeleton,)
+    assert sorted(os.listdir(f"{skeleton}/var/lib")) == ["apt", "dpkg"]
+    assert sorted(os.listdir(f"{hostmod.skeleton()}/var")) == ["tmp"]
+    usr = next(o for o in _ops(plan, p.Overlay) if o.target == f"{root}/usr")
+    for name in PACKAGE_STATE:
+        # like /usr: the host's directory under the workspace's nested upper, idmapped
+        overlay = p.Overlay(f"{root}/{name}", (f"/{name}",), f"{upper}/{name}", f"{work}/{name}",
+                            idmapped=(f"{attach}/{name}",))
+        assert overlay in plan.ops, name
+        assert _index(plan, usr) < _index(plan, overlay)
+        # every directory on the way is made once, before the overlay that needs it
+        for top in (upper, work, attach):
+            parts = name.split("/")
+            for i in range(1, len(parts) + 1):
+                path = "/".join((top, *parts[:i]))
+                assert _ops(plan, p.Mkdir).count(p.Mkdir(path)) == 1, path
+                assert _index(plan, p.Mkdir(path)) < _index(plan, overlay)
+    # with the host's system accounts (dpkg's statoverride names them), never _apt
+    passwd = next(w.data for w in _ops(plan, p.WriteFile) if w.path.endswith("/etc/passwd")).decode()
+    assert passwd.startswith("root:x:0:0:") and passwd.endswith("nobody:x:65534:65534:nobody:/nonexistent:"
+                                                               "/usr/sbin/nologin\n")
+    assert "\n_apt:" not in passwd
+
+
+def test_one_shot_and_rootless_sandboxes_get_no_package_state(fake_host: Callable[[int], hostmod.Host],
+                                                              package_state: None, tmp_path: Path) -> None:
+    fake_host(0)
+    one_shot = planner.plan(Spec(), ["true"])
+    fake_host(1000)
+    rootless = planner.plan_workspace(Spec(user=User(1000, 1000)), _storage(tmp_path))
+    for plan in (one_shot, rootless):
+        assert not any("/var/" in o.target for o in _ops(plan, p.Overlay))
+        assert not any(o.lower[-1].endswith("-workspace") for o in _ops(plan, p.Overlay))
+        passwd = next(w.data for w in _ops(plan, p.WriteFile) if w.path.endswith("/etc/passwd"))
+        assert passwd.count(b"\n") <= 3  # root, the user, nobody: nothing of the host's
+
+
+def test_a_restart_keeps_the_nested_uppers(root_host: hostmod.Host, package_state: None, tmp_path: Path) -> None:
+    layers = _storage(tmp_path)
+    assert layers.upper and layers.work
+    for name in ("root", "var/lib/dpkg", "var/lib/apt"):
+        for top in (layers.upper, layers.work):
+            os.makedirs(f"{top}/{name}")
+    plan = planner.plan_workspace(Spec(), layers)
+    made = {m.path for m in _ops(plan, p.Mkdir)}
+    for top in (layers.upper, layers.work):
+        assert not {f"{top}/var", f"{top}/var/lib", f"{top}/var/lib/dpkg", f"{top}/var/lib/apt"} & made
+        assert {f"{top}/var/cache", f"{top}/var/cache/apt"} <= made  # only what is missing
+
+
+def test_a_symlink_in_the_storage_is_never_followed(root_host: hostmod.Host, package_state: None,
+                                                    tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "dpkg").mkdir(parents=True)
+    # a frozen layer (an imported one may hold anything) whose var/lib is a symlink: no layer there
+    layer = tmp_path / "layer"
+    (layer / "var").mkdir(parents=True)
+    (layer / "var" / "lib").symlink_to(elsewhere)
+    (layer / "var" / "cache" / "apt").mkdir(parents=True)
+    layers = dataclasses.replace(_storage(tmp_path), lowers=(str(layer),))
+    plan = planner.plan_workspace(Spec(), layers)
+    lowers = {o.target.rsplit("/root/", 1)[1]: o.lower for o in _ops(plan, p.Overlay) if "/var/" in o.target}
+    assert lowers["var/lib/dpkg"] == ("/var/lib/dpkg",)
+    assert lowers["var/cache/apt"] == (f"{layer}/var/cache/apt", "/var/cache/apt")
+    # the same in the upper: refused, nothing made through it
+    assert layers.upper
+    os.makedirs(f"{layers.upper}/var")
+    os.symlink(elsewhere, f"{layers.upper}/var/lib")
+    with pytest.raises(UserError, match="var/lib in its storage is not a directory"):
+        planner.plan_workspace(Spec(), layers)
+
+
+def test_host_system_accounts_never_take_ours(root_host: hostmod.Host, monkeypatch: pytest.MonkeyPatch) -> None:
+    users = [("daemon", 1, 1, "daemon", "/usr/sbin", "/usr/sbin/nologin"),
+             ("www-data", 33, 33, "", "/var/www", "/bin/sh"), ("user", 7, 7, "", "/", "/bin/sh")]
+    groups = [("daemon", 1, ()), ("ssl-cert", 103, ("postgres",)), ("tty", 5, ()), ("other", 1000, ())]
+    monkeypatch.setattr(hostmod, "system_accounts", lambda: (users, groups))
+    passwd = planner._passwd(33, 1000, True).decode().splitlines()
+    assert [line.split(":")[0] for line in passwd] == ["root", "user", "daemon", "nobody"]
+    group = planner._group(33, 1000, True).decode().splitlines()
+    assert group == ["root:x:0:", "tty:x:5:", "user:x:1000:", "daemon:x:1:", "ssl-cert:x:103:postgres",
+                     "nogroup:x:65534:"]
+    assert planner._passwd(33, 1000) == planner._passwd(33, 1000, False)
+
+
+def test_the_curated_etc_leaves_credentials_and_private_files_out(tmp_path: Path) -> None:
+    etc, out = tmp_path / "etc", tmp_path / "out"
+    (etc / "apt" / "auth.conf.d").mkdir(parents=True)
+    (etc / "apt" / "sources.list.d").mkdir()
+    (etc / "apt" / "sources.list.d" / "debian.sources").write_text("Types: deb\n")
+    (etc / "apt" / "auth.conf").write_text("machine example.org login me password secret\n")
+    (etc / "apt" / "auth.conf").chmod(0o644)  # even when readable by all
+    (etc / "apt" / "auth.conf.d" / "x.conf").write_text("secret\n")
+    (etc / "ssl" / "private").mkdir(parents=True)
+    (etc / "ssl" / "private").chmod(0o710)
+    (etc / "ssl" / "certs").mkdir()
+    (etc / "ssl" / "certs" / "ca.pem").write_text("cert\n")
+    (etc / "ssl" / "certs" / "key.pem").write_text("key\n")
+    (etc / "ssl" / "certs" / "key.pem").chmod(0o600)
+    (etc / "shadow").write_text("root:*:1::::::\n")
+    (etc / "host.conf").write_text("multi on\n")
+    out.mkdir()
+    hostmod.copy_etc(str(etc), str(out))
+    copied = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    assert copied == ["apt", "apt/sources.list.d", "apt/sources.list.d/debian.sources", "host.conf", "ssl",
+                      "ssl/certs", "ssl/certs/ca.pem"]
 
 
 # app level ----------------------------------------------------------------------------------

@@ -3,8 +3,10 @@
 The skeleton is the read-only lower layer of a ``root = "host"`` sandbox's ``/``:
 empty mount points, the host's ``/bin``-style symlinks, and a *curated* copy of
 ``/etc`` (only the entries in :data:`ETC_ENTRIES`: no shadow, no ssh keys, no
-host secrets). It is built once per set of host files and reused by every
-sandbox; it is rebuilt when an entry's metadata changes.
+host secrets; inside them nothing of :data:`ETC_EXCLUDED` and no file or directory
+other users may not read). It is built once per set of host files and reused by
+every sandbox; it is rebuilt when an entry's metadata changes. A root-run workspace's
+skeleton also has the mount points of the host's package state (:data:`WORKSPACE_DIRS`).
 """
 
 from __future__ import annotations
@@ -33,8 +35,39 @@ ETC_ENTRIES = (
     "ld.so.conf", "ld.so.conf.d", "locale.alias", "locale.conf", "localtime", "lsb-release",
     "magic", "mailcap", "mime.types", "nsswitch.conf", "os-release", "profile", "profile.d",
     "protocols", "python3", "python3.11", "resolv.conf", "rpc", "services", "shells", "skel",
-    "ssl", "terminfo", "timezone", "xattr.conf",
+    "ssl", "terminfo", "timezone", "xattr.conf", "apt",
 )
+# Never copied, whatever their mode: apt's logins to its sources.
+ETC_EXCLUDED = ("apt/auth.conf", "apt/auth.conf.d")
+# Inside ETC_ENTRIES' directories, watched for changes too (editing a file in place does
+# not change its directory's mtime).
+ETC_WATCHED = ("ssl/certs", "apt/sources.list", "apt/sources.list.d", "apt/apt.conf.d", "apt/preferences.d",
+               "apt/trusted.gpg", "apt/trusted.gpg.d", "apt/keyrings")
+
+# The package manager's state: a root-run workspace gets copy-on-write views of the host's
+# (see planner.plan_workspace), so its apt and dpkg start from what the host has installed.
+# Not /var/cache/debconf: the host's holds passwords (passwords.dat); the workspace's
+# skeleton has an empty one, so debconf starts a database of the workspace's own.
+PACKAGE_STATE = ("var/lib/dpkg", "var/lib/apt", "var/cache/apt")
+
+# The skeleton's directories besides /etc and the system dirs' mount points, parents first.
+SKELETON_DIRS = (
+    ("etc", 0o755), ("proc", 0o555), ("dev", 0o755), ("tmp", 0o1777), ("root", 0o700), ("home", 0o755),
+    ("run", 0o755), ("var", 0o755), ("var/tmp", 0o1777), ("mnt", 0o755), ("opt", 0o755), ("srv", 0o755),
+)
+# And in a workspace's skeleton: mount points for the package state, and empty
+# directories where apt, dpkg and debconf write (into the workspace's own layer). A
+# one-shot sandbox's /var stays empty.
+WORKSPACE_DIRS = (
+    ("var/lib", 0o755), ("var/cache", 0o755), ("var/log", 0o755), *((name, 0o755) for name in PACKAGE_STATE),
+    ("var/cache/debconf", 0o755), ("var/log/apt", 0o755),
+)
+
+# Ids up to this are the system's (Debian's SYS_UID_MAX, SYS_GID_MAX); above are people's.
+SYSTEM_ID_MAX = 999
+# apt drops privileges to this user (setgroups, setuid), which a workspace's root, with no
+# capabilities, may not do: without the account apt stays root, with a warning.
+NO_ACCOUNT = ("_apt",)
 
 DEFAULT_IDMAP = (1_000_000_000, 65536)  # host ids a root-run sandbox's ids 0..65535 map to
 
@@ -114,8 +147,8 @@ def host() -> Host:
 
 
 def _etc_fingerprint() -> str:
-    h = hashlib.sha256(b"silo-skeleton-v3")
-    for name in SYSTEM_DIRS + tuple("etc/" + e for e in ETC_ENTRIES) + ("etc/ssl/certs",):
+    h = hashlib.sha256(b"silo-skeleton-v5")
+    for name in SYSTEM_DIRS + tuple("etc/" + e for e in ETC_ENTRIES + ETC_WATCHED):
         try:
             st = os.lstat("/" + name)
         except OSError:
@@ -126,41 +159,75 @@ def _etc_fingerprint() -> str:
     return h.hexdigest()[:16]
 
 
-def _copy_entry(src: str, dst: str) -> None:
+def _left_out(etc: str, path: str, st: os.stat_result) -> bool:
+    """Whether the curated copy of ``etc`` leaves ``path`` out: a credential
+    (:data:`ETC_EXCLUDED`), or a file or directory the host keeps from its other users
+    (``/etc/ssl/private``): a sandbox's root sees the skeleton as its own."""
+    if os.path.relpath(path, etc) in ETC_EXCLUDED:
+        return True
+    return not stat.S_ISLNK(st.st_mode) and not st.st_mode & stat.S_IROTH
+
+
+def _copy_entry(etc: str, entry: str, dst: str) -> None:
+    src = os.path.join(etc, entry)
     st = os.lstat(src)
+    if _left_out(etc, src, st):
+        return
     if stat.S_ISLNK(st.st_mode):
         target = os.readlink(src)
-        if os.path.basename(src) == "resolv.conf" and target.startswith("/run"):
+        if entry == "resolv.conf" and target.startswith("/run"):
             shutil.copyfile(src, dst)  # the stub's target is not inside the sandbox
             return
         os.symlink(target, dst)
     elif stat.S_ISDIR(st.st_mode):
-        shutil.copytree(src, dst, symlinks=True, ignore_dangling_symlinks=True)
+        def ignore(directory: str, names: list[str]) -> set[str]:
+            out = set()
+            for name in names:
+                path = os.path.join(directory, name)
+                try:
+                    if _left_out(etc, path, os.lstat(path)):
+                        out.add(name)
+                except OSError:
+                    out.add(name)
+            return out
+
+        shutil.copytree(src, dst, symlinks=True, ignore=ignore, ignore_dangling_symlinks=True)
     elif stat.S_ISREG(st.st_mode) and os.access(src, os.R_OK):
         shutil.copy2(src, dst)
 
 
-_checked: tuple[float, str] = (0.0, "")
+def copy_etc(etc: str, dst: str) -> None:
+    """Copy the curated entries of ``etc`` (:data:`ETC_ENTRIES`, less what :func:`_left_out`
+    names) into the existing directory ``dst``; an entry that cannot be copied is skipped."""
+    for entry in ETC_ENTRIES:
+        if os.path.lexists(os.path.join(etc, entry)):
+            with contextlib.suppress(OSError):
+                _copy_entry(etc, entry, os.path.join(dst, entry))
+
+
+_checked: dict[bool, tuple[float, str]] = {}  # by `workspace`: when, which
 RECHECK_SECONDS = 2.0
 
 
-def skeleton() -> str:
-    """Path of the skeleton root for this host's current files, building it if needed.
+def skeleton(workspace: bool = False) -> str:
+    """Path of the skeleton root for this host's current files, building it if needed;
+    ``workspace``: the one with :data:`WORKSPACE_DIRS` too.
 
     The host's files are re-checked at most every :data:`RECHECK_SECONDS` per process.
     """
-    global _checked
     now = time.monotonic()
-    if now - _checked[0] < RECHECK_SECONDS and os.path.isdir(_checked[1]):
-        return _checked[1]
-    path = _skeleton()
-    _checked = (now, path)
+    checked, path = _checked.get(workspace, (0.0, ""))
+    if now - checked < RECHECK_SECONDS and os.path.isdir(path):
+        return path
+    path = _skeleton(workspace)
+    _checked[workspace] = (now, path)
     return path
 
 
-def _skeleton() -> str:
+def _skeleton(workspace: bool) -> str:
     h = host()
-    key = _etc_fingerprint()
+    fingerprint = _etc_fingerprint()
+    key = fingerprint + ("-workspace" if workspace else "")
     base = os.path.join(h.cache_dir, "skeleton")
     path = os.path.join(base, key)
     if os.path.isdir(path):
@@ -169,9 +236,7 @@ def _skeleton() -> str:
     tmp = tempfile.mkdtemp(prefix=".build-", dir=base)
     try:
         os.chmod(tmp, 0o755)  # noqa: S103 - the skeleton is read by sandboxes
-        for d, mode in (("etc", 0o755), ("proc", 0o555), ("dev", 0o755), ("tmp", 0o1777),
-                        ("root", 0o700), ("home", 0o755), ("run", 0o755), ("var", 0o755),
-                        ("var/tmp", 0o1777), ("mnt", 0o755), ("opt", 0o755), ("srv", 0o755)):
+        for d, mode in SKELETON_DIRS + (WORKSPACE_DIRS if workspace else ()):
             os.mkdir(os.path.join(tmp, d))
             os.chmod(os.path.join(tmp, d), mode)
         for name, real in system_dirs():
@@ -182,11 +247,7 @@ def _skeleton() -> str:
         # Owned by whoever builds it: host root for a root-run silo (sandboxes see it
         # through an idmapped clone, as their own root's, so the overlay can copy it
         # up), the user when rootless (whose one id the sandbox maps).
-        for entry in ETC_ENTRIES:
-            src = os.path.join("/etc", entry)
-            if os.path.lexists(src):
-                with contextlib.suppress(OSError):
-                    _copy_entry(src, os.path.join(tmp, "etc", entry))
+        copy_etc("/etc", os.path.join(tmp, "etc"))
         try:
             os.rename(tmp, path)
         except OSError:
@@ -194,7 +255,7 @@ def _skeleton() -> str:
                 raise
             shutil.rmtree(tmp, ignore_errors=True)  # another process built it first
         for old in os.listdir(base):
-            if old != key and not old.startswith(".build-"):
+            if not old.startswith((fingerprint, ".build-")):  # both kinds of this fingerprint stay
                 shutil.rmtree(os.path.join(base, old), ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -212,3 +273,36 @@ def system_dirs() -> list[tuple[str, bool]]:
         elif os.path.isdir(src):
             out.append((name, True))
     return out
+
+
+def package_state_dirs() -> list[str]:
+    """The entries of :data:`PACKAGE_STATE` that are real directories on the host (no
+    symlink on the way), as paths relative to ``/``."""
+    return [name for name in PACKAGE_STATE
+            if os.path.isdir("/" + name) and os.path.realpath("/" + name) == "/" + name]
+
+
+def _system_entries(path: str, width: int) -> list[list[str]]:
+    """The lines of a passwd-style file of ``width`` fields whose id (the third) is a
+    system id from 1 to :data:`SYSTEM_ID_MAX`, less :data:`NO_ACCOUNT`; what does not parse is skipped."""
+    out = []
+    with contextlib.suppress(OSError), open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            fields = line.rstrip("\n").split(":")
+            if (len(fields) == width and fields[0] not in NO_ACCOUNT and fields[2].isdecimal()
+                    and 0 < int(fields[2]) <= SYSTEM_ID_MAX):
+                out.append(fields)
+    return out
+
+
+def system_accounts() -> tuple[list[tuple[str, int, int, str, str, str]], list[tuple[str, int, tuple[str, ...]]]]:
+    """The host's system users ``(name, uid, gid, gecos, home, shell)`` and groups ``(name,
+    gid, members)`` (see :func:`_system_entries`); a group's members only among those
+    users, so the host's people stay unnamed. No passwords: a workspace that shows the
+    host's package state needs the names its files and ``dpkg-statoverride`` use."""
+    users = [(f[0], int(f[2]), int(f[3]), f[4], f[5], f[6])
+             for f in _system_entries("/etc/passwd", 7) if f[3].isdecimal()]
+    names = {u[0] for u in users}
+    groups = [(f[0], int(f[2]), tuple(m for m in f[3].split(",") if m in names))
+              for f in _system_entries("/etc/group", 4)]
+    return users, groups

@@ -9,12 +9,13 @@ changes nothing on it except silo's own cache and runtime directories.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from silo.engine import host as hostmod
 from silo.model import plan as p
-from silo.model.errors import NotFoundError, PrivilegeError, SpecError
+from silo.model.errors import NotFoundError, PrivilegeError, SpecError, UserError
 from silo.model.spec import Isolation, Spec
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -27,18 +28,31 @@ PROC_READONLY = ("sys", "bus", "fs", "irq")
 DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty")
 
 
-def _passwd(uid: int, gid: int) -> bytes:
+def _passwd(uid: int, gid: int, system: bool = False) -> bytes:
+    """root, the sandbox's user, nobody; with ``system``, the host's system users between
+    them (those whose name or uid the others take left out)."""
     lines = ["root:x:0:0:root:/root:/bin/bash"]
+    ours = [("user", uid)] if uid != 0 else []
     if uid != 0:
         lines.append(f"user:x:{uid}:{gid}:sandbox user:/home/user:/bin/bash")
+    if system:
+        taken = {"root", "nobody", *(n for n, _ in ours)}, {0, 65534, *(i for _, i in ours)}
+        lines += [f"{name}:x:{u}:{g}:{gecos}:{home}:{shell}" for name, u, g, gecos, home, shell
+                  in hostmod.system_accounts()[0] if name not in taken[0] and u not in taken[1]]
     lines.append("nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin")
     return ("\n".join(lines) + "\n").encode()
 
 
-def _group(uid: int, gid: int) -> bytes:
+def _group(uid: int, gid: int, system: bool = False) -> bytes:
+    """root, tty, the sandbox user's group, nogroup; with ``system``, the host's system
+    groups between them (those whose name or gid the others take left out)."""
     lines = ["root:x:0:", "tty:x:5:"]
-    if gid not in (0, 5, 65534):
-        lines.append(f"user:x:{gid}:")
+    ours = [("user", gid)] if gid not in (0, 5, 65534) else []
+    lines += [f"{name}:x:{g}:" for name, g in ours]
+    if system:
+        taken = {"root", "tty", "nogroup", *(n for n, _ in ours)}, {0, 5, 65534, *(g for _, g in ours)}
+        lines += [f"{name}:x:{g}:{','.join(members)}" for name, g, members
+                  in hostmod.system_accounts()[1] if name not in taken[0] and g not in taken[1]]
     lines.append("nogroup:x:65534:")
     return ("\n".join(lines) + "\n").encode()
 
@@ -67,8 +81,9 @@ def _environment(spec: Spec, uid: int, term: str | None) -> tuple[tuple[str, str
 class Layers:
     """A workspace's storage (see :mod:`silo.store.layers`): its writable ``upper`` and
     overlay ``work`` directories (one subdirectory per overlay target: ``root`` for
-    ``/``, ``usr``, ...) and its read-only layers, top first, stacked on the base.
-    ``upper`` None keeps the writable layer in the sandbox's RAM (a disposable one)."""
+    ``/``, ``usr``, ..., nested for a nested target: ``var/lib/dpkg``) and its read-only
+    layers, top first, stacked on the base. ``upper`` None keeps the writable layer in
+    the sandbox's RAM (a disposable one)."""
 
     upper: str | None = None
     work: str | None = None
@@ -77,10 +92,14 @@ class Layers:
 
 def plan_workspace(spec: Spec, layers: Layers) -> p.Plan:
     """The plan of a workspace's init: the sandbox of ``spec`` on ``layers``, with no
-    command (silo-init waits as its PID 1; commands join it later)."""
+    command (silo-init waits as its PID 1; commands join it later).
+
+    Unlike a one-shot sandbox, a root-run workspace on the host's root also gets
+    copy-on-write views of the host's package state (:data:`~silo.engine.host.PACKAGE_STATE`),
+    so apt and dpkg work in it and what they install stays in its layers."""
     if spec.isolation is not Isolation.PROCESS:
         raise SpecError(f"isolation {spec.isolation.value!r} cannot run a workspace: use 'process'")
-    return _plan_process(spec, (), None, False, layers)
+    return _plan_process(spec, (), None, False, layers, package_state=True)
 
 
 def plan_join(workspace: p.Plan, argv: Sequence[str], *, env: Sequence[tuple[str, str]] = (),
@@ -129,7 +148,23 @@ def _id_maps(spec: Spec, h: hostmod.Host) -> tuple[tuple[p.IdMap, ...], tuple[p.
     return (p.IdMap(spec.user.uid, h.uid, 1),), (p.IdMap(spec.user.gid, h.gid, 1),)
 
 
-def _plan_process(spec: Spec, argv: Sequence[str], term: str | None, tty: bool, layers: Layers) -> p.Plan:
+def _real_dir(top: str, name: str) -> bool:
+    """Whether ``top/name`` is a directory reached through directories only: a layer
+    (an imported one: see silo.store.archive) may hold symbolic links, and a nested
+    target's path must never follow one out of the layer."""
+    path = top
+    for part in name.split("/"):
+        path = f"{path}/{part}"
+        try:
+            if not stat.S_ISDIR(os.lstat(path).st_mode):
+                return False
+        except OSError:
+            return False
+    return True
+
+
+def _plan_process(spec: Spec, argv: Sequence[str], term: str | None, tty: bool, layers: Layers,
+                  package_state: bool = False) -> p.Plan:
     h = hostmod.host()
     uid, gid = spec.user.uid, spec.user.gid
     scratch = h.scratch
@@ -138,6 +173,8 @@ def _plan_process(spec: Spec, argv: Sequence[str], term: str | None, tty: bool, 
     # disk, made by the store and kept between starts (mkdir only what is missing).
     upper, work = (layers.upper, layers.work) if layers.upper and layers.work else (f"{scratch}/u", f"{scratch}/w")
     persistent = layers.upper is not None
+    # A root-run workspace on the host's root shows the host's package state (see plan_workspace).
+    packages = package_state and h.is_root and spec.root == "host"
     inodes = max(spec.tmpfs_size // 4096, 16384)
     ops: list[p.Op] = [
         p.MakePrivate(),
@@ -149,8 +186,23 @@ def _plan_process(spec: Spec, argv: Sequence[str], term: str | None, tty: bool, 
         if not (persistent and os.path.isdir(path)):
             ops.append(p.Mkdir(path, mode, owner, group))
 
+    def mkdirs(top: str, name: str, kept: bool = True) -> None:
+        """``top/name`` and each directory on the way the plan does not make yet (``name``
+        may be nested); in a workspace's storage (``kept``), only what is missing."""
+        path = top
+        for part in name.split("/"):
+            path = f"{path}/{part}"
+            if any(isinstance(o, p.Mkdir) and o.path == path for o in ops):
+                continue
+            if kept and persistent and os.path.lexists(path):
+                if not stat.S_ISDIR(os.lstat(path).st_mode):  # never made through a symlink
+                    raise UserError(f"cannot start the workspace: {path} in its storage is not a directory; "
+                                    "reset or remove the workspace")
+                continue
+            ops.append(p.Mkdir(path))
+
     def lowers_of(target: str) -> tuple[str, ...]:
-        return tuple(f"{layer}/{target}" for layer in layers.lowers if os.path.isdir(f"{layer}/{target}"))
+        return tuple(f"{layer}/{target}" for layer in layers.lowers if _real_dir(layer, target))
 
     if not persistent:
         ops += [p.Mkdir(upper), p.Mkdir(work)]
@@ -160,12 +212,12 @@ def _plan_process(spec: Spec, argv: Sequence[str], term: str | None, tty: bool, 
     # them already, from a template) keep what the workspace made of them.
     seed = not any(os.path.lexists(f"{d}/etc/passwd") for d in (f"{upper}/root", *lowers_of("root")))
     if spec.root == "host":
-        lower = hostmod.skeleton()
+        lower = hostmod.skeleton(workspace=packages)
         if seed:
             mkdir(f"{upper}/root/etc")
             ops += [
-                p.WriteFile(f"{upper}/root/etc/passwd", _passwd(uid, gid)),
-                p.WriteFile(f"{upper}/root/etc/group", _group(uid, gid)),
+                p.WriteFile(f"{upper}/root/etc/passwd", _passwd(uid, gid, packages)),
+                p.WriteFile(f"{upper}/root/etc/group", _group(uid, gid, packages)),
             ]
     else:
         lower = os.path.realpath(spec.root)
@@ -201,13 +253,19 @@ def _plan_process(spec: Spec, argv: Sequence[str], term: str | None, tty: bool, 
 
     overlay(root, "root", lower, idmap_root)
     if spec.root == "host":
-        for name, real in hostmod.system_dirs():
-            if real:
-                mkdir(f"{upper}/{name}")
-                mkdir(f"{work}/{name}")
-                if h.is_root:
-                    ops.append(p.Mkdir(f"{attach}/{name}"))
-                overlay(f"{root}/{name}", name, f"/{name}", h.is_root)
+        # The host's system dirs, and a workspace's package state: a mount point in the
+        # skeleton, the host's directory below the workspace's layers. A rootless
+        # workspace gets no package state: a sandbox with one user cannot change what
+        # the host's root owns, so it installs no packages.
+        shared = [name for name, real in hostmod.system_dirs() if real]
+        if packages:
+            shared += hostmod.package_state_dirs()
+        for name in shared:
+            mkdirs(upper, name)
+            mkdirs(work, name)
+            if h.is_root:
+                mkdirs(attach, name, kept=False)
+            overlay(f"{root}/{name}", name, f"/{name}", h.is_root)
     ops.append(p.Proc(f"{root}/proc"))
     # A fresh procfs shows what the host's shows: mask only what exists here.
     ops += [p.Mask(f"{root}/proc/{name}") for name in PROC_MASKED if os.path.lexists(f"/proc/{name}")]
