@@ -140,7 +140,7 @@ def test_replies_match_the_openapi_document(contract: Contract) -> None:
         c.call("POST", WS + "/exec", 404, json={"argv": ["true"]}, name=fork)
         c.call("PUT", WS + "/files", 204, content=tar_of("f", b"data\n"), params={"path": "/root/f"}, name=name)
         c.call("GET", WS + "/files", 200, params={"path": "/root/f"}, name=name)
-        c.call("GET", WS + "/files", 400, params={"path": "/root/none"}, name=name)
+        c.call("GET", WS + "/files", 404, params={"path": "/root/none"}, name=name)
         c.call("POST", WS + "/snapshots", 409, json={"tag": "one"}, name=name)
         c.call("DELETE", WS, 409, name=name)
         c.call("POST", WS + "/restart", 200, name=name)

@@ -35,7 +35,7 @@ from daemons import Daemon, private_daemon
 from procs import comm, settle
 
 import silo
-from silo import InternalError, NotFoundError
+from silo import DaemonUnavailable, InternalError, NotFoundError
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -224,7 +224,7 @@ class Crasher:
         try:
             call()
             cut: Pending | None = None
-        except InternalError as e:
+        except (InternalError, DaemonUnavailable) as e:
             assert "cannot reach silod" in e.message, self.fail(f"{op} failed: {e.message}")
             cut = pending
             self.cut.append(op)
@@ -309,7 +309,7 @@ class Crasher:
             k.values = {value}
 
     def close(self) -> None:
-        with contextlib.suppress(InternalError):  # the daemon may be down: the fixture cleans up then
+        with contextlib.suppress(DaemonUnavailable):  # the daemon may be down: the fixture cleans up then
             for name in list(self.known) + [n for n in self.infos() if n not in self.known]:
                 with contextlib.suppress(NotFoundError):
                     self.client.get(name).remove(force=True)

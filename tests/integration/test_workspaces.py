@@ -342,11 +342,10 @@ def test_exec_with_a_tty(made: Made) -> None:
 
 
 @pytest.mark.parametrize("flags", ["-it", "-t"])
-def test_exec_tty_has_the_terminal_size(made: Made, flags: str) -> None:
-    """(After a second: the size is set once the client holds the pty, which races with the command's start.)"""
+def test_exec_tty_has_the_terminal_size_from_the_start(made: Made, flags: str) -> None:
+    """The size travels in the request and is set on the pty before the command runs."""
     ws = made.started()
-    output, code = pty_run([SILO, "exec", flags, ws.name, "--", "sh", "-c", "sleep 1; stty size"], dict(os.environ),
-                           rows=33, cols=101)
+    output, code = pty_run([SILO, "exec", flags, ws.name, "--", "stty", "size"], dict(os.environ), rows=33, cols=101)
     assert (code, output.decode(errors="replace").strip()) == (0, "33 101")
 
 

@@ -165,10 +165,14 @@ def test_snapshot_freezes_the_upper_into_a_layer(s: Storage) -> None:
 
 def test_snapshot_of_an_empty_upper_adds_no_layer(s: Storage) -> None:
     s.create("web", "host")
-    os.makedirs(Path(s.stack("web").upper) / "root")  # the sandbox builder's target dirs
+    for target in ("root", "usr", "var/lib/dpkg", "var/cache/apt"):  # the sandbox builder's target dirs
+        os.makedirs(Path(s.stack("web").upper) / target)
     s.snapshot("web", "empty")
     assert s.stack("web").lowers == ()
     assert [x.tag for x in s.snapshots("web")] == ["empty"]
+    (Path(s.stack("web").upper) / "var/lib/dpkg/status").write_text("changed\n")
+    s.snapshot("web", "changed")
+    assert len(s.stack("web").lowers) == 1
 
 
 def test_snapshot_tags(s: Storage) -> None:

@@ -654,15 +654,16 @@ class Storage:
         return out
 
     def _upper_is_empty(self, ws: Path) -> bool:
-        """No entry but empty target directories (the sandbox builder makes those)."""
+        """Nothing but plain directories with nothing else in them: the overlay targets
+        the sandbox builder makes, nested ones (``var/lib/dpkg``) included."""
+        todo = [str(ws / "upper")]
         try:
-            with os.scandir(ws / "upper") as it:
-                for entry in it:
-                    if not entry.is_dir(follow_symlinks=False) or _has_xattr(entry.path, OPAQUE_XATTRS):
-                        return False
-                    with os.scandir(entry.path) as inner:
-                        if next(inner, None) is not None:
+            while todo:
+                with os.scandir(todo.pop()) as it:
+                    for entry in it:
+                        if not entry.is_dir(follow_symlinks=False) or _has_xattr(entry.path, OPAQUE_XATTRS):
                             return False
+                        todo.append(entry.path)
         except FileNotFoundError:
             pass  # nothing to freeze: recover() gives it a fresh upper
         return True
