@@ -397,6 +397,19 @@ class Manager:
                 time.sleep(0.01)
         self._remove_pid(name)
 
+    def _has_storage(self, record: WorkspaceRecord) -> bool:
+        """A record without storage: a create the crash cut between claiming the name and
+        making the storage is forgotten (it never succeeded); any other is marked broken."""
+        if self.storage.exists(record.name):
+            return True
+        if record.state is State.CREATED:
+            log.warning("forgetting %s: its create was cut before its storage was made", record.name)
+            self.store.delete(record.name)
+        elif record.state is not State.BROKEN:
+            self.store.transition(record.name, State.BROKEN, error="its storage is missing; remove it with "
+                                  f"'silo rm {record.name}'")
+        return False
+
     async def recover(self) -> None:
         """Bring every record to the truth after a previous daemon's end (or crash)."""
         await asyncio.to_thread(self.storage.recover)
@@ -408,6 +421,7 @@ class Manager:
             await asyncio.to_thread(self.storage.remove, orphan)
         for bad in corrupt:
             log.error("%s", bad.message)
+        records = [r for r in records if self._has_storage(r)]
         restart = []
         for record in records:
             self._kill_straggler(record.name)
