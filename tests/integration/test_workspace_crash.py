@@ -342,7 +342,10 @@ def test_random_operations_with_daemon_crashes(daemon: Daemon, limits: dict[str,
     started = time.monotonic()
     try:
         for _ in range(OPERATIONS):
-            crasher.step()
+            try:
+                crasher.step()
+            except silo.SiloError as e:  # name the seed and the history, to replay it with SILO_CRASH_SEED
+                raise AssertionError(crasher.fail(f"{type(e).__name__}: {e.message}")) from e
         # and one crash at rest, with everything running that ran
         crasher.history.append("kill at rest")
         before = {n: k.state for n, k in crasher.known.items()}
