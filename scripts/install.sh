@@ -32,6 +32,8 @@ APT_PACKAGES=(
     python3 python3-venv python3-dev python3-seccomp libseccomp2
     # sandbox plumbing: subordinate ids, netlink/ip, runuser/unshare/nsenter, ps
     uidmap iproute2 util-linux procps
+    # networks: nftables (libnftables' JSON API), pasta for rootless, iperf3 for make bench
+    nftables libnftables1 passt iperf3
     # peers measured by `make bench`
     bubblewrap runc runsc firejail hyperfine
     # building native helpers
