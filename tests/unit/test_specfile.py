@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from silo.model.errors import NotFoundError, SpecError
-from silo.model.spec import Isolation, Limits, Mount, Network, User
+from silo.model.network import NetworkPolicy
+from silo.model.spec import Isolation, Limits, Mount, User
 from silo.model.specfile import SpecFileError, load, loads, scan_positions
 from silo.model.workspace import Overrides, RestartPolicy, WorkspaceSpec
 
@@ -53,7 +54,7 @@ def test_the_documented_example_loads() -> None:
         user=User(1000, 1000), hostname="webhost", on_start=("sh", "-c", "echo hi"),
         restart=RestartPolicy.ON_FAILURE, env=(("LANG", "C.UTF-8"), ("QUOTED_KEY", "literal \\ value")),
         mounts=(Mount("/srv/data", "/data", True), Mount("/srv/cache", "/cache")),
-        limits=Limits(memory=512 << 20, cpus=1.5, pids=256), network=Network.NONE,
+        limits=Limits(memory=512 << 20, cpus=1.5, pids=256), network=NetworkPolicy(),
     )
 
 
@@ -123,7 +124,7 @@ def test_syntax_errors(text: str, message: str) -> None:
     ('name = "web"\nuser = "root"\n', "ws/silo.toml:2:8: bad user 'root'"),
     ('name = "web"\nhostname = "a_b"\n', "ws/silo.toml:2:12: bad hostname 'a_b'"),
     ('name = "web"\nroot = "./img"\n', "ws/silo.toml:2:8: bad root './img'"),
-    ('name = "web"\n[network]\nmode = "full"\n', "ws/silo.toml:3:8: unknown network mode 'full'"),
+    ('name = "web"\n[network]\nmode = "lan"\n', "ws/silo.toml:3:8: unknown network mode 'lan'"),
     ('name = "web"\non_start = "echo hi"\n', "ws/silo.toml:2:12: on_start must be a list of strings"),
     ('name = "web"\non_start = [\n  "sh",\n  # the flag\n  3,\n]\n', "ws/silo.toml:5:3: on_start must be"),
     ('name = "web"\nlimits = 3\n', "ws/silo.toml:2:10: limits must be a table, not the number 3"),

@@ -12,7 +12,8 @@ import re
 import pytest
 
 from silo.model.errors import InternalError, SpecError, UserError
-from silo.model.spec import Isolation, Limits, Mount, Network, User
+from silo.model.network import NetworkPolicy
+from silo.model.spec import Isolation, Limits, Mount, User
 from silo.model.workspace import (
     TRANSITIONS,
     VERBS,
@@ -97,7 +98,7 @@ def _full() -> WorkspaceSpec:
         mounts=(Mount("/srv/data", "/data", True), Mount("/tmp/x", "/x")),
         env=(("LANG", "C.UTF-8"), ("A", "")), workdir="/work", user=User(1000, 100), hostname="webhost",
         limits=Limits(memory=512 << 20, cpus=1.5, pids=256), on_start=("sh", "-c", "echo hi"),
-        restart=RestartPolicy.ON_FAILURE, network=Network.NONE,
+        restart=RestartPolicy.ON_FAILURE, network=NetworkPolicy(),
     )
 
 
@@ -181,7 +182,7 @@ def test_sandbox_spec() -> None:
     ({"name": "web", "env": {"1A": "x"}}, ("env", "1A"), "bad environment variable name '1A'"),
     ({"name": "web", "isolation": "gvisor"}, ("isolation",), "isolation 'gvisor' is not available yet"),
     ({"name": "web", "isolation": "kvm"}, ("isolation",), "unknown isolation 'kvm': use one of"),
-    ({"name": "web", "network": {"mode": "internet"}}, ("network", "mode"), "unknown network mode"),
+    ({"name": "web", "network": {"mode": "lan"}}, ("network", "mode"), "unknown network mode"),
     ({"name": "web", "restart": "sometimes"}, ("restart",), "use one of no, on-failure, always"),
     ({"name": "web", "on_start": "echo hi"}, ("on_start",), "on_start must be a list of strings"),
     ({"name": "web", "on_start": ["sh", 3]}, ("on_start", 1), "not a list holding the number 3"),

@@ -45,6 +45,7 @@ def run_parser(prog: str = "silo run") -> argparse.ArgumentParser:
     ps.add_argument("--tmpfs-size", metavar="SIZE")
     ps.add_argument("--cow", action="append", default=[], metavar="PATH")
     ps.add_argument("--keep", metavar="DIR")
+    add_network_options(ps)
     ps.add_argument("-t", "--tty", action="store_true")
     ps.add_argument("-i", "--interactive", action="store_true")
     ps.add_argument("command", nargs=argparse.REMAINDER)
@@ -61,6 +62,22 @@ class RunRequest:
 
 def _abs(path: str, cwd: str) -> str:
     return path if os.path.isabs(path) else os.path.normpath(os.path.join(cwd, path))
+
+
+def add_network_options(ps: argparse.ArgumentParser, links: bool = False) -> None:
+    """The network options of ``silo run`` and ``silo create`` (docs: README, "Networks")."""
+    ps.add_argument("--network", nargs="?", const="internet", metavar="none|internet|allow|full",
+                    help="the network policy (default none; --network alone: internet)")
+    ps.add_argument("--allow", action="append", default=[], metavar="NAME|CIDR[:PORT]",
+                    help="what the allow mode lets through (repeatable)")
+    ps.add_argument("-p", "--publish", action="append", default=[], metavar="[ADDR:]HOST_PORT:PORT",
+                    help="forward a host TCP port into the sandbox (127.0.0.1 unless ADDR is given)")
+    ps.add_argument("--bandwidth", metavar="RATE", help="cap each direction, like 10mbit")
+    ps.add_argument("--dns", action="append", default=[], metavar="ADDRESS",
+                    help="upstream server for silo's resolver (default: the host's)")
+    if links:
+        ps.add_argument("--link", action="append", default=[], metavar="NAME",
+                        help="let this workspace reach workspace NAME (by its name)")
 
 
 def parse_run(untrusted_argv: list[str], cwd: str) -> RunRequest:
@@ -98,6 +115,7 @@ def parse_run(untrusted_argv: list[str], cwd: str) -> RunRequest:
         hostname=ns.hostname, memory=ns.memory, cpus=ns.cpus, pids=ns.pids, timeout=ns.timeout,
         caps=ns.cap, seccomp=ns.seccomp if ns.seccomp in ("default", "unconfined") else _abs(ns.seccomp, cwd),
         rlimits=rlimits, tmpfs_size=ns.tmpfs_size, cow=[_abs(c, cwd) for c in ns.cow],
-        keep=_abs(ns.keep, cwd) if ns.keep else None,
+        keep=_abs(ns.keep, cwd) if ns.keep else None, network=ns.network, allow=ns.allow, publish=ns.publish,
+        bandwidth=ns.bandwidth, dns=ns.dns,
     )
     return RunRequest(spec, tuple(command), bool(ns.tty), bool(ns.interactive))

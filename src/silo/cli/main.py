@@ -135,7 +135,8 @@ def cmd_completion(argv: list[str]) -> None:
 
 
 _WORKSPACE_VERBS = ("create", "start", "stop", "restart", "rm", "ls", "inspect", "exec", "cp", "snapshot",
-                    "snapshots", "restore", "reset", "fork", "template", "export", "import", "logs")
+                    "snapshots", "restore", "reset", "fork", "template", "export", "import", "logs",
+                    "network")
 
 # The verbs whose exit code is a command's: silo's own failures are 125-127 there
 # (silo.model.errors explains both sets of codes).

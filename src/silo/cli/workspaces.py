@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import IO, Any, NoReturn, TextIO, TypeVar
 
+from silo.cli.args import add_network_options
 from silo.cli.main import error_line
 from silo.model.errors import NotFoundError, SiloError, SpecError, UserError
 from silo.model.spec import parse_env_entry, parse_env_file
@@ -157,6 +158,7 @@ def _create_parser() -> _Parser:
     ps.add_argument("-w", "--workdir", metavar="DIR")
     ps.add_argument("-u", "--user", metavar="UID[:GID]")
     ps.add_argument("--hostname")
+    add_network_options(ps, links=True)
     return ps
 
 
@@ -196,7 +198,9 @@ def cmd_create(ns: argparse.Namespace) -> None:
                            disposable=ns.disposable, mounts=[_abs_volume(v) for v in ns.volume],
                            env=_env(ns.env, ns.env_file), memory=ns.memory, cpus=ns.cpus, pids=ns.pids,
                            on_start=None if ns.on_start is None else ["sh", "-c", ns.on_start],
-                           restart=ns.restart, workdir=ns.workdir, user=ns.user, hostname=ns.hostname)
+                           restart=ns.restart, workdir=ns.workdir, user=ns.user, hostname=ns.hostname,
+                           network=ns.network, allow=ns.allow, publish=ns.publish, links=ns.link,
+                           bandwidth=ns.bandwidth, dns=ns.dns)
     print(ws.name)
 
 
@@ -415,6 +419,29 @@ def cmd_template(ns: argparse.Namespace) -> None:
                     for t in client.templates()])
 
 
+def _network_parser() -> _Parser:
+    ps = _parser("network", "See or change a workspace's network policy.", names=None)
+    sub = ps.add_subparsers(dest="action", required=True, metavar="set|show", parser_class=_Parser)
+    setp = sub.add_parser("set", help="replace the policy; a running workspace's changes at once")
+    setp.add_argument("name", metavar="NAME")
+    setp.add_argument("mode", metavar="none|internet|allow|full")
+    setp.add_argument("--allow", action="append", default=[], metavar="NAME|CIDR[:PORT]")
+    setp.add_argument("--link", action="append", default=[], metavar="NAME")
+    show = sub.add_parser("show", help="the policy, addresses, counters and refused destinations (JSON)")
+    show.add_argument("name", metavar="NAME")
+    return ps
+
+
+def cmd_network(ns: argparse.Namespace) -> None:
+    with make_client() as client:
+        ws = client.get(parse_name(ns.name))
+        if ns.action == "set":
+            info = ws.set_network(ns.mode, allow=ns.allow, links=ns.link)
+        else:
+            info = ws.info()
+    _print_json({"name": info.name, "policy": info.spec.network.to_dict(), "running": info.network})
+
+
 Parse = Callable[[], _Parser]
 Run = Callable[[argparse.Namespace], object]  # an int is the exit code; anything else means 0
 
@@ -459,6 +486,7 @@ VERBS: dict[str, tuple[Parse, Run]] = {
              lambda ns: print(_on(ns, lambda ws: ws.fork(ns.new_name)).name)),
     "diff": (_named("diff", "List what a workspace changed (A added, C changed, D deleted).", _JSON), cmd_diff),
     "template": (_template_parser, cmd_template),
+    "network": (_network_parser, cmd_network),
     "export": (_named("export", "Write a stopped workspace (spec and files) to an archive; FILE '-' is stdout.",
                       (("file",), {"metavar": "FILE"})), cmd_export),
     "import": (_import_parser, cmd_import),

@@ -108,6 +108,7 @@ class WorkspaceOut(BaseModel):
     template: str | None
     snapshots: list[SnapshotOut]
     private_bytes: int | None
+    network: dict[str, Any] | None = None  # a running workspace's addresses, counters and refusals
 
 
 class TemplateOut(BaseModel):
@@ -258,6 +259,10 @@ def build(manager: Manager) -> FastAPI:
     async def remove(request: Request, name: str, force: bool = False) -> Response:
         await manager.remove(peer_of(request), name, force)
         return Response(status_code=204)
+
+    @app.put("/v1/workspaces/{name}/network", response_model=WorkspaceOut)
+    async def set_network(request: Request, name: str, body: Annotated[dict[str, Any], Body()]) -> dict[str, Any]:
+        return info(await manager.set_network(peer_of(request), name, body), usage=True)
 
     @app.post("/v1/workspaces/{name}/start", response_model=WorkspaceOut)
     async def start(request: Request, name: str) -> dict[str, Any]:

@@ -40,7 +40,9 @@ from silo.model.errors import (
     SpecError,
     UserError,
     WorkspaceExists,
+    WorkspaceStateError,
 )
+from silo.model.network import NetworkPolicy
 from silo.model.spec import User
 from silo.model.workspace import (
     RestartPolicy,
@@ -68,6 +70,7 @@ class Running:
     started: float
     stopping: bool = False
     supervisor: asyncio.Task[None] | None = None
+    network: Any = None  # the KeeperClient of a workspace with a network (silo.net.keeper)
 
 
 def _starttime(pid: int) -> str | None:
@@ -157,7 +160,8 @@ class Manager:
         return {"name": record.name, "state": record.state.value, "spec": record.spec.to_dict(),
                 "owner": record.owner, "created": record.created, "updated": record.updated,
                 "error": record.error, "pid": run.proc.pid if run else None, "template": record.template,
-                "snapshots": snaps, "private_bytes": private}
+                "snapshots": snaps, "private_bytes": private,
+                "network": self.network_stats(record.name) if usage else None}
 
     def _check_sources(self, peer: int, spec: WorkspaceSpec) -> None:
         """A non-root caller of a root daemon maps only what it owns (the daemon reads as root);
@@ -252,15 +256,19 @@ class Manager:
                     tail = f.read()
                 with open(path, "wb") as f:
                     f.write(tail)
+        keeper = await self._network_up(record) if plan.network is not None else None
         log_fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            proc = await self.runtime.start_init(name, plan, log_fd)
+            proc = await self.runtime.start_init(name, plan, log_fd,
+                                                 keeper.netns_fd if keeper is not None else None)
         except BaseException as e:
             self._log(record, f"start failed: {getattr(e, 'message', e)}")
+            if keeper is not None:
+                await asyncio.to_thread(keeper.close)
             raise
         finally:
             os.close(log_fd)
-        run = Running(proc, plan, time.time())
+        run = Running(proc, plan, time.time(), network=keeper)
         self.running[name] = run
         self._write_pid(name, proc.pid)
         try:
@@ -306,6 +314,7 @@ class Manager:
             if run.proc.cgroup is not None:
                 run.proc.cgroup.kill()
                 run.proc.cgroup.destroy()
+            await self._network_down(run)
             self._remove_pid(name)
             try:
                 record = self.store.transition(name, State.STOPPED, error=f"its init exited with {code}")
@@ -333,6 +342,72 @@ class Manager:
                 if new is not None:
                     new.attempt = attempt  # type: ignore[attr-defined]
 
+    # -- networks ----------------------------------------------------------------------
+
+    def _links(self, record: WorkspaceRecord, policy: NetworkPolicy) -> dict[str, list[str]]:
+        """The addresses of the workspaces ``policy`` links to: running, with a network,
+        and the same owner's (another's is reported as missing)."""
+        out: dict[str, list[str]] = {}
+        for link in policy.links:
+            other = self.record(record.owner, link)
+            run = self.running.get(other.name)
+            if run is None or run.network is None:
+                raise WorkspaceStateError(f"linked workspace {link!r} is not running with a network: "
+                                          f"start it first (silo start {link})")
+            out[link] = [run.network.lease.guest4, run.network.lease.guest6]
+        return out
+
+    async def _network_up(self, record: WorkspaceRecord) -> Any:
+        from silo.net.keeper import KeeperClient
+
+        policy = record.spec.network
+        links = self._links(record, policy)
+        return await asyncio.to_thread(KeeperClient.start, policy, f"ws-{self.runtime.tag}-{record.name}", links)
+
+    async def _network_down(self, run: Running) -> None:
+        if run.network is not None:
+            keeper, run.network = run.network, None
+            await asyncio.to_thread(keeper.close)
+
+    def network_stats(self, name: str) -> dict[str, Any] | None:
+        run = self.running.get(name)
+        if run is None or run.network is None:
+            return None
+        try:
+            stats: dict[str, Any] = run.network.stats()
+        except SiloError as e:
+            return {"error": e.message}
+        return stats
+
+    async def set_network(self, peer: int, name: str, untrusted: object) -> WorkspaceRecord:
+        """Change a workspace's network policy; a running one's at once, without a restart
+        (connections the new policy forbids are cut at their next packet)."""
+        from silo.model.workspace import FieldError
+
+        async with self.lock(name):
+            record = self.record(peer, name)
+            data = record.spec.to_dict()
+            if not isinstance(untrusted, dict):
+                raise SpecError("the network policy must be a JSON object like {\"mode\": \"internet\"}")
+            kept = {k: v for k, v in record.spec.network.to_dict().items() if k != "allow"}
+            data["network"] = untrusted if untrusted.get("mode") == "none" else {**kept, **untrusted}
+            try:
+                spec = WorkspaceSpec.from_dict(data)
+            except FieldError as err:
+                raise SpecError(err.message) from None
+            policy = spec.network
+            run = self.running.get(name)
+            if run is not None:
+                if run.network is None and policy.enabled:
+                    raise WorkspaceStateError(f"workspace {name!r} runs without a network, and one cannot be "
+                                              f"added live: stop it (silo stop {name}), set the policy, start it")
+                if run.network is not None:
+                    links = self._links(record, policy)
+                    await asyncio.to_thread(run.network.set_policy, policy, links)
+            record = self.store.update(name, spec=spec)
+            self._log(record, f"network policy set to {policy.mode.value}")
+            return record
+
     async def stop(self, peer: int, name: str, timeout: float | None) -> WorkspaceRecord:
         async with self.lock(name):
             record = self.record(peer, name)
@@ -345,6 +420,7 @@ class Manager:
         if run is not None:
             run.stopping = True
             code = await self.runtime.stop(run.proc, timeout)
+            await self._network_down(run)
             self._log(record, f"stopped (init exited with {code})")
         self._remove_pid(name)
         return self.store.transition(name, State.STOPPED, error=None)
@@ -413,6 +489,11 @@ class Manager:
     async def recover(self) -> None:
         """Bring every record to the truth after a previous daemon's end (or crash)."""
         await asyncio.to_thread(self.storage.recover)
+        if os.geteuid() == 0 and os.path.isdir("/run/silo/net/leases"):
+            # networks whose keeper died with a crashed daemon (or was killed)
+            from silo.net import links
+
+            await asyncio.to_thread(links.sweep)
         records, corrupt = self.store.load_all()
         # Storage without a record: a fork or import the crash cut before its record.
         known = {r.name for r in records} | {bad.path.parent.name for bad in corrupt}

@@ -8,6 +8,7 @@ changes nothing on it except silo's own cache and runtime directories.
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from collections.abc import Sequence
@@ -55,6 +56,9 @@ def _group(uid: int, gid: int, system: bool = False) -> bytes:
                   in hostmod.system_accounts()[1] if name not in taken[0] and g not in taken[1]]
     lines.append("nogroup:x:65534:")
     return ("\n".join(lines) + "\n").encode()
+
+
+RESOLV_CONF = b"# silo's resolver: it answers by the workspace's network policy\nnameserver 127.0.0.53\noptions edns0\n"
 
 
 def _hosts(hostname: str) -> bytes:
@@ -232,6 +236,10 @@ def _plan_process(spec: Spec, argv: Sequence[str], term: str | None, tty: bool, 
             isinstance(o, p.Mkdir) and o.path == f"{upper}/root/etc" for o in ops):
         ops += [p.WriteFile(f"{upper}/root/etc/hosts", _hosts(spec.hostname)),
                 p.WriteFile(f"{upper}/root/etc/hostname", (spec.hostname + "\n").encode())]
+    if spec.network.enabled and (spec.root == "host" or os.path.isdir(os.path.join(lower, "etc"))):
+        # silo's resolver, which the network's keeper binds inside the sandbox's namespace
+        mkdirs(upper, "root/etc")
+        ops.append(p.WriteFile(f"{upper}/root/etc/resolv.conf", RESOLV_CONF))
     if uid != 0 and spec.root == "host" and seed:
         mkdir(f"{upper}/root/home")
         mkdir(f"{upper}/root/home/user", 0o755, uid, gid)
@@ -295,6 +303,7 @@ def _plan_process(spec: Spec, argv: Sequence[str], term: str | None, tty: bool, 
         isolation=spec.isolation.value, namespaces=p.NAMESPACES, uid_map=uid_map, gid_map=gid_map,
         ops=tuple(ops), process=process, memory=spec.limits.memory, cpus=spec.limits.cpus,
         pids=spec.limits.pids, timeout=spec.timeout,
+        network=json.dumps(spec.network.to_dict(), sort_keys=True) if spec.network.enabled else None,
     )
 
 

@@ -241,6 +241,7 @@ class Plan:
     cpus: float | None = None
     pids: int | None = None
     timeout: float | None = None
+    network: str | None = None  # the network policy as JSON (silo.model.network); None: loopback only
 
     def describe(self) -> list[str]:
         """Human-readable lines, one per operation (``silo plan``)."""
@@ -252,6 +253,8 @@ class Plan:
             value = getattr(self, key)
             if value is not None:
                 lines.append(f"limit {key} {value}")
+        if self.network is not None:
+            lines.append(f"network {self.network}")
         for op in self.ops:
             args = []
             for f in fields(op):
@@ -281,13 +284,16 @@ class Plan:
             self.cpus,
             self.pids,
             self.timeout,
+            self.network,
         )
 
     @classmethod
     def from_wire(cls, untrusted: Any) -> Plan:
         """Rebuild a plan from :meth:`to_wire` data; shape errors raise ProtocolError."""
         try:
-            iso, nss, um, gm, ops, proc, memory, cpus, pids, timeout = untrusted
+            iso, nss, um, gm, ops, proc, memory, cpus, pids, timeout, network = untrusted
+            if network is not None and not isinstance(network, str):
+                raise TypeError("the network policy is not a string")
             built_ops = []
             for item in ops:
                 op_cls = OP_CLASSES[item[0]]
@@ -295,7 +301,7 @@ class Plan:
             p = Process(*proc)
             return cls(
                 str(iso), tuple(nss), tuple(IdMap(*m) for m in um), tuple(IdMap(*m) for m in gm),
-                tuple(built_ops), p, memory, cpus, pids, timeout,
+                tuple(built_ops), p, memory, cpus, pids, timeout, network,
             )
         except (TypeError, ValueError, KeyError, IndexError) as e:
             raise ProtocolError(f"malformed plan: {e}") from None

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from silo.model.errors import SpecError
+from silo.model.network import Network, NetworkPolicy, build_policy
 
 
 class Isolation(enum.Enum):
@@ -24,10 +25,6 @@ class Isolation(enum.Enum):
 
     APP = "app"  # copy-on-write file view only: NOT a security boundary
     PROCESS = "process"
-
-
-class Network(enum.Enum):
-    NONE = "none"  # loopback only
 
 
 CAPABILITIES: dict[str, int] = {
@@ -260,7 +257,7 @@ class Spec:
     seccomp: str = "default"  # "default", "unconfined" or an absolute path to a profile
     rlimits: tuple[tuple[str, int, int], ...] = ()
     tmpfs_size: int = 1 << 30
-    network: Network = Network.NONE
+    network: NetworkPolicy = field(default_factory=NetworkPolicy)
     # app level only
     cow: tuple[str, ...] = ()
     keep: str | None = None
@@ -281,6 +278,11 @@ class Spec:
         for path in self.cow:
             if not path.startswith("/"):
                 raise SpecError(f"bad --cow {path!r}: it must be an absolute path")
+        if self.network.enabled and self.isolation is Isolation.APP:
+            raise SpecError("the app level shares the host's network: a network policy needs --isolation process")
+        if self.network.enabled and "NET_ADMIN" in self.caps:
+            # SECURITY: CAP_NET_ADMIN would let the sandbox rewrite its own firewall.
+            raise SpecError("--cap NET_ADMIN cannot be combined with a network policy: drop one of them")
 
 
 def coerce_duration(value: float | str | None, what: str) -> float | None:
@@ -300,7 +302,9 @@ def build_spec(*, isolation: str | Isolation = "process", root: str = "host",
                timeout: float | str | None = None, caps: Iterable[str] = (),
                seccomp: str = "default", rlimits: Mapping[str, int | tuple[int, int]] | None = None,
                tmpfs_size: str | int | None = None, cow: Iterable[str] = (),
-               keep: str | None = None) -> Spec:
+               keep: str | None = None, network: str | Network | NetworkPolicy | None = None,
+               allow: Iterable[str] = (), publish: Iterable[str] = (), links: Iterable[str] = (),
+               bandwidth: str | int | None = None, dns: Iterable[str] = ()) -> Spec:
     """Validate SDK-style arguments into a :class:`Spec` (SpecError on bad input)."""
     try:
         iso = isolation if isinstance(isolation, Isolation) else Isolation(isolation)
@@ -330,6 +334,11 @@ def build_spec(*, isolation: str | Isolation = "process", root: str = "host",
     extra: dict[str, Any] = {}
     if tmpfs_size is not None:
         extra["tmpfs_size"] = tmpfs_size if isinstance(tmpfs_size, int) else parse_size(tmpfs_size, "tmpfs size")
+    if isinstance(network, NetworkPolicy):
+        extra["network"] = network
+    else:
+        extra["network"] = build_policy(network, allow=allow, publish=publish, links=links,
+                                        bandwidth=bandwidth, dns=dns)
     return Spec(
         isolation=iso, root=root, mounts=mount_list, env=env_pairs, workdir=workdir, user=usr,
         hostname=parse_hostname(hostname) if hostname else "silo", limits=limits,

@@ -33,11 +33,11 @@ from silo.model.errors import IllegalTransition as IllegalTransition  # the work
 from silo.model.errors import SpecError  # the others (registered for the wire); re-exported here
 from silo.model.errors import WorkspaceExists as WorkspaceExists
 from silo.model.errors import WorkspaceStateError as WorkspaceStateError
+from silo.model.network import NETWORK_KEYS, Network, NetworkPolicy, build_policy, policy_from_dict
 from silo.model.spec import (
     Isolation,
     Limits,
     Mount,
-    Network,
     Spec,
     User,
     parse_count,
@@ -114,10 +114,6 @@ def _choice(cls: type[_E], untrusted: str, what: str) -> _E:
 
 def parse_isolation(untrusted: str) -> Isolation:
     return _choice(Isolation, untrusted, "isolation")
-
-
-def parse_network(untrusted: str) -> Network:
-    return _choice(Network, untrusted, "network mode")
 
 
 class RestartPolicy(enum.Enum):
@@ -199,10 +195,14 @@ class WorkspaceSpec:
     limits: Limits = field(default_factory=Limits)
     on_start: tuple[str, ...] | None = None
     restart: RestartPolicy = RestartPolicy.NO
-    network: Network = Network.NONE
+    network: NetworkPolicy = field(default_factory=NetworkPolicy)
 
     def __post_init__(self) -> None:
         parse_name(self.name)
+        for link in self.network.links:
+            parse_name(link, "linked workspace")
+        if self.name in self.network.links:
+            raise SpecError(f"workspace {self.name!r} cannot link to itself")
         object.__setattr__(self, "root", parse_root(self.root))
         if self.workdir is not None:
             object.__setattr__(self, "workdir", _check_workdir(self.workdir))
@@ -260,7 +260,7 @@ class WorkspaceSpec:
             "root": self.root,
             "disposable": self.disposable,
             "restart": self.restart.value,
-            "network": {"mode": self.network.value},
+            "network": self.network.to_dict(),
         }
         if self.mounts:
             out["mount"] = [{"source": m.source, "target": m.target, "readonly": m.readonly} for m in self.mounts]
@@ -296,7 +296,6 @@ SPEC_KEYS = ("name", "isolation", "root", "disposable", "mount", "env", "workdir
              "limits", "on_start", "restart", "network")
 MOUNT_KEYS = ("source", "target", "readonly")
 LIMIT_KEYS = ("memory", "cpus", "pids")
-NETWORK_KEYS = ("mode",)
 
 
 def _describe(value: object) -> str:
@@ -388,8 +387,7 @@ def _spec_from_dict(untrusted: object, name: str | None) -> WorkspaceSpec:
     restart = _parsed(("restart",), parse_restart, _str(top, "restart", (), 'a string like "on-failure"')
                      or RestartPolicy.NO.value)
     net = _read_table(top.get("network", {}), ("network",), NETWORK_KEYS, "[network]")
-    network = _parsed(("network", "mode"), parse_network, _str(net, "mode", ("network",), 'a string like "none"')
-                     or Network.NONE.value)
+    network = _network(net)
     try:
         return WorkspaceSpec(name=name, isolation=isolation, root=root, disposable=_bool(top, "disposable", ()),
                              mounts=_mounts(top.get("mount", [])), env=_env(top.get("env", {})),
@@ -399,6 +397,24 @@ def _spec_from_dict(untrusted: object, name: str | None) -> WorkspaceSpec:
         raise
     except SpecError as e:  # a rule across fields: no single key to point at
         raise FieldError((), e.message) from None
+
+
+def _network(table: Mapping[str, object]) -> NetworkPolicy:
+    for key, expected in (("mode", 'a string like "internet"'), ("bandwidth", 'a string like "10mbit"')):
+        _str(table, key, ("network",), expected)
+    for key in ("allow", "publish", "links", "dns"):
+        values = _typed(table.get(key, []), ("network", key), (list,), "a list of strings")
+        assert isinstance(values, list)
+        for i, value in enumerate(values):
+            if not isinstance(value, str):
+                raise FieldError(("network", key, i), f"each {key} entry must be a string, not {_describe(value)}")
+    try:
+        return policy_from_dict(table)
+    except SpecError as e:
+        words = {"--allow": "allow", "publish": "publish", "link": "links", "bandwidth": "bandwidth", "dns": "dns"}
+        key = next((k for word, k in words.items() if e.message.startswith(("bad " + word, word)) and k in table),
+                   "mode")
+        raise FieldError(("network", key), e.message) from None
 
 
 def _mounts(untrusted: object) -> tuple[Mount, ...]:
@@ -504,7 +520,12 @@ class Overrides:
     pids: str | int | None = None
     on_start: Sequence[str] | None = None
     restart: str | RestartPolicy | None = None
-    network: str | Network | None = None
+    network: str | Network | NetworkPolicy | None = None
+    allow: Sequence[str] = ()
+    publish: Sequence[str] = ()
+    links: Sequence[str] = ()
+    bandwidth: str | None = None
+    dns: Sequence[str] = ()
 
     def to_dict(self) -> dict[str, object]:
         """The given values in :meth:`WorkspaceSpec.to_dict`'s shape."""
@@ -515,8 +536,12 @@ class Overrides:
         for key, value in (("isolation", self.isolation), ("restart", self.restart)):
             if value is not None:
                 out[key] = value.value if isinstance(value, enum.Enum) else value
-        if self.network is not None:
-            out["network"] = {"mode": self.network.value if isinstance(self.network, Network) else self.network}
+        if isinstance(self.network, NetworkPolicy):
+            out["network"] = self.network.to_dict()
+        elif self.network is not None or self.allow or self.publish or self.links or self.bandwidth or self.dns:
+            mode = self.network.value if isinstance(self.network, Network) else self.network
+            out["network"] = build_policy(mode, allow=self.allow, publish=self.publish, links=self.links,
+                                          bandwidth=self.bandwidth, dns=self.dns).to_dict()
         if self.mounts:
             mounts = [m if isinstance(m, Mount) else Mount.parse(m) for m in self.mounts]
             out["mount"] = [{"source": m.source, "target": m.target, "readonly": m.readonly} for m in mounts]

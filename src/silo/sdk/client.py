@@ -105,13 +105,16 @@ class WorkspaceInfo:
     template: str | None = None
     snapshots: tuple[Snapshot, ...] = ()
     private_bytes: int | None = None  # None: the daemon did not measure it
+    # A running workspace's network: addresses, bytes_in/bytes_out, refused_attempts and
+    # the refused destinations (None when it has no network or was not measured).
+    network: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, object]:
         """The API's ``Workspace`` object (what ``silo inspect`` prints)."""
         return {"name": self.name, "state": self.state.value, "spec": self.spec.to_dict(), "owner": self.owner,
                 "created": self.created, "updated": self.updated, "error": self.error, "pid": self.pid,
                 "template": self.template, "snapshots": [_snapshot_dict(s) for s in self.snapshots],
-                "private_bytes": self.private_bytes}
+                "private_bytes": self.private_bytes, "network": self.network}
 
 
 @dataclass(frozen=True)
@@ -217,7 +220,7 @@ def _parse_info(untrusted: object) -> WorkspaceInfo:
         error=_opt(table, "error", str), pid=_opt(table, "pid", int),
         template=_opt(table, "template", str),
         snapshots=tuple(_parse_snapshot(s) for s in _items(table.get("snapshots", []), "snapshots")),
-        private_bytes=_opt(table, "private_bytes", int))
+        private_bytes=_opt(table, "private_bytes", int), network=_opt(table, "network", dict))
 
 
 def _parse_template(untrusted: object) -> Template:
@@ -307,6 +310,16 @@ def _ws(name: str, suffix: str = "") -> str:
 def _req_info(name: str, verb: str = "", body: object = None) -> _Call[WorkspaceInfo]:
     """GET a workspace, or POST one of its verbs that reply with it (start, stop, ...)."""
     return _Call("POST" if verb else "GET", _ws(name, verb), _reply(_parse_info), json=body)
+
+
+def _req_network(name: str, mode: str | None, options: Mapping[str, Any]) -> _Call[WorkspaceInfo]:
+    """PUT the given parts of a network policy; silod keeps the rest (publish, links,
+    bandwidth, dns) from the workspace's spec, except for the mode ``none``."""
+    body: dict[str, Any] = {key: list(value) if isinstance(value, (list, tuple)) else value
+                            for key, value in options.items() if value}
+    body["mode"] = mode if mode is not None else ("allow" if options.get("allow") else "internet")
+    body.setdefault("allow", [])
+    return _Call("PUT", _ws(name, "/network"), _reply(_parse_info), json=body)
 
 
 def _req_create(spec: WorkspaceSpec) -> _Call[WorkspaceInfo]:
@@ -420,6 +433,12 @@ class CreateOptions(TypedDict, total=False):
     workdir: str | None
     user: str | int | None
     hostname: str | None
+    network: str | None
+    allow: Sequence[str]
+    publish: Sequence[str]
+    links: Sequence[str]
+    bandwidth: str | None
+    dns: Sequence[str]
 
 
 def build_spec(name: str | None = None, **options: Unpack[CreateOptions]) -> WorkspaceSpec:
@@ -438,7 +457,9 @@ def build_spec(name: str | None = None, **options: Unpack[CreateOptions]) -> Wor
     overrides = Overrides(name=name, isolation=o.get("isolation"), root=o.get("root"), disposable=o.get("disposable"),
                           mounts=o.get("mounts", ()), env=o.get("env") or {}, workdir=o.get("workdir"),
                           user=o.get("user"), hostname=o.get("hostname"), memory=o.get("memory"), cpus=o.get("cpus"),
-                          pids=o.get("pids"), on_start=o.get("on_start"), restart=o.get("restart"))
+                          pids=o.get("pids"), on_start=o.get("on_start"), restart=o.get("restart"),
+                          network=o.get("network"), allow=o.get("allow", ()), publish=o.get("publish", ()),
+                          links=o.get("links", ()), bandwidth=o.get("bandwidth"), dns=o.get("dns", ()))
     if file is not None:
         return specfile.load(file, overrides)
     if isinstance(spec, WorkspaceSpec):
@@ -628,6 +649,14 @@ class Workspace:
     def restart(self) -> WorkspaceInfo:
         return self.client._send(_req_info(self.name, "/restart"))
 
+    def set_network(self, mode: str | None = None, *, allow: Sequence[str] = (), publish: Sequence[str] = (),
+                    links: Sequence[str] = (), bandwidth: str | None = None,
+                    dns: Sequence[str] = ()) -> WorkspaceInfo:
+        """Replace its network policy (``silo network set``); a running workspace's takes
+        effect at once, and connections the new policy forbids are cut."""
+        return self.client._send(_req_network(self.name, mode, {
+            "allow": allow, "publish": publish, "links": links, "bandwidth": bandwidth, "dns": dns}))
+
     def remove(self, force: bool = False) -> None:
         """Remove it; ``force`` stops a running one first."""
         self.client._send(_req_remove(self.name, force))
@@ -799,6 +828,13 @@ class AsyncWorkspace:
 
     async def restart(self) -> WorkspaceInfo:
         return await self.client._send(_req_info(self.name, "/restart"))
+
+    async def set_network(self, mode: str | None = None, *, allow: Sequence[str] = (),
+                          publish: Sequence[str] = (), links: Sequence[str] = (), bandwidth: str | None = None,
+                          dns: Sequence[str] = ()) -> WorkspaceInfo:
+        """See :meth:`Workspace.set_network`."""
+        return await self.client._send(_req_network(self.name, mode, {
+            "allow": allow, "publish": publish, "links": links, "bandwidth": bandwidth, "dns": dns}))
 
     async def remove(self, force: bool = False) -> None:
         await self.client._send(_req_remove(self.name, force))

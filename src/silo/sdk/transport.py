@@ -442,7 +442,8 @@ class FakeWorkspace:
         return {"name": self.spec.name, "state": self.state.value, "spec": self.spec.to_dict(), "owner": os.geteuid(),
                 "created": self.created, "updated": self.updated, "error": None, "pid": self.pid,
                 "template": self.template, "snapshots": [{"tag": t, "created": c} for t, (c, _) in
-                                                         self.snapshots.items()], "private_bytes": private}
+                                                         self.snapshots.items()], "private_bytes": private,
+                "network": None}
 
     def move(self, verb: str, to: State | None = None) -> None:
         require(verb, self.spec.name, self.state, disposable=self.spec.disposable)

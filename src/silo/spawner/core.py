@@ -27,6 +27,7 @@ import fcntl
 import gc
 import heapq
 import itertools
+import json
 import marshal
 import os
 import selectors
@@ -108,7 +109,7 @@ def warm_key(plan: p.Plan, wire: tuple[Any, ...]) -> bytes | None:
     """The pool key of a plan (its wire form without argv and env), or None when
     runs of it are not pooled: the app level (a fresh upper per run), no init, a pty."""
     proc = plan.process
-    if plan.isolation != "process" or not proc.harden or not proc.init or proc.tty:
+    if plan.isolation != "process" or not proc.harden or not proc.init or proc.tty or plan.network is not None:
         return None
     if proc.seccomp not in ("default", "unconfined"):
         return None  # silo-init would have to load it after the command arrives
@@ -146,6 +147,7 @@ class Spawner:
         self._bpf: dict[str, bytes] = {}
         self._cgroups: Any = None
         self._netns: list[int] = []
+        self._keepers: dict[int, Any] = {}  # pid -> the KeeperClient of a sandbox with a network
         self.is_root = os.geteuid() == 0
         self.last_activity = time.monotonic()
         self.running = True
@@ -262,21 +264,36 @@ class Spawner:
                 f"job-{os.getpid()}-{next(self._seq)}", plan.memory, plan.cpus, plan.pids)
         # A pooled netns belongs to the host's user namespace: a sandbox that keeps a
         # capability (e.g. NET_BIND_SERVICE) needs one its own user namespace owns.
-        use_pool = self._netns and "net" in plan.namespaces and not proc.caps
+        use_pool = self._netns and "net" in plan.namespaces and not proc.caps and plan.network is None
         netns = self._netns.pop() if use_pool else None
+        keeper = None
         try:
-            started = launcher.start(plan, stdio, self.init_fd, self.setup_fd, bpf, cgroup, netns, warm)
+            if plan.network is not None:
+                # A network of its own: a keeper process holds it (silo.net.keeper).
+                from silo.model.network import policy_from_dict
+                from silo.net.keeper import KeeperClient
+
+                keeper = KeeperClient.start(policy_from_dict(json.loads(plan.network)),
+                                            f"run-{os.getpid()}-{next(self._seq)}")
+            started = launcher.start(plan, stdio, self.init_fd, self.setup_fd, bpf, cgroup,
+                                     keeper.netns_fd if keeper is not None else netns, warm)
         except OSError as e:
             if cgroup is not None:
                 cgroup.destroy()
+            if keeper is not None:
+                keeper.close()
             raise InternalError(f"cannot start the sandbox: {e}") from None
         except BaseException:
             if cgroup is not None:
                 cgroup.destroy()
+            if keeper is not None:
+                keeper.close()
             raise
         finally:
             if netns is not None:
                 os.close(netns)
+        if keeper is not None:
+            self._keepers[started.pid] = keeper
         return started, cgroup
 
     def run_job(self, conn: Connection, job_id: int, plan: p.Plan, fds: list[int],
@@ -500,6 +517,9 @@ class Spawner:
         code = os.waitstatus_to_exitcode(status)
         if code < 0:
             code = 128 - code
+        keeper = self._keepers.pop(job.pid, None)
+        if keeper is not None:
+            keeper.close()
         if job.cgroup is not None:
             if job.reason is None:
                 job.reason = job.cgroup.limit_hit()

@@ -1,0 +1,498 @@
+"""The keeper of one sandbox's network: a small process per sandbox with a network.
+
+Started by whoever starts the sandbox (the spawner for ``silo run``, silod for a
+workspace) with one end of a SEQPACKET socket pair. It
+
+1. takes a lease (:mod:`silo.net.links`), makes a new network namespace owned by the
+   host's user namespace (so nothing inside the sandbox holds CAP_NET_ADMIN over it),
+   the veth pair, the addresses and routes, the host's NAT and guard table and the
+   sandbox's policy table (:mod:`silo.net.rules`);
+2. binds silo's resolver (:mod:`silo.net.dns`) on 127.0.0.53:53 *inside* that
+   namespace, while its upstream sockets stay in the host's;
+3. sends ``ready`` with the namespace's fd (SCM_RIGHTS); the sandbox is cloned into it;
+4. serves DNS, published ports (a TCP proxy: listens on the host, connects to
+   127.0.0.1:PORT inside), pins resolved names into the firewall, and answers
+   ``set`` (a live policy change), ``stats`` and ``stop`` on the socket;
+5. tears everything down at ``stop``, at EOF (its owner died) or at SIGTERM.
+
+Messages are JSON objects, one per datagram: ``{"op": "set", "policy": {...},
+"links": {...}}``, ``{"op": "stats"}``, ``{"op": "stop"}``; replies ``{"ok": ...}``
+or ``{"error": "..."}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from silo.model.errors import SiloError
+from silo.model.network import Lease, Network, NetworkPolicy, policy_from_dict
+
+RESOLVER = "127.0.0.53"
+_MAX_MSG = 1 << 16
+
+
+def _host_upstreams(path: str = "/etc/resolv.conf") -> list[tuple[str, int]]:
+    out = []
+    with contextlib.suppress(OSError), open(path) as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 2 and parts[0] == "nameserver":
+                with contextlib.suppress(ValueError):
+                    out.append((str(ipaddress.ip_address(parts[1].split("%")[0])), 53))
+    return out or [("127.0.0.1", 53)]
+
+
+# == the owner's side ======================================================================
+
+
+class KeeperClient:
+    """The owner's handle on a running keeper."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], sock: socket.socket, netns_fd: int,
+                 lease: Lease) -> None:
+        self.proc = proc
+        self.sock = sock
+        self.netns_fd = netns_fd
+        self.lease = lease
+
+    @classmethod
+    def start(cls, policy: NetworkPolicy, key: str, links: Mapping[str, Sequence[str]] | None = None,
+              timeout: float = 20.0) -> KeeperClient:
+        """Start a keeper and wait until the network is up; SiloError with its reason if not."""
+        if os.geteuid() != 0:
+            raise SiloError(f"network mode {policy.mode.value!r} needs root for now: run as root, "
+                            "or use --network none")
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        env = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "PYTHONPATH")}
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (os.path.dirname(os.path.dirname(os.path.dirname(
+            os.path.abspath(__file__)))), *sys.path) if p)
+        proc = subprocess.Popen([sys.executable, "-m", "silo.net.keeper",
+                                 str(theirs.fileno())], pass_fds=[theirs.fileno()], env=env,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        theirs.close()
+        try:
+            ours.sendall(json.dumps({"policy": policy.to_dict(), "key": key,
+                                     "links": {k: list(v) for k, v in (links or {}).items()}}).encode())
+            ours.settimeout(timeout)
+            msg, fds, _, _ = socket.recv_fds(ours, _MAX_MSG, 1)
+            ours.settimeout(None)
+            reply: dict[str, Any] = json.loads(msg) if msg else {
+                "error": "the network keeper exited before its network was up"}
+            if "error" in reply:
+                raise SiloError(reply["error"])
+            if len(fds) != 1:
+                raise SiloError("the network keeper sent no namespace")
+            lease = Lease(**reply["ok"]["lease"])
+        except BaseException as e:
+            ours.close()
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
+            proc.wait()
+            if isinstance(e, (OSError, ValueError, KeyError, TypeError)) and not isinstance(e, SiloError):
+                raise SiloError(f"the network keeper failed: {e}") from None
+            raise
+        return cls(proc, ours, fds[0], lease)
+
+    def call(self, message: dict[str, Any], timeout: float = 10.0) -> Any:
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.send(json.dumps(message).encode())
+            data = self.sock.recv(_MAX_MSG)
+        except OSError as e:
+            raise SiloError(f"the workspace's network keeper is gone ({e.strerror or e})") from None
+        if not data:
+            raise SiloError("the workspace's network keeper is gone")
+        reply = json.loads(data)
+        if "error" in reply:
+            raise SiloError(reply["error"])
+        return reply["ok"]
+
+    def set_policy(self, policy: NetworkPolicy, links: Mapping[str, Sequence[str]] | None = None) -> None:
+        self.call({"op": "set", "policy": policy.to_dict(),
+                   "links": {k: list(v) for k, v in (links or {}).items()}})
+
+    def stats(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.call({"op": "stats"})
+        return result
+
+    def close(self) -> None:
+        """Stop the keeper and wait until everything it made is gone."""
+        if self.netns_fd >= 0:
+            os.close(self.netns_fd)
+            self.netns_fd = -1
+        with contextlib.suppress(OSError, SiloError, ValueError):
+            self.call({"op": "stop"})
+        self.sock.close()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+# == the keeper's side =====================================================================
+
+
+@dataclass
+class _Pin:
+    expires: float
+    names: set[str] = field(default_factory=set)
+
+
+class Keeper:
+    def __init__(self, ctrl: socket.socket, config: dict[str, Any]) -> None:
+        self.ctrl = ctrl
+        self.policy = policy_from_dict(config["policy"])
+        self.key = str(config["key"])
+        self.links: dict[str, list[str]] = {str(k): list(v) for k, v in config.get("links", {}).items()}
+        self.lease: Lease | None = None
+        self.host_ns = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        self.guest_ns = -1
+        self.guest_nft: Any = None
+        self.host_nft: Any = None
+        self.resolver: Any = None
+        self.dns_socks: list[socket.socket] = []
+        self.pins: dict[str, _Pin] = {}
+        self.proxies: list[asyncio.base_events.Server] = []
+        self.stopping: asyncio.Event | None = None
+
+    # -- setting up and tearing down ------------------------------------------------------
+
+    def setup(self) -> None:
+        from silo.net import links, rules
+        from silo.net.nft import Nft
+        from silo.sys import kernel as sysk
+
+        self.lease = lease = links.acquire(self.key)
+        links.enable_forwarding()
+        sysk.unshare(sysk.CLONE_NEWNET)
+        self.guest_ns = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        sysk.setns(self.host_ns, sysk.CLONE_NEWNET)
+        links.create_veth(lease, self.guest_ns, self.policy.bandwidth)
+        self.host_nft = Nft()
+        self.host_nft.run(rules.host_rules(lease, self.policy, self._link_addrs()))
+        with links.in_netns(self.guest_ns):
+            links.configure_guest(lease, self.policy.bandwidth)
+            self.guest_nft = Nft()
+            self.guest_nft.run(rules.guest_base() + rules.guest_policy(self.policy, self._link_addrs()))
+            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+            udp.bind((RESOLVER, 53))
+            tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            tcp.bind((RESOLVER, 53))
+            tcp.listen(32)
+            self.dns_socks = [udp, tcp]
+
+    def _link_addrs(self) -> list[str]:
+        return [a for addrs in self.links.values() for a in addrs]
+
+    def teardown(self) -> None:
+        from silo.net import links
+        for sock in self.dns_socks:
+            sock.close()
+        self.dns_socks = []
+        for server in self.proxies:
+            server.close()
+        if self.guest_nft is not None:
+            self.guest_nft.close()
+        if self.lease is not None:
+            with contextlib.suppress(Exception):
+                links.cleanup(self.lease.index)
+            links.release(self.lease)
+            self.lease = None
+        if self.host_nft is not None:
+            self.host_nft.close()
+        if self.guest_ns >= 0:
+            os.close(self.guest_ns)
+            self.guest_ns = -1
+
+    # -- the policy ---------------------------------------------------------------------
+
+    def _dns_policy(self) -> Any:
+        from silo.net import dns, rules
+        names = tuple(sorted({e.target for e in self.policy.allow if e.network is None}))
+        local = {name: tuple(addrs) for name, addrs in self.links.items()}
+        return dns.DnsPolicy(mode=self.policy.mode.value, allow_names=names, blocked=rules.BLOCKED, local=local)
+
+    def _ports_for(self, name: str) -> list[tuple[str, int]] | None:
+        """The ports a resolved ``name`` may be reached on ([] any), None if not allowed."""
+        out: list[tuple[str, int]] = []
+        found = False
+        for entry in self.policy.allow:
+            if entry.network is not None:
+                continue
+            target = entry.target
+            if name == target or (target.startswith("*.") and name.endswith(target[1:])):
+                found = True
+                if entry.port is None:
+                    return []
+                out += [(p, entry.port) for p in ((entry.proto,) if entry.proto else ("tcp", "udp"))]
+        return out if found else None
+
+    def _pins_left(self) -> list[tuple[str, int, list[tuple[str, int]]]]:
+        now = time.monotonic()
+        out = []
+        for addr, pin in list(self.pins.items()):
+            left = int(pin.expires - now)
+            if left <= 0:
+                del self.pins[addr]
+                continue
+            ports: list[tuple[str, int]] = []
+            allowed = False
+            for name in pin.names:
+                p = self._ports_for(name)
+                if p is None:
+                    continue
+                if not p:
+                    ports, allowed = [], True
+                    break
+                ports += p
+                allowed = True
+            if allowed:
+                out.append((addr, left, sorted(set(ports))))
+        return out
+
+    def pin(self, name: str, records: Sequence[tuple[str, int]]) -> None:
+        """Let the sandbox reach ``records`` (address, seconds) of an allowed ``name``."""
+        from silo.net import rules
+        ports = self._ports_for(name.lower().rstrip("."))
+        if ports is None:
+            ports = []  # reached through a CNAME of an allowed name
+        now = time.monotonic()
+        for addr, ttl in records:
+            entry = self.pins.setdefault(addr, _Pin(now + ttl))
+            entry.expires = max(entry.expires, now + ttl)
+            entry.names.add(name.lower().rstrip("."))
+        cmds = []
+        for addr, ttl in records:
+            f = "4" if ipaddress.ip_address(addr).version == 4 else "6"
+            if ports:
+                elems = [{"elem": {"val": {"concat": [addr, p, port]}, "timeout": ttl}} for p, port in ports]
+                cmds.append({"add": {"element": {"family": "inet", "table": rules.TABLE,
+                                                 "name": f"pinnedp{f}", "elem": elems}}})
+            else:
+                cmds.append({"add": {"element": {"family": "inet", "table": rules.TABLE, "name": f"pinned{f}",
+                                                 "elem": [{"elem": {"val": addr, "timeout": ttl}}]}}})
+        if cmds:
+            self.guest_nft.run(cmds)
+
+    def set_policy(self, policy: NetworkPolicy, new_links: dict[str, list[str]]) -> None:
+        from silo.net import rules
+        assert self.lease is not None
+        if policy.publish != self.policy.publish or policy.bandwidth != self.policy.bandwidth:
+            raise SiloError("published ports and the bandwidth cap change at the next start, not live: "
+                            "stop and start the workspace")
+        old_policy, old_links = self.policy, self.links
+        self.policy, self.links = policy, new_links
+        try:
+            self.guest_nft.run(rules.guest_policy(policy, self._link_addrs(), self._pins_left()))
+            self.host_nft.run(rules.host_rules(self.lease, policy, self._link_addrs()))
+        except SiloError:
+            self.policy, self.links = old_policy, old_links
+            raise
+        if self.resolver is not None:
+            self.resolver.set_policy(self._dns_policy())
+
+    def stats(self) -> dict[str, Any]:
+        from silo.net import rules
+        counters: dict[str, dict[str, int]] = {}
+        refused: list[dict[str, Any]] = []
+        for item in self.guest_nft.list("table", family="inet", name=rules.TABLE):
+            if "counter" in item:
+                c = item["counter"]
+                counters[c["name"]] = {"bytes": c.get("bytes", 0), "packets": c.get("packets", 0)}
+        for f in ("4", "6"):
+            for name in (f"refused{f}", f"refusedp{f}"):
+                for item in self.guest_nft.list("set", family="inet", table=rules.TABLE, name=name):
+                    for elem in item.get("set", {}).get("elem", []):
+                        refused.append(_refusal(elem))
+        refused.sort(key=lambda r: -r["attempts"])
+        assert self.lease is not None
+        out: dict[str, Any] = {
+            "mode": self.policy.mode.value,
+            "policy": self.policy.to_dict(),
+            "address": {"ipv4": self.lease.guest4, "ipv6": self.lease.guest6},
+            "bytes_out": counters.get("tx", {}).get("bytes", 0),
+            "bytes_in": counters.get("rx", {}).get("bytes", 0),
+            "packets_out": counters.get("tx", {}).get("packets", 0),
+            "packets_in": counters.get("rx", {}).get("packets", 0),
+            "refused_attempts": sum(r["attempts"] for r in refused),
+            "refused": refused[:100],
+        }
+        if self.resolver is not None:
+            out["dns"] = dict(self.resolver.stats)
+            names = getattr(self.resolver, "refused_names", {})
+            out["dns_refused_names"] = dict(names) if names else {}
+        return out
+
+    # -- serving ------------------------------------------------------------------------
+
+    async def serve(self) -> None:
+        from silo.net import dns
+        loop = asyncio.get_running_loop()
+        self.stopping = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
+        upstreams = [(a, 53) for a in self.policy.dns] or _host_upstreams()
+        self.resolver = dns.Resolver(upstreams, self._dns_policy(), pin=self._pin_records)
+        tasks = [asyncio.create_task(self.resolver.serve_udp(self.dns_socks[0])),
+                 asyncio.create_task(self.resolver.serve_tcp(self.dns_socks[1]))]
+        self.ctrl.setblocking(False)
+        loop.add_reader(self.ctrl.fileno(), self._on_ctrl)
+        try:
+            await self.stopping.wait()
+        finally:
+            loop.remove_reader(self.ctrl.fileno())
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+    def _pin_records(self, *args: Any) -> None:
+        # the resolver calls pin(name, records) (or pin(records) for an unnamed answer)
+        if len(args) == 2:
+            self.pin(str(args[0]), args[1])
+        else:
+            self.pin("", args[0])
+
+    def _on_ctrl(self) -> None:
+        assert self.stopping is not None
+        try:
+            data = self.ctrl.recv(_MAX_MSG)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.stopping.set()
+            return
+        try:
+            msg = json.loads(data)
+            op = msg.get("op")
+            if op == "set":
+                links = {str(k): [str(a) for a in v] for k, v in msg.get("links", {}).items()}
+                self.set_policy(policy_from_dict(msg["policy"]), links)
+                reply: dict[str, Any] = {"ok": True}
+            elif op == "stats":
+                reply = {"ok": self.stats()}
+            elif op == "stop":
+                self.stopping.set()
+                reply = {"ok": True}
+            else:
+                reply = {"error": f"unknown keeper operation {op!r}"}
+        except SiloError as e:
+            reply = {"error": e.message}
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            reply = {"error": f"bad keeper request: {e}"}
+        with contextlib.suppress(OSError):
+            self.ctrl.send(json.dumps(reply).encode())
+
+    async def start_proxies(self) -> None:
+        for pub in self.policy.publish:
+            family = socket.AF_INET6 if ":" in pub.address else socket.AF_INET
+            try:
+                server = await asyncio.start_server(self._proxy_handler(pub.guest_port), pub.address,
+                                                    pub.host_port, family=family, reuse_address=True)
+            except OSError as e:
+                raise SiloError(f"cannot publish {pub}: port {pub.host_port} on {pub.address} is taken or "
+                                f"not available ({e.strerror}): choose another host port") from None
+            self.proxies.append(server)
+
+    def _proxy_handler(self, port: int) -> Any:
+        from silo.net import links
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            loop = asyncio.get_running_loop()
+            with links.in_netns(self.guest_ns):
+                inner = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            inner.setblocking(False)
+            try:
+                await asyncio.wait_for(loop.sock_connect(inner, ("127.0.0.1", port)), 5)
+                r2, w2 = await asyncio.open_connection(sock=inner)
+            except (TimeoutError, OSError):
+                inner.close()
+                writer.close()
+                return
+            await asyncio.gather(_pump(reader, w2), _pump(r2, writer), return_exceptions=True)
+
+        return handle
+
+
+async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+    except OSError:
+        pass
+    finally:
+        with contextlib.suppress(OSError):
+            writer.close()
+
+
+def _refusal(elem: Any) -> dict[str, Any]:
+    val = elem.get("elem", elem) if isinstance(elem, dict) else elem
+    counter = {}
+    if isinstance(val, dict) and "val" in val:
+        counter = val.get("counter", {})
+        val = val["val"]
+    parts = val.get("concat", [val]) if isinstance(val, dict) else [val]
+    out: dict[str, Any] = {"destination": parts[0], "protocol": parts[1] if len(parts) > 1 else None}
+    if len(parts) > 2:
+        out["port"] = parts[2]
+    out["attempts"] = counter.get("packets", 0)
+    return out
+
+
+def main(argv: list[str]) -> int:
+    ctrl = socket.socket(fileno=int(argv[1]))
+    ctrl.set_inheritable(False)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    data = ctrl.recv(_MAX_MSG)
+    if not data:
+        return 0
+    keeper: Keeper | None = None
+    try:
+        keeper = Keeper(ctrl, json.loads(data))
+        keeper.setup()
+        assert keeper.lease is not None
+
+        async def run() -> None:
+            assert keeper is not None and keeper.lease is not None
+            await keeper.start_proxies()
+            socket.send_fds(ctrl, [json.dumps({"ok": {"lease": keeper.lease.to_dict()}}).encode()],
+                            [keeper.guest_ns])
+            await keeper.serve()
+
+        asyncio.run(run())
+    except SiloError as e:
+        with contextlib.suppress(OSError):
+            ctrl.send(json.dumps({"error": e.message}).encode())
+    except Exception as e:  # report, never leave the owner waiting
+        with contextlib.suppress(OSError):
+            ctrl.send(json.dumps({"error": f"the network keeper failed: {type(e).__name__}: {e}"}).encode())
+    finally:
+        if keeper is not None:
+            keeper.teardown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
+
+
+__all__ = ["RESOLVER", "Keeper", "KeeperClient", "Network"]
