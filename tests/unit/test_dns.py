@@ -583,6 +583,22 @@ def test_pin_is_only_called_in_allow_mode():
     run(test)
 
 
+def test_pin_named_is_told_the_allowed_name_the_addresses_came_from():
+    up = Upstream({("www.example.org", "A"): [rr("www.example.org.", 60, "CNAME", "cdn.example.net."),
+                                              rr("cdn.example.net.", 60, "A", PUBLIC)]})
+    calls: list[tuple[str, list[tuple[str, int]]]] = []
+
+    async def test() -> None:
+        async with upstreams(up), serving(allow("*.example.org"), [up],
+                                          pin_named=lambda name, pins: calls.append((name, list(pins)))) as s:
+            assert addresses(await s.ask("WWW.Example.org.")) == [PUBLIC]
+            assert calls == [("www.example.org", [(PUBLIC, 60)])]
+
+    run(test)
+    with pytest.raises(ValueError):
+        Resolver([(LO, 53)], INTERNET, Pins(), pin_named=lambda name, pins: None)
+
+
 def test_two_resolvers_in_one_process_keep_their_own_policy_and_counters():
     up = Upstream({("a.example", "A"): [rr("a.example.", 60, "A", PUBLIC)]})
 

@@ -41,6 +41,8 @@ Per query, in order:
    client caches an address longer than it is pinned). Address records off that
    chain, and in the authority and additional sections, are removed: in allow mode
    every address in a reply is a pinned one. If ``pin`` raises, the reply is SERVFAIL.
+   A keeper that limits names to ports (``example.org:443``) gives ``pin_named``
+   instead: it is also told the question's name (the one the allow list matched).
 
 The resolver keeps no global state; several can share a process. It never blocks the
 event loop except in ``pin``, which the keeper provides.
@@ -93,6 +95,7 @@ SILO_ZONE = dns.name.from_text("silo.")
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 Pin = Callable[[Sequence[tuple[str, int]]], None]
+PinNamed = Callable[[str, Sequence[tuple[str, int]]], None]
 
 _ADDRESS_TYPES = frozenset({dns.rdatatype.A, dns.rdatatype.AAAA})
 _HINTS = frozenset({ParamKey.IPV4HINT, ParamKey.IPV6HINT})
@@ -223,7 +226,8 @@ class Resolver:
     ``upstreams`` are (IP address, port) pairs, tried in order (a host name is a
     ValueError: resolving it would need a resolver). ``pin`` (mode allow only) is called
     synchronously with the addresses of an answer before it is sent; without one,
-    nothing is pinned. ``timeout`` bounds each try of each upstream (a TC retry over TCP
+    nothing is pinned. ``pin_named(name, addresses)`` may replace it, ``name`` being
+    the question's (lower case, no final dot). ``timeout`` bounds each try of each upstream (a TC retry over TCP
     gets its own). ``tcp_idle`` and ``max_tcp_clients`` bound the TCP side: a
     connection quiet that long is closed, and one more than the limit is closed at once.
 
@@ -237,16 +241,19 @@ class Resolver:
     """
 
     def __init__(self, upstreams: Sequence[tuple[str, int]], policy: DnsPolicy,
-                 pin: Pin | None = None, timeout: float = 2.0, *,
+                 pin: Pin | None = None, timeout: float = 2.0, *, pin_named: PinNamed | None = None,
                  tcp_idle: float = TCP_IDLE, max_tcp_clients: int = MAX_TCP_CLIENTS) -> None:
         if not upstreams:
             raise ValueError("the resolver needs at least one upstream")
+        if pin is not None and pin_named is not None:
+            raise ValueError("give the resolver pin or pin_named, not both")
         self.upstreams = tuple((str(ipaddress.ip_address(host)), int(port)) for host, port in upstreams)
         if not all(0 < port < 65536 for _, port in self.upstreams):
             raise ValueError(f"an upstream port is out of range: {upstreams!r}")
         self.policy = policy
         self._rules = _Rules(policy)
         self.pin = pin
+        self.pin_named = pin_named
         self.timeout = timeout
         self.tcp_idle = tcp_idle
         self.max_tcp_clients = max_tcp_clients
@@ -437,7 +444,7 @@ class Resolver:
             answer, authority, additional = [], [], []
             response.set_rcode(dns.rcode.NOERROR)
             _edns(response, query, ede=True)
-        if rules.mode == "allow" and answer and not self._pinned(answer):
+        if rules.mode == "allow" and answer and not self._pinned(question.name, answer):
             response.set_rcode(dns.rcode.SERVFAIL)
             return
         response.answer, response.authority, response.additional = answer, authority, additional
@@ -462,7 +469,7 @@ class Resolver:
         self.stats["stripped"] += stripped
         return out, stripped
 
-    def _pinned(self, answer: list[dns.rrset.RRset]) -> bool:
+    def _pinned(self, qname: dns.name.Name, answer: list[dns.rrset.RRset]) -> bool:
         """Pin the answer's addresses (all on the chain by now); False if the keeper failed."""
         seconds: dict[str, int] = {}
         for rrset in answer:
@@ -472,10 +479,13 @@ class Resolver:
                 for rd in rrset:
                     address = str(ipaddress.ip_address(rd.to_text()))
                     seconds[address] = max(seconds.get(address, 0), ttl)
-        if not seconds or self.pin is None:
+        if not seconds:
             return True
         try:
-            self.pin(list(seconds.items()))
+            if self.pin_named is not None:
+                self.pin_named(qname.to_text(omit_final_dot=True).lower(), list(seconds.items()))
+            elif self.pin is not None:
+                self.pin(list(seconds.items()))
         except Exception as e:  # never hand out an address the firewall does not know
             self.stats["pin_errors"] += 1
             log.warning("dns: pinning %d addresses failed: %s: %s", len(seconds), type(e).__name__, e)
