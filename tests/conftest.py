@@ -22,6 +22,8 @@ from typing import Any
 
 import pytest
 
+from networld import world  # noqa: F401  (the network tests' session fixture: tests/networld.py)
+
 REPO = Path(__file__).resolve().parent.parent
 TEST_USER = "silotest"
 IS_ROOT = os.geteuid() == 0

@@ -224,7 +224,9 @@ class Keeper:
         from silo.net import dns, rules
         names = tuple(sorted({e.target for e in self.policy.allow if e.network is None}))
         local = {name: tuple(addrs) for name, addrs in self.links.items()}
-        return dns.DnsPolicy(mode=self.policy.mode.value, allow_names=names, blocked=rules.BLOCKED, local=local)
+        # `none` set live on a running network: the resolver answers nothing but links
+        mode = "allow" if self.policy.mode is Network.NONE else self.policy.mode.value
+        return dns.DnsPolicy(mode=mode, allow_names=names, blocked=rules.BLOCKED, local=local)
 
     def _ports_for(self, name: str) -> list[tuple[str, int]] | None:
         """The ports a resolved ``name`` may be reached on ([] any), None if not allowed."""
@@ -345,7 +347,7 @@ class Keeper:
         self.stopping = asyncio.Event()
         loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
         upstreams = [(a, 53) for a in self.policy.dns] or _host_upstreams()
-        self.resolver = dns.Resolver(upstreams, self._dns_policy(), pin=self._pin_records)
+        self.resolver = dns.Resolver(upstreams, self._dns_policy(), pin_named=self.pin)
         tasks = [asyncio.create_task(self.resolver.serve_udp(self.dns_socks[0])),
                  asyncio.create_task(self.resolver.serve_tcp(self.dns_socks[1]))]
         self.ctrl.setblocking(False)
@@ -359,13 +361,6 @@ class Keeper:
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-
-    def _pin_records(self, *args: Any) -> None:
-        # the resolver calls pin(name, records) (or pin(records) for an unnamed answer)
-        if len(args) == 2:
-            self.pin(str(args[0]), args[1])
-        else:
-            self.pin("", args[0])
 
     def _on_ctrl(self) -> None:
         assert self.stopping is not None
