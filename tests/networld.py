@@ -579,7 +579,7 @@ def main(argv: list[str]) -> int:
 #: ``from networld import world`` in a conftest or test module makes the fixture available.
 if __name__ != "__main__":
     try:
-        world = world_fixture()
+        world = world_fixture("module")  # a module at a time: test_networld makes its own
     except ImportError:  # pytest not installed: the module still works as a library and server
         pass
 

@@ -311,7 +311,8 @@ def test_links_let_one_workspace_reach_another_by_name(world: World, client: sil
     app = make(client, "netapp", network="internet", links=["netdb"])
     other = make(client, "netother", network="full")
     addr = db.info().network["address"]["ipv4"]  # type: ignore[index]
-    got = probe_in(app, "tcp:netdb:8000", f"tcp:{addr}:8000", "dns:netdb")
+    addr6 = db.info().network["address"]["ipv6"]  # type: ignore[index]
+    got = probe_in(app, "tcp:netdb:8000", f"tcp:{addr}:8000", f"tcp:[{addr6}]:8000", "dns:netdb")
     assert got["tcp:netdb:8000"] == "ok" and got[f"tcp:{addr}:8000"] == "ok", got
     got = probe_in(other, f"tcp:{addr}:8000", "dns:netdb")
     assert blocked(got[f"tcp:{addr}:8000"]), got  # even `full` does not reach an unlinked workspace

@@ -96,10 +96,12 @@ class KeeperClient:
                 raise SiloError("the network keeper sent no namespace")
             lease = Lease(**reply["ok"]["lease"])
         except BaseException as e:
-            ours.close()
-            with contextlib.suppress(ProcessLookupError):
-                proc.terminate()
-            proc.wait()
+            ours.close()  # EOF: a keeper still setting up tears down and exits
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
             if isinstance(e, (OSError, ValueError, KeyError, TypeError)) and not isinstance(e, SiloError):
                 raise SiloError(f"the network keeper failed: {e}") from None
             raise
@@ -474,12 +476,13 @@ def main(argv: list[str]) -> int:
             await keeper.serve()
 
         asyncio.run(run())
-    except SiloError as e:
+    except Exception as e:  # report (after cleaning up), never leave the owner waiting
+        if keeper is not None:
+            keeper.teardown()
+            keeper = None
+        message = e.message if isinstance(e, SiloError) else f"the network keeper failed: {type(e).__name__}: {e}"
         with contextlib.suppress(OSError):
-            ctrl.send(json.dumps({"error": e.message}).encode())
-    except Exception as e:  # report, never leave the owner waiting
-        with contextlib.suppress(OSError):
-            ctrl.send(json.dumps({"error": f"the network keeper failed: {type(e).__name__}: {e}"}).encode())
+            ctrl.send(json.dumps({"error": message}).encode())
     finally:
         if keeper is not None:
             keeper.teardown()

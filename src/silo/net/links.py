@@ -177,6 +177,9 @@ def create_veth(lease: Lease, netns_fd: int, bandwidth: int | None) -> None:
         index = ipr.link_lookup(ifname=lease.ifname)[0]
         with contextlib.suppress(OSError):
             write_sysctl(f"net.ipv6.conf.{lease.ifname}.accept_ra", "0")
+            # no duplicate address detection: the link is new and point to point, and a
+            # tentative link-local address delays the first neighbour solicitations
+            write_sysctl(f"net.ipv6.conf.{lease.ifname}.accept_dad", "0")
         ipr.addr("add", index=index, address=lease.host4, prefixlen=30)
         ipr.addr("add", index=index, address=lease.host6, prefixlen=64, flags=0x02)  # IFA_F_NODAD
         ipr.link("set", index=index, state="up")
