@@ -366,3 +366,29 @@ def test_rootless_network_is_refused_clearly(unpriv_src: Any) -> None:
                        capture_output=True, text=True, timeout=60)
     assert "network mode 'internet' needs root for now" in r.stdout, r
 
+
+
+ECHO_MB = ("import socket, threading, time\n"
+           "s = socket.create_connection(('203.0.113.10', 7), timeout=20)\n"
+           "data = b'x' * (1 << 20)\n"
+           "got = 0\n"
+           "t0 = time.monotonic()\n"
+           "threading.Thread(target=s.sendall, args=(data,), daemon=True).start()\n"
+           "while got < len(data):\n"
+           "    chunk = s.recv(65536)\n"
+           "    if not chunk: break\n"
+           "    got += len(chunk)\n"
+           "print(got, round(time.monotonic() - t0, 3))\n")
+
+
+def test_bandwidth_cap_slows_traffic_both_ways(world: World) -> None:
+    def timed(*options: str) -> float:
+        r = subprocess.run([SILO, "run", "--network", "internet", *options, "--", "python3", "-c", ECHO_MB],
+                           capture_output=True, text=True, timeout=60)
+        got, seconds = r.stdout.split()
+        assert int(got) == 1 << 20, r
+        return float(seconds)
+
+    free = timed()
+    capped = timed("--bandwidth", "8mbit")  # 1 MiB = 8.4 Mbit: about a second each way
+    assert free < 0.5 and capped > 0.9, (free, capped)
