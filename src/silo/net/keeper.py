@@ -279,16 +279,7 @@ class Keeper:
             entry = self.pins.setdefault(addr, _Pin(now + ttl))
             entry.expires = max(entry.expires, now + ttl)
             entry.names.add(name.lower().rstrip("."))
-        cmds = []
-        for addr, ttl in records:
-            f = "4" if ipaddress.ip_address(addr).version == 4 else "6"
-            if ports:
-                elems = [{"elem": {"val": {"concat": [addr, p, port]}, "timeout": ttl}} for p, port in ports]
-                cmds.append({"add": {"element": {"family": "inet", "table": rules.TABLE,
-                                                 "name": f"pinnedp{f}", "elem": elems}}})
-            else:
-                cmds.append({"add": {"element": {"family": "inet", "table": rules.TABLE, "name": f"pinned{f}",
-                                                 "elem": [{"elem": {"val": addr, "timeout": ttl}}]}}})
+        cmds = rules.pin_elements((addr, ttl, ports) for addr, ttl in records)
         if cmds:
             self.guest_nft.run(cmds)
 
@@ -313,15 +304,13 @@ class Keeper:
         from silo.net import rules
         counters: dict[str, dict[str, int]] = {}
         refused: list[dict[str, Any]] = []
+        # one listing holds the named counters and the refused sets with their elements
         for item in self.guest_nft.list("table", family="inet", name=rules.TABLE):
             if "counter" in item:
                 c = item["counter"]
                 counters[c["name"]] = {"bytes": c.get("bytes", 0), "packets": c.get("packets", 0)}
-        for f in ("4", "6"):
-            for name in (f"refused{f}", f"refusedp{f}"):
-                for item in self.guest_nft.list("set", family="inet", table=rules.TABLE, name=name):
-                    for elem in item.get("set", {}).get("elem", []):
-                        refused.append(_refusal(elem))
+            elif "set" in item and item["set"]["name"].startswith("refused"):
+                refused += [_refusal(elem) for elem in item["set"].get("elem", [])]
         refused.sort(key=lambda r: -r["attempts"])
         assert self.lease is not None
         out: dict[str, Any] = {

@@ -25,6 +25,7 @@ from silo.model.network import Lease
 from silo.net import rules
 from silo.net.nft import Nft
 from silo.sys import kernel as sysk
+from silo.sys.cgroups_common import read_file, write_file
 
 LEASE_DIR = "/run/silo/net/leases"
 POOL4 = ipaddress.IPv4Network("10.213.0.0/16")
@@ -117,13 +118,11 @@ def sweep() -> list[int]:
 
 def write_sysctl(name: str, value: str) -> None:
     """Write a sysctl of the calling thread's network namespace (or a global one)."""
-    with open("/proc/sys/" + name.replace(".", "/"), "w") as f:
-        f.write(value)
+    write_file("/proc/sys/" + name.replace(".", "/"), value)
 
 
 def read_sysctl(name: str) -> str:
-    with open("/proc/sys/" + name.replace(".", "/")) as f:
-        return f.read().strip()
+    return read_file("/proc/sys/" + name.replace(".", "/")).strip()
 
 
 def enable_forwarding() -> None:

@@ -145,13 +145,7 @@ def guest_policy(policy: NetworkPolicy, links: Iterable[str] = (),
         cmds += _elements(f"allow{f}", [_elem(ipaddress.ip_network(e.target)) for e in entries if e.port is None])
         cmds += _elements(f"allowp{f}", [{"concat": [_elem(ipaddress.ip_network(e.target)), p, e.port]}
                                          for e in entries if e.port is not None for p in _protos(e)])
-    for addr, seconds, ports in pins:
-        f = "4" if ipaddress.ip_address(addr).version == 4 else "6"
-        if ports:
-            cmds += _elements(f"pinnedp{f}", [{"elem": {"val": {"concat": [addr, p, port]}, "timeout": seconds}}
-                                              for p, port in ports])
-        else:
-            cmds += _elements(f"pinned{f}", [{"elem": {"val": addr, "timeout": seconds}}])
+    cmds += pin_elements(pins)
 
     out: list[Cmd] = [
         _rule("out", _match({"meta": {"key": "oif"}}, "lo"), {"accept": None}),
@@ -163,18 +157,12 @@ def guest_policy(policy: NetworkPolicy, links: Iterable[str] = (),
         for f in ("4", "6"):
             out.append(_rule("out", _match(_daddr(f), f"@links{f}"), {"jump": {"target": "pass"}}))
     if mode is Network.ALLOW:
-        for f in ("4", "6"):
-            out.append(_rule("out", _match(_daddr(f), f"@allow{f}"), {"jump": {"target": "pass"}}))
-            out.append(_rule("out", _match({"concat": [_daddr(f), _L4, _DPORT]}, f"@allowp{f}"),
-                             {"jump": {"target": "pass"}}))
+        out += _pass_listed("allow")
     if mode in (Network.INTERNET, Network.ALLOW):
         for f in ("4", "6"):
             out.append(_rule("out", _match(_daddr(f), f"@block{f}"), {"jump": {"target": "refuse"}}))
     if mode is Network.ALLOW:
-        for f in ("4", "6"):
-            out.append(_rule("out", _match(_daddr(f), f"@pinned{f}"), {"jump": {"target": "pass"}}))
-            out.append(_rule("out", _match({"concat": [_daddr(f), _L4, _DPORT]}, f"@pinnedp{f}"),
-                             {"jump": {"target": "pass"}}))
+        out += _pass_listed("pinned")  # after the blocked ranges: a resolved name never reaches them
     last = "pass" if mode in (Network.INTERNET, Network.FULL) else "refuse"
     out.append(_rule("out", {"jump": {"target": last}}))
 
@@ -196,6 +184,31 @@ def guest_policy(policy: NetworkPolicy, links: Iterable[str] = (),
         _rule("in", {"counter": "rx"}),
     ]
     return cmds + out + refuse + rest
+
+
+def _pass_listed(sets: str) -> list[Cmd]:
+    """Rules passing what the sets ``SETS4/6`` (addresses) and ``SETSp4/6`` (address,
+    protocol, port) hold."""
+    out = []
+    for f in ("4", "6"):
+        out.append(_rule("out", _match(_daddr(f), f"@{sets}{f}"), {"jump": {"target": "pass"}}))
+        out.append(_rule("out", _match({"concat": [_daddr(f), _L4, _DPORT]}, f"@{sets}p{f}"),
+                         {"jump": {"target": "pass"}}))
+    return out
+
+
+def pin_elements(pins: Iterable[tuple[str, int, Sequence[tuple[str, int]]]]) -> list[Cmd]:
+    """Add resolved addresses to the pinned sets: (address, seconds, [(proto, port)] or
+    [] for any port)."""
+    cmds: list[Cmd] = []
+    for addr, seconds, ports in pins:
+        f = "4" if ipaddress.ip_address(addr).version == 4 else "6"
+        if ports:
+            cmds += _elements(f"pinnedp{f}", [{"elem": {"val": {"concat": [addr, p, port]}, "timeout": seconds}}
+                                              for p, port in ports])
+        else:
+            cmds += _elements(f"pinned{f}", [{"elem": {"val": addr, "timeout": seconds}}])
+    return cmds
 
 
 # -- the host's table -------------------------------------------------------------------------

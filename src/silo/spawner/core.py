@@ -277,17 +277,13 @@ class Spawner:
                                             f"run-{os.getpid()}-{next(self._seq)}")
             started = launcher.start(plan, stdio, self.init_fd, self.setup_fd, bpf, cgroup,
                                      keeper.netns_fd if keeper is not None else netns, warm)
-        except OSError as e:
+        except BaseException as e:
             if cgroup is not None:
                 cgroup.destroy()
             if keeper is not None:
                 keeper.close()
-            raise InternalError(f"cannot start the sandbox: {e}") from None
-        except BaseException:
-            if cgroup is not None:
-                cgroup.destroy()
-            if keeper is not None:
-                keeper.close()
+            if isinstance(e, OSError):
+                raise InternalError(f"cannot start the sandbox: {e}") from None
             raise
         finally:
             if netns is not None:
