@@ -366,6 +366,18 @@ class World:
 # -- the probe, as tests run it
 
 
+def host_address() -> str:
+    """An IPv4 address of the host's own (not loopback, not the world's, not a sandbox's);
+    the calling test is skipped when the host has none."""
+    out = subprocess.run(["ip", "-4", "-o", "addr", "show", "scope", "global"], capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        addr = line.split()[3].split("/")[0]
+        if not addr.startswith(("203.0.113.", "10.213.")):
+            return addr
+    import pytest
+    pytest.skip("the host has no global IPv4 address of its own")
+
+
 def netprobe_argv(*checks: str, timeout: float | None = None, python: str = "/usr/bin/python3") -> list[str]:
     """The argv that runs ``netprobe.py`` with ``checks`` (passed as ``-c SOURCE``, so no host path
     has to be visible in the sandbox)."""

@@ -82,6 +82,12 @@ def _starttime(pid: int) -> str | None:
     return data[data.rindex(b")") + 2:].split()[19].decode()
 
 
+def _check_links_allowed(policy: NetworkPolicy) -> None:
+    # a rootless network has no address of its own on the host for another to reach
+    if policy.links and os.geteuid() != 0:
+        raise SpecError("links between workspaces need root: run silod as root, or drop --link")
+
+
 def _check_traversable(state_dir: str) -> None:
     """A root daemon's workspaces build their overlays as their mapped root, not as host
     root: every directory above the state dir must let others through (o+x)."""
@@ -194,6 +200,7 @@ class Manager:
     async def create(self, peer: int, data: object) -> WorkspaceRecord:
         spec = WorkspaceSpec.from_dict(data)
         self._check_sources(peer, spec)
+        _check_links_allowed(spec.network)
         template = spec.template
         base = spec.root
         if template is not None:
@@ -259,8 +266,7 @@ class Manager:
         keeper = await self._network_up(record) if plan.network is not None else None
         log_fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            proc = await self.runtime.start_init(name, plan, log_fd,
-                                                 keeper.netns_fd if keeper is not None else None)
+            proc = await self.runtime.start_init(name, plan, log_fd, keeper)
         except BaseException as e:
             self._log(record, f"start failed: {getattr(e, 'message', e)}")
             if keeper is not None:
@@ -347,6 +353,7 @@ class Manager:
     def _links(self, record: WorkspaceRecord, policy: NetworkPolicy) -> dict[str, list[str]]:
         """The addresses of the workspaces ``policy`` links to: running, with a network,
         and the same owner's (another's is reported as missing)."""
+        _check_links_allowed(policy)
         out: dict[str, list[str]] = {}
         for link in policy.links:
             other = self.record(record.owner, link)

@@ -105,14 +105,17 @@ class Runtime:
 
     # -- starting ------------------------------------------------------------------------
 
-    async def start_init(self, name: str, plan: p.Plan, log_fd: int, netns_fd: int | None = None) -> Process:
-        """Build the workspace's sandbox (in ``netns_fd``, a network its keeper made, if
-        given) and wait until its init is up (or failed)."""
+    async def start_init(self, name: str, plan: p.Plan, log_fd: int, network: Any = None) -> Process:
+        """Build the workspace's sandbox (in the network of ``network``, its keeper's
+        :class:`silo.net.keeper.KeeperClient`, if given) and wait until its init is up
+        (or failed)."""
         cgroup = self.cgroup_for(name, plan)
         null = os.open(DEVNULL, os.O_RDONLY | os.O_CLOEXEC)
         try:
             started = launcher.start(plan, (null, log_fd, log_fd), self.init_fd, self.setup_fd,
-                                     self.bpf(plan.process), cgroup, netns_fd)
+                                     self.bpf(plan.process), cgroup,
+                                     network.netns_fd if network is not None else None,
+                                     on_cloned=network.attach if network is not None else None)
         except OSError as e:
             if cgroup is not None:
                 cgroup.destroy()

@@ -10,14 +10,19 @@ workspace) with one end of a SEQPACKET socket pair. It
 2. binds silo's resolver (:mod:`silo.net.dns`) on 127.0.0.53:53 *inside* that
    namespace, while its upstream sockets stay in the host's;
 3. sends ``ready`` with the namespace's fd (SCM_RIGHTS); the sandbox is cloned into it;
+
+Without root (:mod:`silo.net.rootless`) step 1 waits: ``ready`` carries no namespace,
+the sandbox is cloned into one of its own, and its owner sends ``attach`` with the
+sandbox's user and network namespaces before releasing it; the keeper then sets up
+pasta, the policy and the resolver there. Then, either way, it
 4. serves DNS, published ports (a TCP proxy: listens on the host, connects to
    127.0.0.1:PORT inside), pins resolved names into the firewall, and answers
    ``set`` (a live policy change), ``stats`` and ``stop`` on the socket;
 5. tears everything down at ``stop``, at EOF (its owner died) or at SIGTERM.
 
 Messages are JSON objects, one per datagram: ``{"op": "set", "policy": {...},
-"links": {...}}``, ``{"op": "stats"}``, ``{"op": "stop"}``; replies ``{"ok": ...}``
-or ``{"error": "..."}``.
+"links": {...}}``, ``{"op": "attach"}`` (with two fds), ``{"op": "stats"}``,
+``{"op": "stop"}``; replies ``{"ok": ...}`` or ``{"error": "..."}``.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import contextlib
 import ipaddress
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -38,9 +44,9 @@ from typing import Any
 
 from silo.model.errors import SiloError
 from silo.model.network import Lease, Network, NetworkPolicy, policy_from_dict
+from silo.net import wire
 
 RESOLVER = "127.0.0.53"
-_MAX_MSG = 1 << 16
 
 
 def _host_upstreams(path: str = "/etc/resolv.conf") -> list[tuple[str, int]]:
@@ -60,20 +66,22 @@ def _host_upstreams(path: str = "/etc/resolv.conf") -> list[tuple[str, int]]:
 class KeeperClient:
     """The owner's handle on a running keeper."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], sock: socket.socket, netns_fd: int,
+    def __init__(self, proc: subprocess.Popen[bytes], sock: socket.socket, netns_fd: int | None,
                  lease: Lease) -> None:
         self.proc = proc
         self.sock = sock
         self.netns_fd = netns_fd
         self.lease = lease
+        self.pasta = -1  # rootless: a pidfd of the keeper's pasta, killed at close if still there
 
     @classmethod
     def start(cls, policy: NetworkPolicy, key: str, links: Mapping[str, Sequence[str]] | None = None,
               timeout: float = 20.0) -> KeeperClient:
-        """Start a keeper and wait until the network is up; SiloError with its reason if not."""
-        if os.geteuid() != 0:
-            raise SiloError(f"network mode {policy.mode.value!r} needs root for now: run as root, "
-                            "or use --network none")
+        """Start a keeper and wait until the network is up (as root) or ready to attach
+        (rootless: :meth:`attach` once the sandbox is cloned); SiloError with its reason if not."""
+        rootless = os.geteuid() != 0
+        if rootless and links:
+            raise SiloError("links between workspaces need root: run silod as root, or drop --link")
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         env = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "PYTHONPATH")}
         env["PYTHONPATH"] = os.pathsep.join(p for p in (os.path.dirname(os.path.dirname(os.path.dirname(
@@ -83,16 +91,17 @@ class KeeperClient:
                                 stdin=subprocess.DEVNULL, start_new_session=True)
         theirs.close()
         try:
-            ours.sendall(json.dumps({"policy": policy.to_dict(), "key": key,
+            ours.sendall(json.dumps({"policy": policy.to_dict(), "key": key, "rootless": rootless,
                                      "links": {k: list(v) for k, v in (links or {}).items()}}).encode())
             ours.settimeout(timeout)
-            msg, fds, _, _ = socket.recv_fds(ours, _MAX_MSG, 1)
+            msg, fds, _, _ = socket.recv_fds(ours, wire.MAX_MSG, 1)
+            netns_fd = fds[0] if fds else None
             ours.settimeout(None)
             reply: dict[str, Any] = json.loads(msg) if msg else {
                 "error": "the network keeper exited before its network was up"}
             if "error" in reply:
                 raise SiloError(reply["error"])
-            if len(fds) != 1:
+            if netns_fd is None and not rootless:
                 raise SiloError("the network keeper sent no namespace")
             lease = Lease(**reply["ok"]["lease"])
         except BaseException as e:
@@ -105,21 +114,24 @@ class KeeperClient:
             if isinstance(e, (OSError, ValueError, KeyError, TypeError)) and not isinstance(e, SiloError):
                 raise SiloError(f"the network keeper failed: {e}") from None
             raise
-        return cls(proc, ours, fds[0], lease)
+        return cls(proc, ours, netns_fd, lease)
 
-    def call(self, message: dict[str, Any], timeout: float = 10.0) -> Any:
-        self.sock.settimeout(timeout)
+    def attach(self, pid: int) -> None:
+        """Rootless: set up the network in the namespaces of the cloned, not yet released
+        sandbox ``pid`` (a no-op as root, where the sandbox was cloned into the keeper's)."""
+        if self.netns_fd is not None:
+            return
+        fds = [os.open(f"/proc/{pid}/ns/{ns}", os.O_RDONLY | os.O_CLOEXEC) for ns in ("user", "net")]
         try:
-            self.sock.send(json.dumps(message).encode())
-            data = self.sock.recv(_MAX_MSG)
-        except OSError as e:
-            raise SiloError(f"the workspace's network keeper is gone ({e.strerror or e})") from None
-        if not data:
-            raise SiloError("the workspace's network keeper is gone")
-        reply = json.loads(data)
-        if "error" in reply:
-            raise SiloError(reply["error"])
-        return reply["ok"]
+            pasta = self.call({"op": "attach"}, timeout=30.0, fds=fds)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        with contextlib.suppress(OSError, TypeError):
+            self.pasta = os.pidfd_open(int(pasta))
+
+    def call(self, message: dict[str, Any], timeout: float = 10.0, fds: Sequence[int] = ()) -> Any:
+        return wire.request(self.sock, message, "the workspace's network keeper", timeout, fds)[0]
 
     def set_policy(self, policy: NetworkPolicy, links: Mapping[str, Sequence[str]] | None = None) -> None:
         self.call({"op": "set", "policy": policy.to_dict(),
@@ -131,9 +143,9 @@ class KeeperClient:
 
     def close(self) -> None:
         """Stop the keeper and wait until everything it made is gone."""
-        if self.netns_fd >= 0:
+        if self.netns_fd is not None:
             os.close(self.netns_fd)
-            self.netns_fd = -1
+            self.netns_fd = None
         with contextlib.suppress(OSError, SiloError, ValueError):
             self.call({"op": "stop"})
         self.sock.close()
@@ -142,6 +154,12 @@ class KeeperClient:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        if self.pasta >= 0:  # the keeper and its helper both killed: pasta is left to us
+            with contextlib.suppress(OSError):
+                signal.pidfd_send_signal(self.pasta, signal.SIGKILL)
+                select.select([self.pasta], [], [], 5)
+            os.close(self.pasta)
+            self.pasta = -1
 
 
 # == the keeper's side =====================================================================
@@ -159,6 +177,11 @@ class Keeper:
         self.policy = policy_from_dict(config["policy"])
         self.key = str(config["key"])
         self.links: dict[str, list[str]] = {str(k): list(v) for k, v in config.get("links", {}).items()}
+        self.rootless = bool(config.get("rootless"))
+        self.host_addrs: list[str] = []  # blocked in the sandbox's table (rootless)
+        self.inner: Any = None  # rootless: silo.net.rootless.Inner
+        self.pasta: subprocess.Popen[bytes] | None = None
+        self.ipv6 = True  # rootless: whether pasta carries IPv6 (the host has a route)
         self.lease: Lease | None = None
         self.host_ns = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         self.guest_ns = -1
@@ -169,6 +192,7 @@ class Keeper:
         self.pins: dict[str, _Pin] = {}
         self.proxies: list[asyncio.base_events.Server] = []
         self.stopping: asyncio.Event | None = None
+        self.tasks: list[asyncio.Task[None]] = []
 
     # -- setting up and tearing down ------------------------------------------------------
 
@@ -177,6 +201,12 @@ class Keeper:
         from silo.net.nft import Nft
         from silo.sys import kernel as sysk
 
+        if self.rootless:
+            from silo.net import rootless
+            self.lease = rootless.LEASE
+            self.host_addrs = rootless.host_addresses()
+            self.ipv6 = rootless.host_has_ipv6_route()
+            return
         self.lease = lease = links.acquire(self.key)
         links.enable_forwarding()
         sysk.unshare(sysk.CLONE_NEWNET)
@@ -188,17 +218,66 @@ class Keeper:
         with links.in_netns(self.guest_ns):
             links.configure_guest(lease, self.policy.bandwidth)
             self.guest_nft = Nft()
-            self.guest_nft.run(rules.guest_base() + rules.guest_policy(self.policy, self._link_addrs()))
-            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-            udp.bind((RESOLVER, 53))
-            tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            tcp.bind((RESOLVER, 53))
-            tcp.listen(32)
-            self.dns_socks = [udp, tcp]
+            self.guest_nft.run(rules.guest_base() + self._guest_policy())
+        self.dns_socks = [self._guest_socket(socket.SOCK_DGRAM, bind=(RESOLVER, 53)),
+                          self._guest_socket(socket.SOCK_STREAM, bind=(RESOLVER, 53), listen=32)]
+
+    def attach(self, userns_fd: int, netns_fd: int) -> None:
+        """Rootless: the network in the sandbox's own namespaces (:mod:`silo.net.rootless`)."""
+        from silo.net import rootless, rules
+        if not self.rootless or self.inner is not None:
+            raise SiloError("this network is attached already")
+        self.inner = rootless.Inner(userns_fd, netns_fd)
+        self.pasta = rootless.start_pasta(userns_fd, netns_fd, self.ipv6)
+        self.inner.watch(self.pasta.pid)
+        self.inner.wait_link(self.pasta)
+        assert self.pasta.stderr is not None
+        err = self.pasta.stderr.fileno()
+        loop = asyncio.get_running_loop()
+
+        def drain() -> None:  # pasta's complaints after start-up: read and drop
+            with contextlib.suppress(OSError):
+                if os.read(err, 65536):
+                    return
+            loop.remove_reader(err)
+        loop.add_reader(err, drain)
+        self.inner.configure(self.policy.bandwidth)
+        self.guest_nft = self.inner
+        self.guest_nft.run(rules.guest_base() + self._guest_policy())
+        self.dns_socks = [self._guest_socket(socket.SOCK_DGRAM, bind=(RESOLVER, 53)),
+                          self._guest_socket(socket.SOCK_STREAM, bind=(RESOLVER, 53), listen=32)]
+        self._start_dns()
+
+    def _guest_socket(self, kind: int, bind: tuple[str, int] | None = None, listen: int | None = None,
+                      family: int = socket.AF_INET) -> socket.socket:
+        """A socket in the sandbox's network namespace (bound, and listening, if asked)."""
+        from silo.net import links
+        if self.rootless:
+            if self.inner is None:
+                raise SiloError("the sandbox's network is not attached yet")
+            sock: socket.socket = self.inner.socket(family, kind, bind, listen)
+        else:
+            with links.in_netns(self.guest_ns):
+                sock = socket.socket(family, kind | socket.SOCK_CLOEXEC)
+            try:
+                if bind is not None:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    sock.bind(bind)
+                if listen is not None:
+                    sock.listen(listen)
+            except OSError:
+                sock.close()
+                raise
+        sock.setblocking(False)
+        return sock
 
     def _link_addrs(self) -> list[str]:
         return [a for addrs in self.links.values() for a in addrs]
+
+    def _guest_policy(self, pins: Sequence[tuple[str, int, list[tuple[str, int]]]] = ()) -> list[Any]:
+        from silo.net import rules
+        host = self.host_addrs if self.policy.mode is not Network.FULL else ()
+        return rules.guest_policy(self.policy, self._link_addrs(), pins, host)
 
     def teardown(self) -> None:
         from silo.net import links
@@ -209,11 +288,23 @@ class Keeper:
             server.close()
         if self.guest_nft is not None:
             self.guest_nft.close()
-        if self.lease is not None:
+            self.guest_nft = None
+        if self.pasta is not None:
+            self.pasta.terminate()
+            try:
+                self.pasta.wait(5)
+            except subprocess.TimeoutExpired:
+                self.pasta.kill()
+                self.pasta.wait()
+            if self.pasta.stderr is not None:
+                self.pasta.stderr.close()
+            self.pasta = None
+        self.inner = None
+        if self.lease is not None and not self.rootless:
             with contextlib.suppress(Exception):
                 links.cleanup(self.lease.index)
             links.release(self.lease)
-            self.lease = None
+        self.lease = None
         if self.host_nft is not None:
             self.host_nft.close()
         if self.guest_ns >= 0:
@@ -280,32 +371,40 @@ class Keeper:
             entry.expires = max(entry.expires, now + ttl)
             entry.names.add(name.lower().rstrip("."))
         cmds = rules.pin_elements((addr, ttl, ports) for addr, ttl in records)
-        if cmds:
+        if cmds and self.guest_nft is not None:
             self.guest_nft.run(cmds)
 
     def set_policy(self, policy: NetworkPolicy, new_links: dict[str, list[str]]) -> None:
         from silo.net import rules
         assert self.lease is not None
-        if policy.publish != self.policy.publish or policy.bandwidth != self.policy.bandwidth:
+        to_none = policy.mode is Network.NONE  # drops published ports; the cap stays till stop
+        if not to_none and (policy.publish != self.policy.publish or policy.bandwidth != self.policy.bandwidth):
             raise SiloError("published ports and the bandwidth cap change at the next start, not live: "
                             "stop and start the workspace")
         old_policy, old_links = self.policy, self.links
         self.policy, self.links = policy, new_links
         try:
-            self.guest_nft.run(rules.guest_policy(policy, self._link_addrs(), self._pins_left()))
-            self.host_nft.run(rules.host_rules(self.lease, policy, self._link_addrs()))
+            if self.guest_nft is not None:
+                self.guest_nft.run(self._guest_policy(self._pins_left()))
+            if self.host_nft is not None:
+                self.host_nft.run(rules.host_rules(self.lease, policy, self._link_addrs()))
         except SiloError:
             self.policy, self.links = old_policy, old_links
             raise
         if self.resolver is not None:
             self.resolver.set_policy(self._dns_policy())
+        if to_none:
+            for server in self.proxies:
+                server.close()
+            self.proxies = []
 
     def stats(self) -> dict[str, Any]:
         from silo.net import rules
         counters: dict[str, dict[str, int]] = {}
         refused: list[dict[str, Any]] = []
         # one listing holds the named counters and the refused sets with their elements
-        for item in self.guest_nft.list("table", family="inet", name=rules.TABLE):
+        listing = self.guest_nft.list("table", family="inet", name=rules.TABLE) if self.guest_nft else []
+        for item in listing:
             if "counter" in item:
                 c = item["counter"]
                 counters[c["name"]] = {"bytes": c.get("bytes", 0), "packets": c.get("packets", 0)}
@@ -339,24 +438,29 @@ class Keeper:
         loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
         upstreams = [(a, 53) for a in self.policy.dns] or _host_upstreams()
         self.resolver = dns.Resolver(upstreams, self._dns_policy(), pin_named=self.pin)
-        tasks = [asyncio.create_task(self.resolver.serve_udp(self.dns_socks[0])),
-                 asyncio.create_task(self.resolver.serve_tcp(self.dns_socks[1]))]
+        if self.dns_socks:
+            self._start_dns()
         self.ctrl.setblocking(False)
         loop.add_reader(self.ctrl.fileno(), self._on_ctrl)
         try:
             await self.stopping.wait()
         finally:
             loop.remove_reader(self.ctrl.fileno())
-            for task in tasks:
+            for task in self.tasks:
                 task.cancel()
-            for task in tasks:
+            for task in self.tasks:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
 
+    def _start_dns(self) -> None:
+        self.tasks += [asyncio.create_task(self.resolver.serve_udp(self.dns_socks[0])),
+                       asyncio.create_task(self.resolver.serve_tcp(self.dns_socks[1]))]
+
     def _on_ctrl(self) -> None:
         assert self.stopping is not None
+        fds: list[int] = []
         try:
-            data = self.ctrl.recv(_MAX_MSG)
+            data, fds, _, _ = socket.recv_fds(self.ctrl, wire.MAX_MSG, 2)
         except BlockingIOError:
             return
         except OSError:
@@ -371,6 +475,12 @@ class Keeper:
                 links = {str(k): [str(a) for a in v] for k, v in msg.get("links", {}).items()}
                 self.set_policy(policy_from_dict(msg["policy"]), links)
                 reply: dict[str, Any] = {"ok": True}
+            elif op == "attach":
+                if len(fds) != 2:
+                    raise ValueError("attach needs the sandbox's user and network namespaces")
+                self.attach(fds[0], fds[1])
+                assert self.pasta is not None
+                reply = {"ok": self.pasta.pid}
             elif op == "stats":
                 reply = {"ok": self.stats()}
             elif op == "stop":
@@ -382,6 +492,11 @@ class Keeper:
             reply = {"error": e.message}
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             reply = {"error": f"bad keeper request: {e}"}
+        except Exception as e:  # never leave the owner waiting for a reply
+            reply = {"error": f"the network keeper failed: {type(e).__name__}: {e}"}
+        finally:
+            for fd in fds:
+                os.close(fd)
         with contextlib.suppress(OSError):
             self.ctrl.send(json.dumps(reply).encode())
 
@@ -397,13 +512,13 @@ class Keeper:
             self.proxies.append(server)
 
     def _proxy_handler(self, port: int) -> Any:
-        from silo.net import links
-
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             loop = asyncio.get_running_loop()
-            with links.in_netns(self.guest_ns):
-                inner = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-            inner.setblocking(False)
+            try:
+                inner = self._guest_socket(socket.SOCK_STREAM)
+            except (OSError, SiloError):
+                writer.close()
+                return
             try:
                 await asyncio.wait_for(loop.sock_connect(inner, ("127.0.0.1", port)), 5)
                 r2, w2 = await asyncio.open_connection(sock=inner)
@@ -448,7 +563,7 @@ def main(argv: list[str]) -> int:
     ctrl = socket.socket(fileno=int(argv[1]))
     ctrl.set_inheritable(False)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    data = ctrl.recv(_MAX_MSG)
+    data = ctrl.recv(wire.MAX_MSG)
     if not data:
         return 0
     keeper: Keeper | None = None
@@ -461,7 +576,7 @@ def main(argv: list[str]) -> int:
             assert keeper is not None and keeper.lease is not None
             await keeper.start_proxies()
             socket.send_fds(ctrl, [json.dumps({"ok": {"lease": keeper.lease.to_dict()}}).encode()],
-                            [keeper.guest_ns])
+                            [keeper.guest_ns] if keeper.guest_ns >= 0 else [])
             await keeper.serve()
 
         asyncio.run(run())

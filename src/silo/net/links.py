@@ -157,7 +157,7 @@ def in_netns(fd: int) -> Iterator[None]:
         os.close(back)
 
 
-def _tbf(ipr: Any, index: int, rate: int) -> None:
+def add_tbf(ipr: Any, index: int, rate: int) -> None:
     # burst: at least one MTU and ~10 ms of traffic; queue up to 50 ms
     burst = max(rate // 8 // 100, 16 * 1024)
     ipr.tc("add", "tbf", index, rate=f"{rate}bit", burst=burst, latency="50ms")
@@ -183,7 +183,7 @@ def create_veth(lease: Lease, netns_fd: int, bandwidth: int | None) -> None:
         ipr.addr("add", index=index, address=lease.host6, prefixlen=64, flags=0x02)  # IFA_F_NODAD
         ipr.link("set", index=index, state="up")
         if bandwidth:
-            _tbf(ipr, index, bandwidth)
+            add_tbf(ipr, index, bandwidth)
 
 
 def configure_guest(lease: Lease, bandwidth: int | None) -> None:
@@ -205,4 +205,4 @@ def configure_guest(lease: Lease, bandwidth: int | None) -> None:
         ipr.route("add", dst="0.0.0.0/0", gateway=lease.host4)
         ipr.route("add", dst="::/0", gateway=lease.host6, family=10)
         if bandwidth:
-            _tbf(ipr, eth, bandwidth)
+            add_tbf(ipr, eth, bandwidth)

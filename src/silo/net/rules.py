@@ -125,19 +125,24 @@ def _protos(entry: AllowEntry) -> tuple[str, ...]:
 
 
 def guest_policy(policy: NetworkPolicy, links: Iterable[str] = (),
-                 pins: Iterable[tuple[str, int, Sequence[tuple[str, int]]]] = ()) -> list[Cmd]:
+                 pins: Iterable[tuple[str, int, Sequence[tuple[str, int]]]] = (),
+                 host: Iterable[str] = ()) -> list[Cmd]:
     """Replace the policy part of the sandbox's table (one transaction with the rest).
 
     ``links``: addresses of the linked workspaces. ``pins``: resolved addresses still
-    allowed, as (address, seconds left, [(proto, port)] or [] for any port)."""
+    allowed, as (address, seconds left, [(proto, port)] or [] for any port). ``host``:
+    the host's own addresses, blocked here too when nothing on the host guards them
+    (rootless: :mod:`silo.net.rootless`)."""
     cmds: list[Cmd] = [{"flush": {"chain": {"family": "inet", "table": TABLE, "name": c}}}
                        for c in ("out", "in", "pass", "refuse")]
     for f in ("4", "6"):
         for name in ("block", "allow", "allowp", "links", "pinned", "pinnedp"):
             cmds.append({"flush": {"set": {"family": "inet", "table": TABLE, "name": f"{name}{f}"}}})
     mode = policy.mode
+    host_nets = [ipaddress.ip_network(a) for a in host]
     for f, nets in (("4", BLOCKED4), ("6", BLOCKED6)):
-        cmds += _elements(f"block{f}", [_elem(n) for n in nets])
+        own = [n for n in host_nets if _family(n) == f and not any(n.subnet_of(b) for b in nets)]  # type: ignore[arg-type]
+        cmds += _elements(f"block{f}", [_elem(n) for n in (*nets, *own)])
     link_nets = [ipaddress.ip_network(a) for a in links]
     for f in ("4", "6"):
         cmds += _elements(f"links{f}", [str(n.network_address) for n in link_nets if _family(n) == f])

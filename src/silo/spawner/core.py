@@ -276,7 +276,8 @@ class Spawner:
                 keeper = KeeperClient.start(policy_from_dict(json.loads(plan.network)),
                                             f"run-{os.getpid()}-{next(self._seq)}")
             started = launcher.start(plan, stdio, self.init_fd, self.setup_fd, bpf, cgroup,
-                                     keeper.netns_fd if keeper is not None else netns, warm)
+                                     keeper.netns_fd if keeper is not None else netns, warm,
+                                     keeper.attach if keeper is not None else None)
         except BaseException as e:
             if cgroup is not None:
                 cgroup.destroy()

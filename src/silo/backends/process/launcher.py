@@ -12,6 +12,7 @@ import os
 import select
 import signal
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -80,13 +81,16 @@ def _memfd(name: str, data: bytes) -> int:
 
 
 def start(plan: p.Plan, stdio: tuple[int, int, int], init_fd: int, setup_fd: int, bpf: bytes | None,
-          cgroup: CgroupLike | None, netns_fd: int | None = None, warm: bool = False) -> Started:
+          cgroup: CgroupLike | None, netns_fd: int | None = None, warm: bool = False,
+          on_cloned: Callable[[int], None] | None = None) -> Started:
     """Clone and release the sandbox's first process. On failure nothing is left running.
 
     The child execs silo-setup (the sealed memfd ``setup_fd``) at once; it builds the
     sandbox from the plan's script (:mod:`silo.backends.process.script`) and execs
     silo-init from ``init_fd``. A ``warm`` sandbox is built and then waits for its
     command on ``err_fd``; ``stdio`` is then only what it holds meanwhile.
+    ``on_cloned(pid)`` runs once the child's id maps are written, before it is
+    released (a rootless network attaches there: :mod:`silo.net.rootless`).
     """
     flags = 0
     for name in plan.namespaces:
@@ -129,6 +133,8 @@ def start(plan: p.Plan, stdio: tuple[int, int, int], init_fd: int, setup_fd: int
             _send_layers(pid, layers, err_r)
         if cgroup is not None:
             cgroup.add(pid)
+        if on_cloned is not None:
+            on_cloned(pid)
         pidfd = os.pidfd_open(pid)
         os.write(sync_w, b"g")
     except BaseException as e:
