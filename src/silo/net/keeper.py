@@ -286,9 +286,12 @@ class Keeper:
         self.dns_socks = []
         for server in self.proxies:
             server.close()
-        if self.guest_nft is not None:
+        if self.guest_nft is not None and self.guest_nft is not self.inner:
             self.guest_nft.close()
-            self.guest_nft = None
+        self.guest_nft = None
+        if self.inner is not None:  # the helper leaves at EOF (and kills pasta)
+            self.inner.close()
+            self.inner = None
         if self.pasta is not None:
             self.pasta.terminate()
             try:
@@ -299,7 +302,6 @@ class Keeper:
             if self.pasta.stderr is not None:
                 self.pasta.stderr.close()
             self.pasta = None
-        self.inner = None
         if self.lease is not None and not self.rootless:
             with contextlib.suppress(Exception):
                 links.cleanup(self.lease.index)
