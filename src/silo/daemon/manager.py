@@ -228,10 +228,18 @@ class Manager:
             require("rm", name, record.state)
             with contextlib.suppress(OSError, SiloError):
                 self.runtime.reclaim_cgroup(name)
-            await asyncio.to_thread(self.storage.remove, name)
+            # The record goes first: that is the commit point. A crash after it leaves
+            # storage without a record, which recover() removes; the other order left a
+            # record without storage (a broken workspace) when the crash fell in between.
+            self.store.delete(name)
             with contextlib.suppress(OSError):
                 os.unlink(self.log_path(record))
-            self.store.delete(name)
+            try:
+                await asyncio.to_thread(self.storage.remove, name)
+            except SiloError as e:  # gone already; the next recover() retries the storage
+                log.error("workspace %s is removed, but not yet its storage: %s", name, e.message)
+            with contextlib.suppress(OSError):
+                self.store.workspace_dir(name).rmdir()
             self._locks.pop(name, None)
 
     # -- start / stop ----------------------------------------------------------------
@@ -502,10 +510,11 @@ class Manager:
 
             await asyncio.to_thread(links.sweep)
         records, corrupt = self.store.load_all()
-        # Storage without a record: a fork or import the crash cut before its record.
+        # Storage without a record: a fork or import the crash cut before its record, or
+        # an rm cut after it.
         known = {r.name for r in records} | {bad.path.parent.name for bad in corrupt}
         for orphan in set(self.storage.names()) - known:
-            log.warning("removing the storage of %s: it has no record (an interrupted fork or import)", orphan)
+            log.warning("removing the storage of %s: it has no record (an interrupted fork, import or rm)", orphan)
             await asyncio.to_thread(self.storage.remove, orphan)
         for bad in corrupt:
             log.error("%s", bad.message)
