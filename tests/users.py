@@ -83,15 +83,26 @@ class User:
         raise AssertionError(f"{self.name}'s silod did not come up")
 
     def stop_daemon(self) -> None:
-        if self.daemon is None or self.daemon.poll() is not None:
-            return
-        with contextlib.suppress(OSError):
-            os.kill(peer_pid(self.socket), signal.SIGTERM)
+        """Stop whichever silod serves the user's socket: the one started here, or one the
+        CLI started on demand (after a crash test killed the first)."""
         try:
-            self.daemon.wait(20)
-        except subprocess.TimeoutExpired:
-            self.daemon.kill()
-            self.daemon.wait()
+            pid: int | None = peer_pid(self.socket)
+        except OSError:
+            pid = None
+        if pid is not None:
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 20
+            while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+                time.sleep(0.05)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if self.daemon is not None:
+            try:
+                self.daemon.wait(20)
+            except subprocess.TimeoutExpired:
+                self.daemon.kill()
+                self.daemon.wait()
+            self.daemon = None
 
 
 def usable_by(user: str) -> bool:
