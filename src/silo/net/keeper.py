@@ -251,23 +251,14 @@ class Keeper:
     def _guest_socket(self, kind: int, bind: tuple[str, int] | None = None, listen: int | None = None,
                       family: int = socket.AF_INET) -> socket.socket:
         """A socket in the sandbox's network namespace (bound, and listening, if asked)."""
-        from silo.net import links
+        from silo.net import links, rootless
         if self.rootless:
             if self.inner is None:
                 raise SiloError("the sandbox's network is not attached yet")
             sock: socket.socket = self.inner.socket(family, kind, bind, listen)
         else:
             with links.in_netns(self.guest_ns):
-                sock = socket.socket(family, kind | socket.SOCK_CLOEXEC)
-            try:
-                if bind is not None:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                    sock.bind(bind)
-                if listen is not None:
-                    sock.listen(listen)
-            except OSError:
-                sock.close()
-                raise
+                sock = rootless.open_socket(family, kind, bind, listen)
         sock.setblocking(False)
         return sock
 

@@ -160,7 +160,13 @@ def in_netns(fd: int) -> Iterator[None]:
 def add_tbf(ipr: Any, index: int, rate: int) -> None:
     # burst: at least one MTU and ~10 ms of traffic; queue up to 50 ms
     burst = max(rate // 8 // 100, 16 * 1024)
-    ipr.tc("add", "tbf", index, rate=f"{rate}bit", burst=burst, latency="50ms")
+    try:
+        ipr.tc("add", "tbf", index, rate=f"{rate}bit", burst=burst, latency="50ms")
+    except Exception as e:  # pyroute2's NetlinkError
+        if getattr(e, "code", None) in (errno.ENOENT, errno.EOPNOTSUPP):
+            raise SiloError("the bandwidth cap needs the kernel's tbf qdisc (sch_tbf), which "
+                            "is not available here: drop --bandwidth") from None
+        raise
 
 
 def create_veth(lease: Lease, netns_fd: int, bandwidth: int | None) -> None:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import errno
 import json
 import os
 import select
@@ -58,10 +57,31 @@ def host_addresses() -> list[str]:
                        if a.get_attr("IFA_ADDRESS")})
 
 
+def _has_default_route(ipr: Any, family: int) -> bool:
+    return any(r.get_attr("RTA_DST") is None for r in ipr.get_routes(family=family, table=254))
+
+
 def host_has_ipv6_route() -> bool:
     from pyroute2 import IPRoute
     with IPRoute() as ipr:
-        return any(r.get_attr("RTA_DST") is None for r in ipr.get_routes(family=socket.AF_INET6, table=254))
+        return _has_default_route(ipr, socket.AF_INET6)
+
+
+def open_socket(family: int, kind: int, bind: tuple[str, int] | None = None,
+                listen: int | None = None) -> socket.socket:
+    """A socket in the calling thread's network namespace, bound and listening if asked
+    (the keeper's as root, the inner helper's rootless)."""
+    sock = socket.socket(family, kind | socket.SOCK_CLOEXEC)
+    try:
+        if bind is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(bind)
+        if listen is not None:
+            sock.listen(listen)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def pasta_argv(userns_fd: int, netns_fd: int, ipv6: bool) -> list[str]:
@@ -227,10 +247,7 @@ def _serve(sock: socket.socket, userns_fd: int, netns_fd: int) -> int:
             return 0
         fds: list[int] = []
         try:
-            msg = json.loads(data)
-            if msg.get("op") == "watch" and len(got) == 1:
-                helper.watched, got = got[0], []
-            reply, fds = helper.handle(msg)
+            reply, fds = helper.handle(json.loads(data), got)
             out = json.dumps({"ok": reply}).encode()
         except SiloError as e:
             out = json.dumps({"error": e.message}).encode()
@@ -250,7 +267,8 @@ class _Helper:
         self.nft: Any = None
         self.watched = -1  # a pidfd of pasta
 
-    def handle(self, msg: dict[str, Any]) -> tuple[Any, list[int]]:
+    def handle(self, msg: dict[str, Any], got: list[int]) -> tuple[Any, list[int]]:
+        """The reply to ``msg`` and the fds to send with it; takes what it keeps of ``got``."""
         op = msg.get("op")
         if op == "nft":
             if self.nft is None:
@@ -258,23 +276,16 @@ class _Helper:
                 self.nft = Nft()  # made here: bound to the sandbox's namespace
             return self.nft.run(msg["commands"]), []
         if op == "socket":
-            s = socket.socket(int(msg["family"]), int(msg["type"]) | socket.SOCK_CLOEXEC)
-            try:
-                if msg.get("bind"):
-                    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                    host, port = msg["bind"]
-                    s.bind((str(host), int(port)))
-                if msg.get("listen") is not None:
-                    s.listen(int(msg["listen"]))
-                return True, [s.detach()]
-            finally:
-                s.close()
+            bind = (str(msg["bind"][0]), int(msg["bind"][1])) if msg.get("bind") else None
+            listen = int(msg["listen"]) if msg.get("listen") is not None else None
+            return True, [open_socket(int(msg["family"]), int(msg["type"]), bind, listen).detach()]
         if op == "link_ready":
             return _link_ready(), []
         if op == "configure":
             _configure(msg.get("bandwidth"))
             return True, []
-        if op == "watch":
+        if op == "watch" and len(got) == 1:
+            self.watched = got.pop()
             return True, []
         raise SiloError(f"unknown helper operation {op!r}")
 
@@ -296,7 +307,7 @@ def _link_ready() -> bool:
         addrs = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=links[0], family=socket.AF_INET)}
         if LEASE.guest4 not in addrs:
             return False
-        return any(r.get_attr("RTA_DST") is None for r in ipr.get_routes(family=socket.AF_INET, table=254))
+        return _has_default_route(ipr, socket.AF_INET)
 
 
 def _configure(bandwidth: int | None) -> None:
@@ -314,10 +325,4 @@ def _configure(bandwidth: int | None) -> None:
         lo = ipr.link_lookup(ifname="lo")[0]
         ipr.link("set", index=lo, state="up")
         if bandwidth:
-            try:
-                add_tbf(ipr, ipr.link_lookup(ifname=IFNAME)[0], int(bandwidth))
-            except Exception as e:  # pyroute2's NetlinkError
-                if getattr(e, "code", None) in (errno.ENOENT, errno.EOPNOTSUPP):
-                    raise SiloError("the bandwidth cap needs the kernel's tbf qdisc (sch_tbf), which "
-                                    "is not available here: drop --bandwidth") from None
-                raise
+            add_tbf(ipr, ipr.link_lookup(ifname=IFNAME)[0], int(bandwidth))
