@@ -575,8 +575,11 @@ def test_bad_seccomp_file_is_a_silo_error(cli, hostdir: Path) -> None:  # type: 
 
 
 def test_ctrl_c_reaches_the_command(silo_cli: list[str], runtime_dir: str) -> None:
+    # The foreground child exists before "ready" is written: with 'echo ready; sleep 30' a
+    # Ctrl-C that lands between the echo and the fork of sleep reaches sh alone, and sh
+    # runs its trap only when sleep ends (the cause of this test's rare timeouts under load).
     proc = subprocess.Popen(
-        [*silo_cli, "run", "--", "sh", "-c", 'trap "echo got INT; exit 7" INT; echo ready; sleep 30'],
+        [*silo_cli, "run", "--", "sh", "-c", 'trap "echo got INT; exit 7" INT; (echo ready; exec sleep 30)'],
         env=_env(runtime_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
     assert proc.stdout is not None
     assert proc.stdout.readline() == b"ready\n"
