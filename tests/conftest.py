@@ -140,3 +140,14 @@ def user_silo_cli(unpriv_src: Path) -> list[str]:
     code = (f"import sys; sys.path.insert(0, {str(unpriv_src)!r}); "
             "from silo.cli.client import main; main()")
     return ["/usr/bin/python3", "-c", code]
+
+
+@pytest.fixture(scope="module")
+def daemon() -> Iterator[Any]:
+    """A private silod for the test module (tests/integration/daemons.py), stopped after it.
+    The modules that use it import ``daemons`` themselves (for its types), which puts it
+    on sys.path before this runs."""
+    from daemons import private_daemon
+
+    with private_daemon() as d:
+        yield d

@@ -196,12 +196,6 @@ def test_a_published_port_that_is_taken_is_refused_and_leaves_nothing() -> None:
 # -- workspaces ---------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def daemon() -> Iterator[Daemon]:
-    with private_daemon() as d:
-        yield d
-
-
 @pytest.fixture
 def client(daemon: Daemon) -> Iterator[silo.Client]:
     with silo.Client(daemon.socket, autostart=False) as c:

@@ -28,11 +28,11 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
-from daemons import Daemon, private_daemon
+from daemons import Daemon
 from procs import comm, settle
 
 import silo
@@ -316,12 +316,6 @@ class Crasher:
                     self.client.get(name).remove(force=True)
         self.client.close()
         remove_empty_cgroups(self.prefix)
-
-
-@pytest.fixture(scope="module")
-def daemon() -> Iterator[Daemon]:
-    with private_daemon() as d:
-        yield d
 
 
 def revive(daemon: Daemon, prefix: str) -> None:

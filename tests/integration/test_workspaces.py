@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 from cli_servers import pty_run
-from daemons import REPO, Daemon, private_daemon
+from daemons import REPO, Daemon
 from procs import comm, settle
 
 import silo
@@ -55,12 +55,6 @@ def assert_refused(r: subprocess.CompletedProcess[str], message: str, code: int)
 def out(result: silo.ExecResult) -> str:
     assert result.exit_code == 0, result
     return result.stdout.decode()
-
-
-@pytest.fixture(scope="module")
-def daemon() -> Iterator[Daemon]:
-    with private_daemon() as d:
-        yield d
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
 
-from daemons import REPO, Daemon, private_daemon
+from daemons import REPO, Daemon
 
 import silo
 from silo import UserError
@@ -44,12 +44,6 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 def sh(ws: silo.Workspace, script: str) -> silo.ExecResult:
     return ws.exec(["sh", "-c", script])
-
-
-@pytest.fixture(scope="module")
-def daemon() -> Iterator[Daemon]:
-    with private_daemon() as d:
-        yield d
 
 
 @pytest.fixture(scope="module")
