@@ -12,7 +12,9 @@
 #      init, setup and spawn helpers (`python -m silo.native build`)
 #      and the fast `silo` launcher
 #      (`python -m silo.cli.launcher install`);
-#   4. the unprivileged test user `silotest` (root only).
+#   4. the unprivileged test user `silotest` (root only);
+#   5. a guest kernel for the vm level (`silo kernel fetch`, root only, when the host's
+#      own kernel is not readable).
 # Steps 2-3 are remembered in .venv/.silo-install-stamp, a hash of the inputs they
 # depend on (pyproject.toml, this script, the launcher's and the C helpers' sources).
 #
@@ -34,6 +36,9 @@ APT_PACKAGES=(
     uidmap iproute2 util-linux procps
     # networks: nftables (libnftables' JSON API), pasta for rootless, iperf3 for make bench
     nftables libnftables1 passt iperf3
+    # the vm level: QEMU, virtiofsd (qemu-system-common), qemu-img, the guest's busybox,
+    # and dpkg-deb/apt-get download for 'silo kernel fetch'
+    qemu-system-x86 qemu-system-common qemu-utils busybox-static
     # peers measured by `make bench`
     bubblewrap runc runsc firejail hyperfine
     # building native helpers
@@ -152,6 +157,18 @@ if [ "$(id -u)" -eq 0 ] && id -u "$TEST_USER" >/dev/null 2>&1 \
     say "warning: $TEST_USER cannot reach $VENV (a parent directory is not searchable by"
     say "  others, e.g. /root); the tests that run silo as $TEST_USER will fail. Put the"
     say "  checkout under a directory others can enter, such as /srv or /opt."
+fi
+
+# --- 5. a guest kernel for the vm level ---------------------------------------------
+# The host's own when it is readable; otherwise Debian's cloud kernel (silo kernel fetch,
+# into /var/cache/silo: every user's vm runs find it there).
+if "$VENV/bin/silo" kernel show >/dev/null 2>&1; then
+    say "guest kernel: $("$VENV/bin/silo" kernel show)"
+elif [ "$(id -u)" -eq 0 ]; then
+    say "fetching a guest kernel for the vm level (silo kernel fetch)"
+    "$VENV/bin/silo" kernel fetch || die "silo kernel fetch failed: the vm level needs a guest kernel"
+else
+    say "no guest kernel, and not root: run 'silo kernel fetch' for the vm level"
 fi
 
 say "done"

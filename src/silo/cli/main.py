@@ -37,6 +37,8 @@ workspaces (kept by the silod daemon, started on first use):
   export, import, logs
   completion bash | zsh: print a shell completion script
 
+  kernel     fetch | show: the guest kernel of the vm level (Debian's cloud kernel)
+
   version    print silo's version
 """
 
@@ -120,6 +122,24 @@ def cmd_server(argv: list[str]) -> None:
         print("stopping (running sandboxes finish first)")
 
 
+def cmd_kernel(argv: list[str]) -> None:
+    from silo.backends.vm import kernel
+    from silo.engine import host as hostmod
+
+    if argv not in (["fetch"], ["show"]):
+        _fail("usage: silo kernel fetch|show", EXIT_BAD_INPUT)
+    cache = hostmod.host().cache_dir
+    if argv == ["fetch"]:
+        print(f"fetching Debian's {kernel.PACKAGE} with apt-get download ...", file=sys.stderr)
+        k = kernel.fetch(cache)
+        print(f"guest kernel {k.release}: {k.image}")
+        return
+    found = kernel.host_kernel() or kernel.fetched(cache)
+    if found is None:
+        _fail("no guest kernel: run 'silo kernel fetch'", EXIT_NO_SUCH)
+    print(f"guest kernel {found.release}: {found.image}")
+
+
 def _workspaces(verb: str, argv: list[str]) -> int | None:
     from silo.cli import workspaces  # httpx and rich only for the verbs that need them
 
@@ -144,6 +164,7 @@ COMMAND_CODE_VERBS = ("run", "plan", "exec")
 
 COMMANDS: dict[str, Callable[[list[str]], int | None]] = {
     "run": cmd_run, "plan": cmd_plan, "diff": cmd_diff, "server": cmd_server, "completion": cmd_completion,
+    "kernel": cmd_kernel,
     **{verb: functools.partial(_workspaces, verb) for verb in _WORKSPACE_VERBS},
 }
 

@@ -9,9 +9,11 @@ changes nothing on it except silo's own cache and runtime directories.
 from __future__ import annotations
 
 import json
+import math
 import os
 import stat
 from collections.abc import Sequence
+from pathlib import Path
 from dataclasses import dataclass, replace
 
 from silo.engine import host as hostmod
@@ -142,7 +144,39 @@ def plan(spec: Spec, argv: Sequence[str], *, term: str | None = None, tty: bool 
         raise SpecError("the command contains a NUL byte")
     if spec.isolation is Isolation.APP:
         return _plan_app(spec, argv, caller_env or dict(os.environ), caller_cwd or os.getcwd(), tty)
+    if spec.isolation is Isolation.VM:
+        return _plan_vm(spec, argv, term, tty)
     return _plan_process(spec, argv, term, tty, Layers())
+
+
+VM_MEMORY = 512 << 20  # guest RAM when no --memory is given
+
+
+def _plan_vm(spec: Spec, argv: Sequence[str], term: str | None, tty: bool) -> p.Plan:
+    """A one-shot VM: the host's read-only system view over virtio-fs, a RAM overlay on it,
+    the command run by the guest agent (silo.backends.vm)."""
+    from silo.backends.vm import accel, initramfs, kernel
+
+    missing = [what for what, asked in (
+        ("-t (a terminal)", tty), ("--network", spec.network.enabled), ("-v (volumes)", bool(spec.mounts)),
+        (f"--root {spec.root}", spec.root != "host"), ("--cap", bool(spec.caps)), ("--pids", spec.limits.pids),
+    ) if asked]
+    if missing:
+        raise SpecError(f"{', '.join(missing)} with --isolation vm is not available yet: drop it, "
+                        "or use --isolation process")
+    h = hostmod.host()
+    k = kernel.find("auto", h.cache_dir)
+    ird = initramfs.build(Path(k.modules), h.cache_dir, k.release)
+    memory = max((spec.limits.memory or VM_MEMORY) >> 20, 128)
+    cpus = max(1, math.ceil(spec.limits.cpus or 1))
+    binds = tuple((name, "/" + name) for name, real in hostmod.system_dirs() if real)
+    vm = p.Vm(kernel=k.image, initramfs=ird, accel=accel.choose(k.image, ird, h.cache_dir), memory=memory,
+              cpus=cpus, skeleton=hostmod.skeleton(), binds=binds, rwsize=spec.tmpfs_size)
+    uid, gid = spec.user.uid, spec.user.gid
+    process = p.Process(argv=tuple(argv), env=_environment(spec, uid, term), cwd=spec.workdir or "/",
+                        uid=uid, gid=gid, rlimits=spec.rlimits)
+    return p.Plan(isolation="vm", namespaces=(), uid_map=(), gid_map=(), ops=(), process=process,
+                  timeout=spec.timeout, vm=vm)
 
 
 def _id_maps(spec: Spec, h: hostmod.Host) -> tuple[tuple[p.IdMap, ...], tuple[p.IdMap, ...]]:

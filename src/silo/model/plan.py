@@ -228,6 +228,22 @@ class Process:
 
 
 @dataclass(frozen=True)
+class Vm:
+    """The machine of a ``vm``-level sandbox: what QEMU boots and what the guest sees."""
+
+    kernel: str  # the bzImage
+    initramfs: str  # silo's guest initramfs for that kernel (silo.backends.vm.initramfs)
+    accel: str  # "kvm" or "tcg" (silo.backends.vm.accel's probe)
+    memory: int  # MiB of guest RAM
+    cpus: int  # vCPUs
+    # The guest's read-only root view, shared over virtio-fs: the skeleton at "/" and the
+    # host's system directories bound onto it (name relative to /, host path).
+    skeleton: str
+    binds: tuple[tuple[str, str], ...]
+    rwsize: int  # bytes of the guest's RAM overlay
+
+
+@dataclass(frozen=True)
 class Plan:
     """Everything a backend needs; built by the engine, never by a backend."""
 
@@ -242,6 +258,7 @@ class Plan:
     pids: int | None = None
     timeout: float | None = None
     network: str | None = None  # the network policy as JSON (silo.model.network); None: loopback only
+    vm: Vm | None = None  # the machine, at the vm level
 
     def describe(self) -> list[str]:
         """Human-readable lines, one per operation (``silo plan``)."""
@@ -255,6 +272,11 @@ class Plan:
                 lines.append(f"limit {key} {value}")
         if self.network is not None:
             lines.append(f"network {self.network}")
+        if self.vm is not None:
+            v = self.vm
+            lines.append(f"vm accel={v.accel} memory={v.memory}M cpus={v.cpus} kernel={v.kernel} "
+                         f"initramfs={v.initramfs}")
+            lines.append(f"vm root {v.skeleton} + {' '.join(f'/{n}={s}' for n, s in v.binds)} (read-only, virtio-fs)")
         for op in self.ops:
             args = []
             for f in fields(op):
@@ -285,13 +307,14 @@ class Plan:
             self.pids,
             self.timeout,
             self.network,
+            None if self.vm is None else astuple(self.vm),
         )
 
     @classmethod
     def from_wire(cls, untrusted: Any) -> Plan:
         """Rebuild a plan from :meth:`to_wire` data; shape errors raise ProtocolError."""
         try:
-            iso, nss, um, gm, ops, proc, memory, cpus, pids, timeout, network = untrusted
+            iso, nss, um, gm, ops, proc, memory, cpus, pids, timeout, network, vm = untrusted
             if network is not None and not isinstance(network, str):
                 raise TypeError("the network policy is not a string")
             built_ops = []
@@ -302,6 +325,7 @@ class Plan:
             return cls(
                 str(iso), tuple(nss), tuple(IdMap(*m) for m in um), tuple(IdMap(*m) for m in gm),
                 tuple(built_ops), p, memory, cpus, pids, timeout, network,
+                None if vm is None else Vm(*vm[:6], tuple(tuple(b) for b in vm[6]), vm[7]),  # type: ignore[arg-type]
             )
         except (TypeError, ValueError, KeyError, IndexError) as e:
             raise ProtocolError(f"malformed plan: {e}") from None

@@ -95,7 +95,7 @@ def parse_name(untrusted: str, what: str = "workspace name") -> str:
     return untrusted
 
 
-_PLANNED_ISOLATION = ("gvisor", "vm")  # named in ARCHITECTURE.md, not built yet
+_PLANNED_ISOLATION = ("gvisor",)  # named in ARCHITECTURE.md, not built yet
 
 
 _E = TypeVar("_E", bound=enum.Enum)
@@ -199,6 +199,9 @@ class WorkspaceSpec:
 
     def __post_init__(self) -> None:
         parse_name(self.name)
+        if self.isolation is Isolation.VM:
+            raise SpecError("workspaces at isolation 'vm' are not available yet: use 'process' "
+                            "('silo run --isolation vm' runs one-shot commands in a VM)")
         for link in self.network.links:
             parse_name(link, "linked workspace")
         if self.name in self.network.links:

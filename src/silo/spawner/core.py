@@ -256,6 +256,8 @@ class Spawner:
 
     def _launch(self, plan: p.Plan, stdio: tuple[int, int, int], warm: bool) -> tuple[launcher.Started, Any]:
         """Clone a sandbox of ``plan`` (in its own cgroup when it has limits)."""
+        if plan.vm is not None:
+            return self._launch_vm(plan, stdio), None
         proc = plan.process
         bpf = self._seccomp(proc.seccomp) if proc.harden and proc.seccomp != "unconfined" else None
         cgroup = None
@@ -292,6 +294,29 @@ class Spawner:
         if keeper is not None:
             self._keepers[started.pid] = keeper
         return started, cgroup
+
+    def _launch_vm(self, plan: p.Plan, stdio: tuple[int, int, int]) -> launcher.Started:
+        """Fork the VM's supervisor (silo.backends.vm.supervisor): the process tracked as
+        the sandbox, whose exit code is the command's."""
+        err_r, err_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            code = 125
+            try:
+                for target, fd in enumerate(stdio):
+                    os.dup2(fd, target)
+                err = err_w.detach()
+                os.dup2(err, 3)
+                os.closerange(4, 65536)
+                for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM, signal.SIGPIPE):
+                    signal.signal(sig, signal.SIG_DFL)
+                from silo.backends.vm import supervisor
+
+                code = supervisor.run(plan, (0, 1, 2), 3)
+            finally:
+                os._exit(code)
+        err_w.close()
+        return launcher.Started(pid, os.pidfd_open(pid), err_r.detach())
 
     def run_job(self, conn: Connection, job_id: int, plan: p.Plan, fds: list[int],
                 wire: tuple[Any, ...] | None = None) -> None:

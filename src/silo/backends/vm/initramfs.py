@@ -1,0 +1,145 @@
+"""The guest's initramfs: busybox, the kernel's virtio/fuse/virtiofs/overlay modules (in
+dependency order), silo's init and the guest agent; built once per kernel and inputs,
+cached under silo's cache directory.
+
+The archive is an uncompressed ``newc`` cpio written here (about 40 lines; no maintained
+Python library writes cpio, and an external ``cpio`` run would be one more package):
+uncompressed because under TCG the guest's gunzip costs more than reading the bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+from silo.model.errors import SiloError
+
+GUEST = Path(__file__).resolve().parent / "guest"
+AGENT = Path(__file__).resolve().parents[2] / "agent"
+AGENT_FILES = ("main.py", "protocol.py")
+BUSYBOX = ("/bin/busybox", "/usr/bin/busybox")
+# What the guest loads, in this order after their dependencies (a module built into the
+# kernel is skipped).
+MODULES = ("virtio_mmio", "virtio_pci", "virtio_console", "virtio_balloon", "virtio_rng", "virtio_blk",
+           "virtiofs", "overlay")
+FORMAT = "1"  # bump when the layout changes
+
+
+def _modinfo_depends(path: Path) -> list[str]:
+    """The ``depends=`` field of a module's .modinfo strings."""
+    data = path.read_bytes()
+    at = data.find(b"\0depends=")
+    if at < 0:
+        return []
+    end = data.index(b"\0", at + 1)
+    value = data[at + len(b"\0depends="):end].decode()
+    return [d for d in value.split(",") if d]
+
+
+def module_order(modules_dir: Path, wanted: Iterable[str]) -> list[Path]:
+    """The ``.ko`` files of ``wanted`` and their dependencies, dependencies first; a
+    name built into the kernel (listed in ``modules.builtin``) needs no file."""
+    index = {p.name[: -len(".ko")].replace("-", "_"): p for p in modules_dir.rglob("*.ko")}
+    builtin = set()
+    builtin_list = modules_dir / "modules.builtin"
+    if builtin_list.exists():
+        builtin = {Path(line.strip()).name[: -len(".ko")].replace("-", "_")
+                   for line in builtin_list.read_text().splitlines() if line.strip()}
+    order: list[Path] = []
+    seen: set[str] = set()
+
+    def visit(name: str) -> None:
+        name = name.replace("-", "_")
+        if name in seen or name in builtin:
+            return
+        seen.add(name)
+        path = index.get(name)
+        if path is None:
+            raise SiloError(f"the guest kernel has no module {name} (looked in {modules_dir}): "
+                            "use a kernel with virtio support, like 'silo kernel fetch' gets")
+        for dep in _modinfo_depends(path):
+            visit(dep)
+        order.append(path)
+
+    for name in wanted:
+        visit(name)
+    return order
+
+
+def _busybox() -> str:
+    for path in BUSYBOX:
+        if os.path.isfile(path):
+            return path
+    raise SiloError("busybox is not installed: install Debian's busybox-static (make install does)")
+
+
+class _Cpio:
+    """A ``newc`` archive writer."""
+
+    def __init__(self) -> None:
+        self.out = bytearray()
+        self.ino = 1
+
+    def add(self, name: str, mode: int, data: bytes = b"") -> None:
+        header = "070701" + "".join(f"{v:08x}" for v in (
+            self.ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(name) + 1, 0))
+        self.ino += 1
+        self.out += header.encode() + name.encode() + b"\0"
+        self.out += b"\0" * (-len(self.out) % 4)
+        self.out += data
+        self.out += b"\0" * (-len(self.out) % 4)
+
+    def finish(self) -> bytes:
+        self.add("TRAILER!!!", 0)
+        return bytes(self.out)
+
+
+def build(modules_dir: Path, cache_dir: str, release: str) -> str:
+    """Path of the cached initramfs for the kernel whose modules are in ``modules_dir``,
+    built if missing or if any input changed."""
+    mods = module_order(modules_dir, MODULES)
+    inputs: list[Path] = [Path(_busybox()), GUEST / "init", *(AGENT / f for f in AGENT_FILES), *mods]
+    h = hashlib.sha256(FORMAT.encode() + release.encode())
+    for path in inputs:
+        st = path.stat()
+        h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    key = h.hexdigest()[:16]
+    base = os.path.join(cache_dir, "vm")
+    target = os.path.join(base, f"initramfs-{key}.cpio")
+    if os.path.exists(target):
+        return target
+    os.makedirs(base, mode=0o755, exist_ok=True)
+    cpio = _Cpio()
+    for d in ("bin", "dev", "proc", "sys", "lib", "lib/silo", "lib/silo/agent"):
+        cpio.add(d, stat.S_IFDIR | 0o755)
+    cpio.add("dev/console", stat.S_IFCHR | 0o600)  # rdev set below is not needed: devtmpfs replaces it
+    cpio.add("bin/busybox", stat.S_IFREG | 0o755, Path(_busybox()).read_bytes())
+    cpio.add("init", stat.S_IFREG | 0o755, (GUEST / "init").read_bytes())
+    for f in AGENT_FILES:
+        cpio.add(f"lib/silo/agent/{f}", stat.S_IFREG | 0o644, (AGENT / f).read_bytes())
+    names = []
+    for path in mods:
+        name = path.name[: -len(".ko")]
+        names.append(name)
+        cpio.add(f"lib/silo/{name}.ko", stat.S_IFREG | 0o644, path.read_bytes())
+    cpio.add("lib/silo/modules", stat.S_IFREG | 0o644, ("\n".join(names) + "\n").encode())
+    fd, tmp = tempfile.mkstemp(prefix=".initramfs-", dir=base)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(cpio.finish())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    for old in os.listdir(base):  # earlier builds
+        if old.startswith("initramfs-") and old != os.path.basename(target):
+            try:
+                os.unlink(os.path.join(base, old))
+            except OSError:
+                pass
+    return target

@@ -1,0 +1,126 @@
+"""One QEMU microVM and its virtiofsd: the argv, the read-only host view, the processes.
+
+QEMU runs ``-M microvm`` (virtio-mmio, no PCI, no legacy devices, qboot) with
+``-nodefaults -no-user-config``, QEMU's own seccomp sandbox with everything denied that
+can be, the agent's virtio-serial port and QMP each on a socketpair (no path to find or
+race for), and the guest's console in a log file. virtiofsd exports a directory that
+exists only in its own mount namespace: the skeleton root with the host's system
+directories bound read-only onto it -- the same view the process level binds, never `/`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+from collections.abc import Sequence
+
+from silo.model import plan as p
+from silo.model.errors import SiloError
+from silo.sys import kernel as sysk
+
+QEMU = "qemu-system-x86_64"
+VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
+PR_SET_PDEATHSIG = 1
+VIEW_PARENT = "/tmp"  # in virtiofsd's own mount namespace only
+VIEW = "/tmp/view"
+# Kernel options that shorten a boot under TCG: no hardware to probe, no checks to run.
+CMDLINE = ("console=ttyS0 quiet loglevel=1 panic=-1 reboot=t i8042.noaux i8042.nomux i8042.nopnp "
+           "i8042.dumbkbd noreplace-smp cryptomgr.notests rcupdate.rcu_expedited=1 "
+           "mitigations=off audit=0 random.trust_cpu=on nokaslr")
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _die_with_parent() -> None:
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def tsc_khz() -> int | None:
+    """The host's TSC rate in kHz: under TCG the guest's TSC runs at it, and the guest's
+    own calibration against the emulated PIT fails now and then (the boot then hangs)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags, mhz = "", ""
+            for line in f:
+                if line.startswith("flags") and not flags:
+                    flags = line
+                elif line.startswith("cpu MHz") and not mhz:
+                    mhz = line.split(":", 1)[1]
+                if flags and mhz:
+                    break
+    except OSError:
+        return None
+    if " constant_tsc" not in flags or not mhz:
+        return None
+    return int(float(mhz) * 1000)
+
+
+def qemu_argv(vm: p.Vm, *, agent_fd: int, qmp_fd: int, vfs_fd: int, console_fd: int,
+              extra_cmdline: str = "") -> list[str]:
+    mem = f"{vm.memory}M"
+    cmdline = CMDLINE.replace("quiet loglevel=1", "loglevel=7") if os.environ.get("SILO_VM_DEBUG") else CMDLINE
+    khz = tsc_khz() if vm.accel == "tcg" else None
+    if khz:
+        cmdline += f" tsc_early_khz={khz}"
+    accel = "kvm" if vm.accel == "kvm" else "tcg,thread=multi"
+    return [
+        QEMU, "-nodefaults", "-no-user-config", "-nographic",
+        "-M", "microvm",
+        "-accel", accel,
+        "-cpu", "host" if vm.accel == "kvm" else "max",
+        "-smp", str(vm.cpus), "-m", mem,
+        # virtio-fs needs the guest's RAM shareable with virtiofsd
+        "-object", f"memory-backend-memfd,id=mem,size={mem},share=on", "-numa", "node,memdev=mem",
+        "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+        "-global", "virtio-mmio.force-legacy=false",
+        "-kernel", vm.kernel, "-initrd", vm.initramfs,
+        "-append", f"{cmdline} silo.rwsize={vm.rwsize} {extra_cmdline}".strip(),
+        "-serial", f"file:/dev/fd/{console_fd}", "-no-reboot",
+        "-chardev", f"socket,id=vfs,fd={vfs_fd}",
+        "-device", "vhost-user-fs-device,chardev=vfs,tag=host",
+        "-device", "virtio-serial-device,max_ports=2",
+        "-chardev", f"socket,id=agent,fd={agent_fd}",
+        "-device", "virtserialport,chardev=agent,name=silo.agent",
+        "-device", "virtio-rng-device",
+        "-device", "virtio-balloon-device,free-page-reporting=on",
+        "-chardev", f"socket,id=qmp,fd={qmp_fd}", "-mon", "chardev=qmp,mode=control",
+    ]
+
+
+def start_virtiofsd(vm: p.Vm, listen_fd: int) -> subprocess.Popen[bytes]:
+    """virtiofsd serving the read-only view on the listening socket ``listen_fd``.
+
+    The view exists only in virtiofsd's own mount namespace: a tmpfs over its /tmp, the
+    skeleton bound read-only there, the system directories bound read-only onto it.
+    Nothing is left on the host's file system, whatever kills us."""
+
+    def setup() -> None:  # in the child, before exec: its own mount namespace
+        _die_with_parent()
+        sysk.unshare(sysk.CLONE_NEWNS)
+        sysk.mount(None, "/", None, sysk.MS_REC | sysk.MS_PRIVATE)
+        sysk.mount("silo-view", VIEW_PARENT, "tmpfs", sysk.MS_NOSUID | sysk.MS_NODEV, "mode=0755,size=64k")
+        os.mkdir(VIEW)
+        sysk.bind_readonly(vm.skeleton, VIEW)
+        for name, source in vm.binds:
+            sysk.bind_readonly(source, os.path.join(VIEW, name))
+
+    try:
+        return subprocess.Popen(
+            [VIRTIOFSD, f"--fd={listen_fd}", "-o", f"source={VIEW}", "-o", "cache=always",
+             "-o", "sandbox=namespace", "-o", "log_level=err", "-o", "no_xattr", "-o", "no_posix_lock",
+             "-o", "no_flock"],
+            preexec_fn=setup, pass_fds=(listen_fd,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            start_new_session=True)
+    except FileNotFoundError:
+        raise SiloError(f"{VIRTIOFSD} is not installed: install Debian's qemu-system-common "
+                        "(make install does)") from None
+
+
+def start_qemu(argv: Sequence[str], keep: Sequence[int], log: int) -> subprocess.Popen[bytes]:
+    try:
+        return subprocess.Popen(list(argv), pass_fds=tuple(keep), preexec_fn=_die_with_parent,
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+    except FileNotFoundError:
+        raise SiloError(f"{QEMU} is not installed: install Debian's qemu-system-x86 (make install does)") from None

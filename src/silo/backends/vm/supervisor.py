@@ -1,0 +1,251 @@
+"""A one-shot VM run: the process the spawner tracks in place of a sandbox's init.
+
+It boots the machine (silo.backends.vm.machine), waits for the agent's hello, asks it to
+run the command, relays stdio and forwarded signals, and exits with the command's exit
+code. Errors go to ``err_fd`` in the process level's wire form (``error CLASS MESSAGE``),
+so the spawner reports them the same way. QEMU and virtiofsd die with it (parent-death
+signal), so a SIGKILL from the spawner (timeout, client gone) leaves nothing running.
+
+Every byte from the guest is untrusted: frames are bounded and checked
+(silo.agent.protocol), exit codes are range-checked, and nothing the guest sends is
+used as a host path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+from typing import Any
+
+from qemu.qmp import QMPClient, QMPError
+
+from silo.agent import protocol as P
+from silo.backends.vm import machine
+from silo.model import plan as p
+from silo.model.errors import SiloError
+
+FORWARD = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+BOOT_TIMEOUT = float(os.environ.get("SILO_VM_BOOT_TIMEOUT", "60"))  # to the agent's hello; TCG under load is slow
+CHANNEL = 1
+
+
+class BootFailed(Exception):
+    pass
+
+
+def _report(err_fd: int, cls: str, message: str) -> None:
+    with contextlib.suppress(OSError):
+        os.write(err_fd, f"error {cls} {message}".encode()[:60000])
+
+
+def _console_tail(fd: int) -> str:
+    if os.environ.get("SILO_VM_DEBUG"):
+        print(os.pread(fd, 1 << 20, 0).decode("utf-8", "replace"), file=__import__("sys").stderr)
+    with contextlib.suppress(OSError):
+        size = os.fstat(fd).st_size
+        data = os.pread(fd, 2000, max(0, size - 2000)).decode("utf-8", "replace")
+        lines = [line.strip() for line in data.splitlines() if line.strip()]
+        return lines[-1][:300] if lines else ""
+    return ""
+
+
+class Run:
+    def __init__(self, plan: p.Plan, stdio: tuple[int, int, int], err_fd: int) -> None:
+        assert plan.vm is not None
+        self.plan = plan
+        self.vm = plan.vm
+        self.stdio = stdio
+        self.err_fd = err_fd
+        self.reader = P.Reader()
+        self.started = False
+        self.exit_code: asyncio.Future[int] | None = None
+        self.hello: asyncio.Future[None] | None = None
+        self.pending_signals: list[int] = []
+        self.procs: list[Any] = []
+        self.agent: socket.socket | None = None
+        self.console = -1
+
+    # lifecycle ------------------------------------------------------------------
+
+    def boot(self) -> None:
+        # virtio-fs: virtiofsd accepts on a listening socket at an abstract address (no
+        # file); QEMU gets the connected end. Agent and QMP: socketpairs. Console: a memfd.
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(f"\0silo-vm-{os.getpid()}-{os.urandom(6).hex()}")
+        listener.listen(1)
+        vfs = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        vfs.connect(listener.getsockname())
+        self.procs.append(machine.start_virtiofsd(self.vm, listener.fileno()))
+        listener.close()
+        self.console = os.memfd_create("silo-vm-console", os.MFD_CLOEXEC)
+        host_agent, guest_agent = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        host_qmp, guest_qmp = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.agent, self.qmp = host_agent, host_qmp
+        keep = (guest_agent.fileno(), guest_qmp.fileno(), vfs.fileno(), self.console)
+        argv = machine.qemu_argv(self.vm, agent_fd=keep[0], qmp_fd=keep[1], vfs_fd=keep[2], console_fd=keep[3])
+        self.procs.append(machine.start_qemu(argv, keep, self.console))
+        for s in (guest_agent, guest_qmp, vfs):
+            s.close()
+
+    def cleanup(self) -> None:
+        for proc in reversed(self.procs):
+            with contextlib.suppress(OSError):
+                proc.kill()
+            with contextlib.suppress(Exception):
+                proc.wait(timeout=5)
+
+    # the agent ----------------------------------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        assert self.agent is not None
+        self.agent.setblocking(True)
+        self.agent.sendall(data)
+
+    def on_agent(self) -> None:
+        assert self.agent is not None and self.exit_code is not None and self.hello is not None
+        try:
+            data = self.agent.recv(1 << 16)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            asyncio.get_running_loop().remove_reader(self.agent.fileno())
+            self._fail("the VM stopped before the command ended")
+            return
+        try:
+            frames = self.reader.feed(data)
+            for kind, channel, payload in frames:
+                self.on_frame(kind, channel, payload)
+        except P.ProtocolError as e:
+            self._fail(f"the VM's agent broke the protocol: {e}")
+
+    def on_frame(self, kind: int, channel: int, payload: bytes) -> None:
+        assert self.exit_code is not None and self.hello is not None
+        if kind == P.HELLO:
+            body = P.decode(payload)
+            if P.field_int(body, "version", 0, 1 << 30) != P.VERSION:
+                raise P.ProtocolError(f"agent protocol version {body.get('version')!r}, expected {P.VERSION}")
+            if not self.hello.done():
+                self.hello.set_result(None)
+            return
+        if channel != CHANNEL:
+            raise P.ProtocolError(f"a frame for unknown channel {channel}")
+        if kind in (P.STDOUT, P.STDERR):
+            fd = self.stdio[1] if kind == P.STDOUT else self.stdio[2]
+            with contextlib.suppress(OSError):
+                _write_all(fd, payload)
+        elif kind == P.STARTED:
+            self.started = True
+            for sig in self.pending_signals:
+                self.send(P.message(P.SIGNAL, CHANNEL, {"signal": sig}))
+            self.pending_signals.clear()
+        elif kind == P.EXIT:
+            code = P.field_int(P.decode(payload), "code", 0, 255)
+            if not self.exit_code.done():
+                self.exit_code.set_result(code)
+        elif kind == P.ERROR:
+            body = P.decode(payload)
+            code = P.field_int(body, "code", 0, 255)
+            text = P.field_str(body, "message", 2000)
+            cls = {127: "CommandNotFound", 126: "CommandNotExecutable"}.get(code, "InternalError")
+            _report(self.err_fd, cls, text)
+            if not self.exit_code.done():
+                self.exit_code.set_result(code)
+        elif kind == P.CLOSE:
+            pass
+        else:
+            raise P.ProtocolError(f"unexpected frame kind {kind} from the guest")
+
+    def _fail(self, why: str) -> None:
+        assert self.exit_code is not None and self.hello is not None
+        tail = _console_tail(self.console)
+        _report(self.err_fd, "InternalError", why + (f" (console: {tail})" if tail else ""))
+        if not self.hello.done():
+            self.hello.set_exception(BootFailed(why))
+        if not self.exit_code.done():
+            self.exit_code.set_result(125)
+
+    def on_stdin(self, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            data = os.read(self.stdio[0], P.CHUNK)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            self.send(P.frame(P.STDIN, CHANNEL, data))
+        else:
+            loop.remove_reader(self.stdio[0])
+            self.send(P.message(P.CLOSE, CHANNEL, {"stream": 0}))
+
+    def on_signal(self, sig: int) -> None:
+        if self.started:
+            self.send(P.message(P.SIGNAL, CHANNEL, {"signal": sig}))
+        else:
+            self.pending_signals.append(sig)
+
+    async def main(self) -> int:
+        loop = asyncio.get_running_loop()
+        self.exit_code = loop.create_future()
+        self.hello = loop.create_future()
+        for sig in FORWARD:
+            loop.add_signal_handler(sig, self.on_signal, sig)
+        self.boot()
+        assert self.agent is not None
+        self.agent.setblocking(False)
+        loop.add_reader(self.agent.fileno(), self.on_agent)
+        # QMP answers once QEMU has built the machine.
+        qmp = QMPClient("silo")
+        try:
+            await asyncio.wait_for(qmp.connect(self.qmp), 30)
+        except (asyncio.TimeoutError, OSError, QMPError) as e:
+            self._fail(f"QEMU did not start ({e or 'no QMP greeting'})")
+            return 125
+        try:
+            await asyncio.wait_for(asyncio.shield(self.hello), BOOT_TIMEOUT)
+        except asyncio.TimeoutError:
+            self._fail(f"the VM did not start within {BOOT_TIMEOUT:.0f} s")
+            return 125
+        except BootFailed:
+            return 125
+        proc = self.plan.process
+        rows, cols = proc.winsize
+        self.send(P.message(P.EXEC, CHANNEL, {
+            "argv": list(proc.argv), "env": [f"{k}={v}" for k, v in proc.env], "cwd": proc.cwd,
+            "uid": proc.uid, "gid": proc.gid, "tty": False, "rows": rows, "cols": cols}))
+        with contextlib.suppress(OSError):
+            os.set_blocking(self.stdio[0], False)
+            loop.add_reader(self.stdio[0], self.on_stdin, loop)
+        return await self.exit_code
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            n = os.write(fd, view)
+        except BlockingIOError:
+            import select
+
+            select.select([], [fd], [])
+            continue
+        view = view[n:]
+
+
+def run(plan: p.Plan, stdio: tuple[int, int, int], err_fd: int) -> int:
+    """Run ``plan``'s command in a fresh VM; the exit code (125: silo failed, reported on ``err_fd``)."""
+    r = Run(plan, stdio, err_fd)
+    try:
+        return asyncio.run(r.main())
+    except SiloError as e:
+        _report(err_fd, type(e).__name__, str(e))
+        return 125
+    except (OSError, BootFailed) as e:
+        _report(err_fd, "InternalError", f"cannot start the VM: {e}")
+        return 125
+    finally:
+        r.cleanup()

@@ -1,0 +1,108 @@
+"""The vm level's one-shot runs: real QEMU boots (TCG here), each test one boot.
+
+Each boot takes seconds under TCG, so the tests are few and each asserts several things.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import platform
+import signal
+import subprocess
+import time
+
+import pytest
+
+
+def _env(runtime_dir: str) -> dict[str, str]:
+    return {**os.environ, "XDG_RUNTIME_DIR": runtime_dir}
+
+
+@pytest.fixture(scope="module")
+def vm_runtime(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    runtime = str(tmp_path_factory.mktemp("vmrt"))
+    os.chmod(runtime, 0o700)
+    yield runtime
+    from tests.conftest import silo_cli
+
+    subprocess.run([*silo_cli.__wrapped__(), "server", "stop"], env=_env(runtime),  # type: ignore[attr-defined]
+                   capture_output=True, check=False)
+
+
+def _run(silo_cli: list[str], runtime: str, *args: str, input: bytes = b"", timeout: float = 120):  # type: ignore[no-untyped-def]
+    return subprocess.run([*silo_cli, "run", "--isolation", "vm", *args], env=_env(runtime), input=input,
+                          capture_output=True, timeout=timeout, check=False)
+
+
+def _vm_processes() -> list[str]:
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True, check=True).stdout
+    return [line for line in out.splitlines() if "silo-vm-" in line or ("qemu-system" in line and "silo" in line)]
+
+
+def test_a_command_runs_under_its_own_kernel(silo_cli: list[str], vm_runtime: str) -> None:
+    cp = _run(silo_cli, vm_runtime, "--", "sh", "-c", "uname -r; echo out; echo err >&2; cat; exit 3",
+              input=b"from stdin\n")
+    out = cp.stdout.decode().splitlines()
+    assert cp.returncode == 3, cp.stderr
+    assert out[0] != platform.release()  # the guest's kernel, not the host's
+    assert out[1:] == ["out", "from stdin"]
+    assert cp.stderr == b"err\n"
+
+
+def test_the_guest_sees_only_the_read_only_system_view(silo_cli: list[str], vm_runtime: str) -> None:
+    marker = f"/etc/silo-vm-{os.getpid()}"
+    script = ("test -e /etc/shadow && echo shadow-visible; ls -A /root | wc -l; "
+              "test -e /var/lib/silo && echo state-visible; test -e /run/silo && echo runtime-visible; "
+              "touch /usr/bin/silo-vm-x 2>/dev/null && echo usr-writable; "
+              f"echo written > {marker} && cat {marker}; python3 -c 'print(40 + 2)'")
+    cp = _run(silo_cli, vm_runtime, "--", "sh", "-c", script)
+    assert cp.returncode == 0, cp.stderr
+    # No shadow, an empty /root, no daemon state, /usr read-only; writes land in the
+    # guest's RAM overlay; the host's python3 runs from the shared view.
+    assert cp.stdout.decode().splitlines() == ["0", "written", "42"]
+    assert not os.path.exists(marker)
+    assert not os.path.exists("/usr/bin/silo-vm-x")
+
+
+def test_ctrl_c_reaches_the_command_in_the_guest(silo_cli: list[str], vm_runtime: str) -> None:
+    proc = subprocess.Popen(
+        [*silo_cli, "run", "--isolation", "vm", "--", "sh", "-c",
+         'trap "echo got INT; exit 7" INT; (echo ready; exec sleep 60)'],
+        env=_env(vm_runtime), stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"ready\n"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert (out, proc.returncode) == (b"got INT\n", 7), err
+
+
+def test_a_missing_command_is_one_line_and_127(silo_cli: list[str], vm_runtime: str) -> None:
+    cp = _run(silo_cli, vm_runtime, "--", "no-such-command-here")
+    assert cp.returncode == 127
+    assert cp.stderr.decode().splitlines() == ["silo: no-such-command-here: command not found inside the VM"]
+
+
+def test_a_timeout_kills_the_machine_and_leaves_nothing(silo_cli: list[str], vm_runtime: str) -> None:
+    start = time.monotonic()
+    cp = _run(silo_cli, vm_runtime, "--timeout", "2", "--", "sleep", "60")
+    assert cp.returncode == 124, cp.stderr
+    assert time.monotonic() - start < 20
+    deadline = time.monotonic() + 5
+    while _vm_processes() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _vm_processes() == []
+    assert glob.glob("/tmp/silo-vm-*") == []
+
+
+@pytest.mark.parametrize(("option", "named"), [
+    (["-t"], "-t (a terminal)"), (["--network", "internet"], "--network"), (["-v", "/tmp:/mnt"], "-v (volumes)"),
+    (["--root", "/tmp"], "--root /tmp"),
+])
+def test_what_the_vm_level_lacks_yet_is_refused(silo_cli: list[str], vm_runtime: str, option: list[str],
+                                               named: str) -> None:
+    cp = _run(silo_cli, vm_runtime, *option, "--", "true", timeout=30)
+    assert cp.returncode == 125
+    assert cp.stderr.decode().splitlines() == [
+        f"silo: {named} with --isolation vm is not available yet: drop it, or use --isolation process"]
+    assert _vm_processes() == []
