@@ -89,12 +89,13 @@ def qemu_argv(vm: p.Vm, *, agent_fd: int, qmp_fd: int, vfs_fd: int, console_fd: 
     ]
 
 
-def start_virtiofsd(vm: p.Vm, listen_fd: int) -> subprocess.Popen[bytes]:
+def start_virtiofsd(vm: p.Vm, listen_fd: int, log: int) -> subprocess.Popen[bytes]:
     """virtiofsd serving the read-only view on the listening socket ``listen_fd``.
 
     The view exists only in virtiofsd's own mount namespace: a tmpfs over its /tmp, the
     skeleton bound read-only there, the system directories bound read-only onto it.
-    Nothing is left on the host's file system, whatever kills us."""
+    Nothing is left on the host's file system, whatever kills us. Its messages go to
+    ``log`` (it reports the guest's disconnect at every shutdown)."""
 
     def setup() -> None:  # in the child, before exec: its own mount namespace
         _die_with_parent()
@@ -112,7 +113,7 @@ def start_virtiofsd(vm: p.Vm, listen_fd: int) -> subprocess.Popen[bytes]:
              "-o", "sandbox=namespace", "-o", "log_level=err", "-o", "no_xattr", "-o", "no_posix_lock",
              "-o", "no_flock"],
             preexec_fn=setup, pass_fds=(listen_fd,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            start_new_session=True)
+            stderr=log, start_new_session=True)
     except FileNotFoundError:
         raise SiloError(f"{VIRTIOFSD} is not installed: install Debian's qemu-system-common "
                         "(make install does)") from None

@@ -67,6 +67,8 @@ class Run:
         self.procs: list[Any] = []
         self.agent: socket.socket | None = None
         self.console = -1
+        self.vfs_log = -1
+        self.stdin_task: asyncio.Task[None] | None = None
 
     # lifecycle ------------------------------------------------------------------
 
@@ -78,7 +80,8 @@ class Run:
         listener.listen(1)
         vfs = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         vfs.connect(listener.getsockname())
-        self.procs.append(machine.start_virtiofsd(self.vm, listener.fileno()))
+        self.vfs_log = os.memfd_create("silo-vm-virtiofsd", os.MFD_CLOEXEC)
+        self.procs.append(machine.start_virtiofsd(self.vm, listener.fileno(), self.vfs_log))
         listener.close()
         self.console = os.memfd_create("silo-vm-console", os.MFD_CLOEXEC)
         host_agent, guest_agent = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -162,7 +165,7 @@ class Run:
 
     def _fail(self, why: str) -> None:
         assert self.exit_code is not None and self.hello is not None
-        tail = _console_tail(self.console)
+        tail = _console_tail(self.console) or _console_tail(self.vfs_log)
         _report(self.err_fd, "InternalError", why + (f" (console: {tail})" if tail else ""))
         if not self.hello.done():
             self.hello.set_exception(BootFailed(why))
@@ -217,10 +220,27 @@ class Run:
         self.send(P.message(P.EXEC, CHANNEL, {
             "argv": list(proc.argv), "env": [f"{k}={v}" for k, v in proc.env], "cwd": proc.cwd,
             "uid": proc.uid, "gid": proc.gid, "tty": False, "rows": rows, "cols": cols}))
-        with contextlib.suppress(OSError):
+        try:
             os.set_blocking(self.stdio[0], False)
             loop.add_reader(self.stdio[0], self.on_stdin, loop)
+        except PermissionError:
+            # A regular file or /dev/null: epoll refuses it, and reading never blocks.
+            self.stdin_task = loop.create_task(self.copy_file_stdin())
+        except OSError:
+            self.send(P.message(P.CLOSE, CHANNEL, {"stream": 0}))
         return await self.exit_code
+
+    async def copy_file_stdin(self) -> None:
+        while True:
+            try:
+                data = os.read(self.stdio[0], P.CHUNK)
+            except OSError:
+                data = b""
+            if not data:
+                self.send(P.message(P.CLOSE, CHANNEL, {"stream": 0}))
+                return
+            self.send(P.frame(P.STDIN, CHANNEL, data))
+            await asyncio.sleep(0)
 
 
 def _write_all(fd: int, data: bytes) -> None:
