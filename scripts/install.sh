@@ -38,7 +38,7 @@ APT_PACKAGES=(
     nftables libnftables1 passt iperf3
     # the vm level: QEMU, virtiofsd (qemu-system-common), qemu-img, the guest's busybox,
     # and dpkg-deb/apt-get download for 'silo kernel fetch'
-    qemu-system-x86 qemu-system-common qemu-utils busybox-static
+    qemu-system-x86 qemu-system-common qemu-utils busybox-static lz4 zstd
     # peers measured by `make bench`
     bubblewrap runc runsc firejail hyperfine
     # building native helpers
@@ -123,13 +123,14 @@ if [ "${SILO_FORCE_INSTALL:-0}" = 1 ] || [ "$want_stamp" != "$have_stamp" ] \
     || [ ! -x "$VENV/bin/pytest" ] || [ ! -e "$VENV/bin/silo" ] \
     || { [ -f src/silo/native/init.c ] && [ ! -x src/silo/native/bin/silo-init ]; } \
     || { [ -f src/silo/native/setup.c ] && [ ! -x src/silo/native/bin/silo-setup ]; } \
+    || { [ -f src/silo/native/agent.c ] && [ ! -x src/silo/native/bin/silo-agent ]; } \
     || { [ -f src/silo/native/spawn.c ] && [ ! -e src/silo/native/bin/libsilo-spawn.so ]; }; then
     rm -f "$STAMP"
     say "pip install -e '.[dev]'"
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e '.[dev]' </dev/null
     if [ -f src/silo/native/init.c ]; then
-        say "building silo-init, silo-setup and libsilo-spawn.so (src/silo/native/bin)"
-        "$VENV/bin/python" -m silo.native build silo-init silo-setup libsilo-spawn.so
+        say "building silo-init, silo-setup, silo-agent and libsilo-spawn.so (src/silo/native/bin)"
+        "$VENV/bin/python" -m silo.native build silo-init silo-setup silo-agent libsilo-spawn.so
     fi
     if [ -f "$launcher_src" ]; then
         say "installing the fast launcher (.venv/bin/silo)"

@@ -1,38 +1,45 @@
-"""The host-guest agent protocol, version 1: shared by the host (silo.backends.vm) and the
-guest agent (silo.agent.main), so it imports nothing but the standard library.
+"""The host-guest agent protocol, version 2: the host's side (silo.backends.vm) of what the
+guest agent (``silo-agent``, src/silo/native/agent.c) speaks.
 
 A byte stream (virtio-serial, or vsock where the host has it) carries frames::
 
     u32 payload length | u8 kind | u32 channel | payload
 
-big-endian. A channel is one exec (or one file transfer); channel 0 is the agent itself.
-Control payloads are JSON objects; data payloads (stdin, stdout, stderr, file bytes) are
-raw. Every frame is bounded by :data:`MAX_PAYLOAD` and every JSON message is checked by its
-reader: the host treats each byte from the guest as untrusted (SECURITY.md #19).
+big-endian. A channel is one exec; channel 0 is the agent itself. Payloads are fixed
+binary layouts (below), not JSON: the agent is a small static C program, and a layout
+with exact lengths is easier to check on both sides than a parser. argv, env and cwd are
+byte strings, as the kernel takes them. Every frame is bounded by :data:`MAX_PAYLOAD`
+and every payload is checked by its reader: the host treats each byte from the guest as
+untrusted (SECURITY.md #19).
 
-    host -> guest                           guest -> host
-    EXEC ch {argv, env, cwd, uid, gid,      HELLO 0 {version, pid}
-             tty, rows, cols}               STARTED ch {pid}
-    STDIN ch bytes / CLOSE ch {stream: 0}   STDOUT/STDERR ch bytes, CLOSE ch {stream: 1|2}
-    SIGNAL ch {signal}                      EXIT ch {code}
-    WINSIZE ch {rows, cols}                 ERROR ch {message, code}
-    SHUTDOWN 0 {}                           (the guest powers off)
+    host -> guest                               guest -> host
+    EXEC ch  u32 uid, u32 gid, u16 rows,        HELLO 0  u32 version, u32 pid
+             u16 cols, u8 tty, u32 argc,        STARTED ch  u32 pid
+             u32 envc, then cwd, argv..., env...  STDOUT/STDERR ch  bytes
+             each ending in NUL                 CLOSE ch  u8 stream (1 or 2)
+    STDIN ch  bytes; CLOSE ch  u8 0             EXIT ch  u32 code (0-255)
+    SIGNAL ch  u8 signal                        ERROR ch  u32 code, UTF-8 message
+    WINSIZE ch  u16 rows, u16 cols
+    SHUTDOWN 0  (empty; the guest powers off)
 """
 
 from __future__ import annotations
 
-import json
 import struct
-from typing import Any
 
-VERSION = 1
+VERSION = 2
 MAX_PAYLOAD = 1 << 20  # a frame's payload; stdio is sent in chunks of at most CHUNK
 CHUNK = 64 << 10
 HEADER = struct.Struct(">IBI")
+MAX_ERROR = 2000  # bytes of an ERROR's message the host keeps
 
 HELLO, EXEC, STARTED, STDIN, STDOUT, STDERR, CLOSE, SIGNAL, WINSIZE, EXIT, ERROR, SHUTDOWN = range(1, 13)
 KINDS = frozenset(range(1, 13))
-CONTROL = frozenset({HELLO, EXEC, STARTED, CLOSE, SIGNAL, WINSIZE, EXIT, ERROR, SHUTDOWN})
+
+_EXEC = struct.Struct(">IIHHBII")
+_U32 = struct.Struct(">I")
+_HELLO = struct.Struct(">II")
+_WINSIZE = struct.Struct(">HH")
 
 
 class ProtocolError(Exception):
@@ -43,10 +50,6 @@ def frame(kind: int, channel: int, payload: bytes = b"") -> bytes:
     if len(payload) > MAX_PAYLOAD:
         raise ValueError(f"payload of {len(payload)} bytes is over {MAX_PAYLOAD}")
     return HEADER.pack(len(payload), kind, channel) + payload
-
-
-def message(kind: int, channel: int, body: dict[str, Any]) -> bytes:
-    return frame(kind, channel, json.dumps(body, separators=(",", ":")).encode())
 
 
 class Reader:
@@ -74,27 +77,71 @@ class Reader:
         return out
 
 
-def decode(untrusted: bytes) -> dict[str, Any]:
-    """A control payload as a JSON object, or ProtocolError."""
-    try:
-        value = json.loads(untrusted)
-    except (ValueError, UnicodeDecodeError):
-        raise ProtocolError("a control frame is not JSON") from None
-    if not isinstance(value, dict):
-        raise ProtocolError("a control frame is not a JSON object")
-    return value
+# host -> guest ------------------------------------------------------------------------
+
+def exec_request(channel: int, argv: list[bytes], env: list[bytes], cwd: bytes, uid: int, gid: int,
+                 tty: bool, rows: int, cols: int) -> bytes:
+    strings = [cwd, *argv, *env]
+    if not argv or any(b"\0" in s for s in strings) or any(b"=" not in e for e in env):
+        raise ValueError("argv must not be empty, no string may hold NUL, every env entry is NAME=VALUE")
+    head = _EXEC.pack(uid, gid, rows, cols, int(tty), len(argv), len(env))
+    return frame(EXEC, channel, head + b"".join(s + b"\0" for s in strings))
 
 
-def field_int(body: dict[str, Any], key: str, low: int, high: int) -> int:
-    """``body[key]`` as an int in ``[low, high]``, or ProtocolError."""
-    value = body.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise ProtocolError(f"field {key!r} is not an integer in [{low}, {high}]")
-    return value
+def close_stdin(channel: int) -> bytes:
+    return frame(CLOSE, channel, b"\0")
 
 
-def field_str(body: dict[str, Any], key: str, limit: int = 4096) -> str:
-    value = body.get(key)
-    if not isinstance(value, str) or len(value) > limit:
-        raise ProtocolError(f"field {key!r} is not a string of at most {limit} characters")
-    return value
+def signal_request(channel: int, sig: int) -> bytes:
+    return frame(SIGNAL, channel, bytes([sig]))
+
+
+def winsize(channel: int, rows: int, cols: int) -> bytes:
+    return frame(WINSIZE, channel, _WINSIZE.pack(rows, cols))
+
+
+def shutdown() -> bytes:
+    return frame(SHUTDOWN, 0)
+
+
+# guest -> host (untrusted) -----------------------------------------------------------
+
+def _exact(payload: bytes, st: struct.Struct, what: str) -> tuple[int, ...]:
+    if len(payload) != st.size:
+        raise ProtocolError(f"{what} of {len(payload)} bytes, expected {st.size}")
+    return st.unpack(payload)
+
+
+def hello(untrusted: bytes) -> tuple[int, int]:
+    """``(version, pid)`` of a HELLO."""
+    version, pid = _exact(untrusted, _HELLO, "a hello")
+    return version, pid
+
+
+def started(untrusted: bytes) -> int:
+    return _exact(untrusted, _U32, "a started message")[0]
+
+
+def exit_code(untrusted: bytes) -> int:
+    code = _exact(untrusted, _U32, "an exit message")[0]
+    if code > 255:
+        raise ProtocolError(f"exit code {code} is not in [0, 255]")
+    return code
+
+
+def closed_stream(untrusted: bytes) -> int:
+    if len(untrusted) != 1 or untrusted[0] not in (1, 2):
+        raise ProtocolError("a close message names no output stream")
+    return untrusted[0]
+
+
+def error(untrusted: bytes) -> tuple[int, str]:
+    """``(code, message)`` of an ERROR: the code in [0, 255], the message cut to
+    :data:`MAX_ERROR` bytes and stripped of control characters."""
+    if len(untrusted) < _U32.size:
+        raise ProtocolError("an error message without its code")
+    code = _U32.unpack_from(untrusted)[0]
+    if code > 255:
+        raise ProtocolError(f"error code {code} is not in [0, 255]")
+    text = untrusted[_U32.size:_U32.size + MAX_ERROR].decode("utf-8", "replace")
+    return code, "".join(c if c.isprintable() else "?" for c in text)

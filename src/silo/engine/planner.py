@@ -170,7 +170,8 @@ def _plan_vm(spec: Spec, argv: Sequence[str], term: str | None, tty: bool) -> p.
     memory = max((spec.limits.memory or VM_MEMORY) >> 20, 128)
     cpus = max(1, math.ceil(spec.limits.cpus or 1))
     binds = tuple((name, "/" + name) for name, real in hostmod.system_dirs() if real)
-    vm = p.Vm(kernel=k.image, initramfs=ird, accel=accel.choose(k.image, ird, h.cache_dir), memory=memory,
+    image = kernel.bootable(k.image, h.cache_dir)
+    vm = p.Vm(kernel=image, initramfs=ird, accel=accel.choose(image, ird, h.cache_dir), memory=memory,
               cpus=cpus, skeleton=hostmod.skeleton(), binds=binds, rwsize=spec.tmpfs_size)
     uid, gid = spec.user.uid, spec.user.gid
     process = p.Process(argv=tuple(argv), env=_environment(spec, uid, term), cwd=spec.workdir or "/",

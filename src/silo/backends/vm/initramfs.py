@@ -1,5 +1,6 @@
 """The guest's initramfs: busybox, the kernel's virtio/fuse/virtiofs/overlay modules (in
-dependency order), silo's init and the guest agent; built once per kernel and inputs,
+dependency order, their signatures stripped), silo's init and the guest agent
+(``silo-agent``, static); built once per kernel and inputs,
 cached under silo's cache directory.
 
 The archive is an uncompressed ``newc`` cpio written here (about 40 lines; no maintained
@@ -16,17 +17,32 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
+from silo import native
 from silo.model.errors import SiloError
 
 GUEST = Path(__file__).resolve().parent / "guest"
-AGENT = Path(__file__).resolve().parents[2] / "agent"
-AGENT_FILES = ("main.py", "protocol.py")
 BUSYBOX = ("/bin/busybox", "/usr/bin/busybox")
 # What the guest loads, in this order after their dependencies (a module built into the
 # kernel is skipped).
 MODULES = ("virtio_mmio", "virtio_pci", "virtio_console", "virtio_balloon", "virtio_rng", "virtio_blk",
            "virtiofs", "overlay")
-FORMAT = "1"  # bump when the layout changes
+FORMAT = "3"  # bump when the layout changes
+SIG_MAGIC = b"~Module signature appended~\n"
+
+
+def strip_signature(module: bytes) -> bytes:
+    """``module`` without its appended signature: the guest's kernel does not enforce
+    signatures, and checking one costs an RSA verification per module under TCG. (The
+    file came from the kernel package apt verified; the initramfs is silo's own.)"""
+    if not module.endswith(SIG_MAGIC):
+        return module
+    # struct module_signature: 12 bytes before the magic, the signature's length last (big-endian)
+    info = module[-len(SIG_MAGIC) - 12:-len(SIG_MAGIC)]
+    sig_len = int.from_bytes(info[8:12], "big")
+    end = len(module) - len(SIG_MAGIC) - 12 - sig_len
+    if sig_len <= 0 or end <= 0:
+        return module
+    return module[:end]
 
 
 def _modinfo_depends(path: Path) -> list[str]:
@@ -102,7 +118,8 @@ def build(modules_dir: Path, cache_dir: str, release: str) -> str:
     """Path of the cached initramfs for the kernel whose modules are in ``modules_dir``,
     built if missing or if any input changed."""
     mods = module_order(modules_dir, MODULES)
-    inputs: list[Path] = [Path(_busybox()), GUEST / "init", *(AGENT / f for f in AGENT_FILES), *mods]
+    agent = Path(native.built("silo-agent"))
+    inputs: list[Path] = [Path(_busybox()), GUEST / "init", agent, *mods]
     h = hashlib.sha256(FORMAT.encode() + release.encode())
     for path in inputs:
         st = path.stat()
@@ -114,18 +131,17 @@ def build(modules_dir: Path, cache_dir: str, release: str) -> str:
         return target
     os.makedirs(base, mode=0o755, exist_ok=True)
     cpio = _Cpio()
-    for d in ("bin", "dev", "proc", "sys", "lib", "lib/silo", "lib/silo/agent"):
+    for d in ("bin", "dev", "proc", "sys", "lib", "lib/silo"):
         cpio.add(d, stat.S_IFDIR | 0o755)
     cpio.add("dev/console", stat.S_IFCHR | 0o600)  # rdev set below is not needed: devtmpfs replaces it
     cpio.add("bin/busybox", stat.S_IFREG | 0o755, Path(_busybox()).read_bytes())
     cpio.add("init", stat.S_IFREG | 0o755, (GUEST / "init").read_bytes())
-    for f in AGENT_FILES:
-        cpio.add(f"lib/silo/agent/{f}", stat.S_IFREG | 0o644, (AGENT / f).read_bytes())
+    cpio.add("lib/silo/silo-agent", stat.S_IFREG | 0o755, agent.read_bytes())
     names = []
     for path in mods:
         name = path.name[: -len(".ko")]
         names.append(name)
-        cpio.add(f"lib/silo/{name}.ko", stat.S_IFREG | 0o644, path.read_bytes())
+        cpio.add(f"lib/silo/{name}.ko", stat.S_IFREG | 0o644, strip_signature(path.read_bytes()))
     cpio.add("lib/silo/modules", stat.S_IFREG | 0o644, ("\n".join(names) + "\n").encode())
     fd, tmp = tempfile.mkstemp(prefix=".initramfs-", dir=base)
     try:

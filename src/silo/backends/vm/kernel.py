@@ -2,15 +2,18 @@
 (``silo kernel fetch``: ``linux-image-cloud-amd64`` by ``apt-get download``, whose hashes
 apt checks against the signed archive), or a path.
 
-A fetched kernel is kept as ``<cache>/vm/kernels/<release>/{vmlinuz,modules/}``; only the
-modules the guest loads (and their dependencies) are kept, about 2 MiB instead of 90.
+A fetched kernel is kept as ``<cache>/vm/kernels/<release>/{vmlinuz,vmlinux,modules/}``;
+only the modules the guest loads (and their dependencies) are kept, about 2 MiB instead
+of 90. ``vmlinux`` is the uncompressed kernel, booted directly through its PVH entry.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import shutil
+import struct
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -23,6 +26,10 @@ PACKAGE = "linux-image-cloud-amd64"
 # Kept from a fetched kernel: what the guest loads now, and what networks and vsock need.
 KEEP = (*initramfs.MODULES, "virtio_net", "vmw_vsock_virtio_transport")
 SYSTEM_CACHE = "/var/cache/silo"
+# bzImage payloads and the tools that unpack them (Debian's kernels use lz4 or zstd).
+DECOMPRESSORS = ((b"\x02\x21\x4c\x18", ("lz4", "-dc")), (b"\x28\xb5\x2f\xfd", ("zstd", "-dcq")),
+                 (b"\xfd7zXZ\x00", ("xz", "-dc")), (b"\x1f\x8b", ("gzip", "-dc")))
+XEN_ELFNOTE_PHYS32_ENTRY = 18
 
 
 @dataclass(frozen=True)
@@ -126,6 +133,9 @@ def fetch(cache_dir: str) -> Kernel:
         out = os.path.join(tmp, "out")
         os.makedirs(os.path.join(out, "modules"))
         shutil.copy(image, os.path.join(out, "vmlinuz"))
+        elf = pvh_elf(image)
+        if elf is not None:
+            _write(os.path.join(out, "vmlinux"), elf)
         for name in ("modules.builtin", "modules.order"):
             if (modules / name).exists():
                 shutil.copy(modules / name, os.path.join(out, "modules", name))
@@ -144,3 +154,82 @@ def fetch(cache_dir: str) -> Kernel:
             shutil.rmtree(final)
         os.rename(out, final)
     return Kernel(os.path.join(final, "vmlinuz"), os.path.join(final, "modules"), release)
+
+
+def _has_pvh_entry(elf: bytes) -> bool:
+    """Whether ``elf`` (a 64-bit little-endian vmlinux) has the PVH entry note QEMU needs
+    to boot it directly."""
+    if elf[:4] != b"\x7fELF" or elf[4] != 2 or elf[5] != 1:
+        return False
+    phoff, = struct.unpack_from("<Q", elf, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)
+    for i in range(phnum):
+        ptype, _, offset, _, _, filesz = struct.unpack_from("<IIQQQQ", elf, phoff + i * phentsize)
+        if ptype != 4:  # PT_NOTE
+            continue
+        at, end = offset, offset + filesz
+        while at + 12 <= end:
+            namesz, descsz, ntype = struct.unpack_from("<III", elf, at)
+            name = elf[at + 12:at + 12 + namesz].rstrip(b"\0")
+            if name == b"Xen" and ntype == XEN_ELFNOTE_PHYS32_ENTRY:
+                return True
+            at += 12 + (namesz + 3) // 4 * 4 + (descsz + 3) // 4 * 4
+    return False
+
+
+def pvh_elf(image: str) -> bytes | None:
+    """The uncompressed ELF inside the bzImage ``image`` when it has a PVH entry, else None."""
+    with open(image, "rb") as f:
+        data = f.read()
+    if data[0x202:0x206] != b"HdrS" or len(data) < 0x250:
+        return None
+    setup = ((data[0x1F1] or 4) + 1) * 512
+    offset, length = struct.unpack_from("<II", data, 0x248)
+    payload = data[setup + offset:setup + offset + length]
+    for magic, tool in DECOMPRESSORS:
+        if payload.startswith(magic):
+            try:
+                elf = subprocess.run(tool, input=payload, capture_output=True, timeout=120, check=False).stdout
+            except (OSError, subprocess.TimeoutExpired):
+                return None
+            return elf if _has_pvh_entry(elf) else None
+    return None
+
+
+def _write(path: str, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".vmlinux-", dir=os.path.dirname(path))
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def bootable(image: str, cache_dir: str) -> str:
+    """What QEMU boots for ``image``: its uncompressed ELF when the kernel has a PVH entry
+    (the guest then skips decompressing itself, about half a second under TCG), else the
+    bzImage itself. A fetched kernel has it beside its vmlinuz; others get it cached
+    under ``cache_dir``."""
+    beside = os.path.join(os.path.dirname(image), "vmlinux")
+    if os.path.basename(image) == "vmlinuz" and os.path.exists(beside):
+        return beside
+    st = os.stat(image)
+    key = hashlib.sha256(f"{os.path.realpath(image)}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    base = os.path.join(cache_dir, "vm")
+    target = os.path.join(base, f"vmlinux-{key}")
+    no_pvh = target + ".none"
+    if os.path.exists(target):
+        return target
+    if os.path.exists(no_pvh):
+        return image
+    elf = pvh_elf(image)
+    os.makedirs(base, mode=0o755, exist_ok=True)
+    if elf is None:
+        with open(no_pvh, "w"):
+            pass
+        return image
+    _write(target, elf)
+    return target

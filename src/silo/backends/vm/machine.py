@@ -28,7 +28,8 @@ VIEW = "/tmp/view"
 # Kernel options that shorten a boot under TCG: no hardware to probe, no checks to run.
 CMDLINE = ("console=ttyS0 quiet loglevel=1 panic=-1 reboot=t i8042.noaux i8042.nomux i8042.nopnp "
            "i8042.dumbkbd noreplace-smp cryptomgr.notests rcupdate.rcu_expedited=1 "
-           "mitigations=off audit=0 random.trust_cpu=on nokaslr")
+           "mitigations=off audit=0 random.trust_cpu=on nokaslr lsm=capability 8250.nr_uarts=1 pci=off "
+           "tsc=reliable no_timer_check nowatchdog")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -60,7 +61,9 @@ def tsc_khz() -> int | None:
 def qemu_argv(vm: p.Vm, *, agent_fd: int, qmp_fd: int, vfs_fd: int, console_fd: int,
               extra_cmdline: str = "") -> list[str]:
     mem = f"{vm.memory}M"
-    cmdline = CMDLINE.replace("quiet loglevel=1", "loglevel=7") if os.environ.get("SILO_VM_DEBUG") else CMDLINE
+    cmdline = CMDLINE
+    if os.environ.get("SILO_VM_DEBUG"):
+        cmdline = cmdline.replace("quiet loglevel=1", "loglevel=7") + " silo.debug"
     khz = tsc_khz() if vm.accel == "tcg" else None
     if khz:
         cmdline += f" tsc_early_khz={khz}"

@@ -42,8 +42,6 @@ def _report(err_fd: int, cls: str, message: str) -> None:
 
 
 def _console_tail(fd: int) -> str:
-    if os.environ.get("SILO_VM_DEBUG"):
-        print(os.pread(fd, 1 << 20, 0).decode("utf-8", "replace"), file=__import__("sys").stderr)
     with contextlib.suppress(OSError):
         size = os.fstat(fd).st_size
         data = os.pread(fd, 2000, max(0, size - 2000)).decode("utf-8", "replace")
@@ -94,6 +92,9 @@ class Run:
             s.close()
 
     def cleanup(self) -> None:
+        if os.environ.get("SILO_VM_DEBUG") and self.console >= 0:
+            with contextlib.suppress(OSError):
+                os.write(2, os.pread(self.console, 1 << 20, 0))
         for proc in reversed(self.procs):
             with contextlib.suppress(OSError):
                 proc.kill()
@@ -129,9 +130,9 @@ class Run:
     def on_frame(self, kind: int, channel: int, payload: bytes) -> None:
         assert self.exit_code is not None and self.hello is not None
         if kind == P.HELLO:
-            body = P.decode(payload)
-            if P.field_int(body, "version", 0, 1 << 30) != P.VERSION:
-                raise P.ProtocolError(f"agent protocol version {body.get('version')!r}, expected {P.VERSION}")
+            version, _ = P.hello(payload)
+            if version != P.VERSION:
+                raise P.ProtocolError(f"agent protocol version {version}, expected {P.VERSION}")
             if not self.hello.done():
                 self.hello.set_result(None)
             return
@@ -142,24 +143,23 @@ class Run:
             with contextlib.suppress(OSError):
                 _write_all(fd, payload)
         elif kind == P.STARTED:
+            P.started(payload)
             self.started = True
             for sig in self.pending_signals:
-                self.send(P.message(P.SIGNAL, CHANNEL, {"signal": sig}))
+                self.send(P.signal_request(CHANNEL, sig))
             self.pending_signals.clear()
         elif kind == P.EXIT:
-            code = P.field_int(P.decode(payload), "code", 0, 255)
+            code = P.exit_code(payload)
             if not self.exit_code.done():
                 self.exit_code.set_result(code)
         elif kind == P.ERROR:
-            body = P.decode(payload)
-            code = P.field_int(body, "code", 0, 255)
-            text = P.field_str(body, "message", 2000)
+            code, text = P.error(payload)
             cls = {127: "CommandNotFound", 126: "CommandNotExecutable"}.get(code, "InternalError")
             _report(self.err_fd, cls, text)
             if not self.exit_code.done():
                 self.exit_code.set_result(code)
         elif kind == P.CLOSE:
-            pass
+            P.closed_stream(payload)
         else:
             raise P.ProtocolError(f"unexpected frame kind {kind} from the guest")
 
@@ -183,11 +183,11 @@ class Run:
             self.send(P.frame(P.STDIN, CHANNEL, data))
         else:
             loop.remove_reader(self.stdio[0])
-            self.send(P.message(P.CLOSE, CHANNEL, {"stream": 0}))
+            self.send(P.close_stdin(CHANNEL))
 
     def on_signal(self, sig: int) -> None:
         if self.started:
-            self.send(P.message(P.SIGNAL, CHANNEL, {"signal": sig}))
+            self.send(P.signal_request(CHANNEL, sig))
         else:
             self.pending_signals.append(sig)
 
@@ -217,9 +217,9 @@ class Run:
             return 125
         proc = self.plan.process
         rows, cols = proc.winsize
-        self.send(P.message(P.EXEC, CHANNEL, {
-            "argv": list(proc.argv), "env": [f"{k}={v}" for k, v in proc.env], "cwd": proc.cwd,
-            "uid": proc.uid, "gid": proc.gid, "tty": False, "rows": rows, "cols": cols}))
+        self.send(P.exec_request(
+            CHANNEL, [os.fsencode(a) for a in proc.argv], [os.fsencode(f"{k}={v}") for k, v in proc.env],
+            os.fsencode(proc.cwd), proc.uid, proc.gid, False, rows, cols))
         try:
             os.set_blocking(self.stdio[0], False)
             loop.add_reader(self.stdio[0], self.on_stdin, loop)
@@ -227,7 +227,7 @@ class Run:
             # A regular file or /dev/null: epoll refuses it, and reading never blocks.
             self.stdin_task = loop.create_task(self.copy_file_stdin())
         except OSError:
-            self.send(P.message(P.CLOSE, CHANNEL, {"stream": 0}))
+            self.send(P.close_stdin(CHANNEL))
         return await self.exit_code
 
     async def copy_file_stdin(self) -> None:
@@ -237,7 +237,7 @@ class Run:
             except OSError:
                 data = b""
             if not data:
-                self.send(P.message(P.CLOSE, CHANNEL, {"stream": 0}))
+                self.send(P.close_stdin(CHANNEL))
                 return
             self.send(P.frame(P.STDIN, CHANNEL, data))
             await asyncio.sleep(0)
