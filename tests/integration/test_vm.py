@@ -36,8 +36,39 @@ def _run(silo_cli: list[str], runtime: str, *args: str, input: bytes = b"", time
 
 
 def _vm_processes() -> list[str]:
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True, check=True).stdout
-    return [line for line in out.splitlines() if "silo-vm-" in line or ("qemu-system" in line and "silo" in line)]
+    """QEMU and virtiofsd processes (none run on the test machines but silo's)."""
+    out = subprocess.run(["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True, check=True).stdout
+    return [line for line in out.splitlines() if "qemu-system" in line or "virtiofsd" in line]
+
+
+def _vm_cgroups() -> list[str]:
+    return glob.glob("/sys/fs/cgroup/*/silo/vm-*") + glob.glob("/sys/fs/cgroup/silo/vm-*")
+
+
+def _nothing_left() -> None:
+    deadline = time.monotonic() + 10
+    while (_vm_processes() or _vm_cgroups()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert (_vm_processes(), _vm_cgroups()) == ([], [])
+
+
+def _pid_of(program: str) -> int:
+    """The pid of the one ``program`` process whose parent is not one too (virtiofsd
+    forks its own sandbox; QEMU runs under the jail's process in between)."""
+    rows = [line.split(None, 2) for line in _vm_processes()]
+    pids = {int(pid) for pid, _, args in rows if program in args.split()[0]}
+    top = [pid for pid, ppid, args in rows if program in args.split()[0] and int(ppid) not in pids]
+    assert len(top) == 1, rows
+    return int(top[0])
+
+
+def _started(silo_cli: list[str], runtime: str) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen([*silo_cli, "run", "--isolation", "vm", "--", "sh", "-c", "echo ready; exec sleep 60"],
+                            env=_env(runtime), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"ready\n"
+    return proc
 
 
 def test_a_command_runs_under_its_own_kernel(silo_cli: list[str], vm_runtime: str) -> None:
@@ -89,11 +120,55 @@ def test_a_timeout_kills_the_machine_and_leaves_nothing(silo_cli: list[str], vm_
     cp = _run(silo_cli, vm_runtime, "--timeout", "2", "--", "sleep", "60")
     assert (cp.returncode, cp.stderr) == (137, b"silo: the sandbox was killed: it hit its timeout\n")
     assert time.monotonic() - start < 20
-    deadline = time.monotonic() + 5
-    while _vm_processes() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert _vm_processes() == []
+    _nothing_left()
     assert glob.glob("/tmp/silo-vm-*") == []
+
+
+def test_qemu_runs_jailed(silo_cli: list[str], vm_runtime: str) -> None:
+    """SECURITY.md #20: an unprivileged uid without capabilities, no_new_privs, QEMU's
+    seccomp filter, namespaces of its own, a root with /usr and its two files, a cgroup."""
+    proc = _started(silo_cli, vm_runtime)
+    try:
+        pid = _pid_of("qemu-system-x86_64")
+        with open(f"/proc/{pid}/status") as f:
+            status = dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+        assert "0" not in status["Uid"].split() and "0" not in status["Gid"].split()
+        assert (status["CapEff"], status["CapPrm"], status["CapBnd"]) == ("0" * 16,) * 3
+        assert (status["NoNewPrivs"], status["Seccomp"]) == ("1", "2")
+        for ns in ("mnt", "pid", "net", "ipc", "uts"):
+            assert os.readlink(f"/proc/{pid}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}"), ns
+        assert status["NSpid"].split()[-1] == "1"  # PID 1 of its own pid namespace
+        links = {n for n in ("bin", "sbin", "lib", "lib32", "lib64", "libx32") if os.path.lexists(f"/{n}")}
+        assert set(os.listdir(f"/proc/{pid}/root")) == links | {"dev", "proc", "tmp", "usr", "vm"}
+        assert sorted(os.listdir(f"/proc/{pid}/root/vm")) == ["initramfs", "kernel"]
+        assert not os.path.exists(f"/proc/{pid}/root/etc/shadow")
+        with open(f"/proc/{pid}/cgroup") as f:
+            assert "/silo/vm-" in f.read()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+    _nothing_left()
+
+
+@pytest.mark.parametrize(("victim", "message"), [
+    ("qemu-system-x86_64", "silo: the VM stopped before the command ended"),
+    ("virtiofsd", "silo: the VM's file server (virtiofsd) stopped"),
+])
+def test_killing_qemu_or_virtiofsd_ends_the_run_and_leaves_nothing(silo_cli: list[str], vm_runtime: str,
+                                                                   victim: str, message: str) -> None:
+    proc = _started(silo_cli, vm_runtime)
+    os.kill(_pid_of(victim), signal.SIGKILL)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 125
+    assert err.decode().startswith(message) and err.count(b"\n") == 1, err
+    _nothing_left()
+
+
+def test_a_guest_that_powers_off_mid_command_ends_the_run(silo_cli: list[str], vm_runtime: str) -> None:
+    cp = _run(silo_cli, vm_runtime, "--", "sh", "-c", "echo o > /proc/sysrq-trigger; sleep 60", timeout=60)
+    assert cp.returncode == 125
+    assert cp.stderr.decode().startswith("silo: the VM stopped before the command ended"), cp.stderr
+    _nothing_left()
 
 
 @pytest.mark.parametrize(("option", "named"), [

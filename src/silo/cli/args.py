@@ -27,7 +27,8 @@ class _Parser(argparse.ArgumentParser):
 def run_parser(prog: str = "silo run") -> argparse.ArgumentParser:
     ps = _Parser(prog=prog, add_help=False, allow_abbrev=False,
                  description="Run a command isolated; exits with its exit code.")
-    ps.add_argument("--isolation", default="process", help="process (default), vm (a QEMU microVM) or app (NOT a security boundary)")
+    ps.add_argument("--isolation", default="process",
+                    help="process (default), vm (a QEMU microVM) or app (NOT a security boundary)")
     ps.add_argument("--root", default="host", help="host (default) or an image directory")
     ps.add_argument("-v", "--volume", action="append", default=[], metavar="HOST:GUEST[:ro]")
     ps.add_argument("-e", "--env", action="append", default=[], metavar="K=V")

@@ -13,8 +13,8 @@ import math
 import os
 import stat
 from collections.abc import Sequence
-from pathlib import Path
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from silo.engine import host as hostmod
 from silo.model import plan as p

@@ -231,7 +231,7 @@ class Process:
 class Vm:
     """The machine of a ``vm``-level sandbox: what QEMU boots and what the guest sees."""
 
-    kernel: str  # the bzImage
+    kernel: str  # what QEMU boots: the uncompressed kernel (PVH entry) or the bzImage
     initramfs: str  # silo's guest initramfs for that kernel (silo.backends.vm.initramfs)
     accel: str  # "kvm" or "tcg" (silo.backends.vm.accel's probe)
     memory: int  # MiB of guest RAM
@@ -241,6 +241,12 @@ class Vm:
     skeleton: str
     binds: tuple[tuple[str, str], ...]
     rwsize: int  # bytes of the guest's RAM overlay
+
+
+def _vm_from_wire(untrusted: Any) -> Vm:
+    kernel, initramfs, accel, memory, cpus, skeleton, binds, rwsize = untrusted
+    return Vm(str(kernel), str(initramfs), str(accel), int(memory), int(cpus), str(skeleton),
+              tuple((str(name), str(source)) for name, source in binds), int(rwsize))
 
 
 @dataclass(frozen=True)
@@ -325,7 +331,7 @@ class Plan:
             return cls(
                 str(iso), tuple(nss), tuple(IdMap(*m) for m in um), tuple(IdMap(*m) for m in gm),
                 tuple(built_ops), p, memory, cpus, pids, timeout, network,
-                None if vm is None else Vm(*vm[:6], tuple(tuple(b) for b in vm[6]), vm[7]),  # type: ignore[arg-type]
+                None if vm is None else _vm_from_wire(vm),
             )
         except (TypeError, ValueError, KeyError, IndexError) as e:
             raise ProtocolError(f"malformed plan: {e}") from None

@@ -105,6 +105,10 @@ class Warm:
     since: float
 
 
+VM_OVERHEAD = 384 << 20  # QEMU's and virtiofsd's own memory beside the guest's
+VM_PIDS = 512  # QEMU's vCPU and I/O threads, virtiofsd's thread pool (64) and the supervisor
+
+
 def warm_key(plan: p.Plan, wire: tuple[Any, ...]) -> bytes | None:
     """The pool key of a plan (its wire form without argv and env), or None when
     runs of it are not pooled: the app level (a fresh upper per run), no init, a pty."""
@@ -257,7 +261,7 @@ class Spawner:
     def _launch(self, plan: p.Plan, stdio: tuple[int, int, int], warm: bool) -> tuple[launcher.Started, Any]:
         """Clone a sandbox of ``plan`` (in its own cgroup when it has limits)."""
         if plan.vm is not None:
-            return self._launch_vm(plan, stdio), None
+            return self._launch_vm(plan, stdio)
         proc = plan.process
         bpf = self._seccomp(proc.seccomp) if proc.harden and proc.seccomp != "unconfined" else None
         cgroup = None
@@ -295,14 +299,28 @@ class Spawner:
             self._keepers[started.pid] = keeper
         return started, cgroup
 
-    def _launch_vm(self, plan: p.Plan, stdio: tuple[int, int, int]) -> launcher.Started:
+    def _launch_vm(self, plan: p.Plan, stdio: tuple[int, int, int]) -> tuple[launcher.Started, Any]:
         """Fork the VM's supervisor (silo.backends.vm.supervisor): the process tracked as
-        the sandbox, whose exit code is the command's."""
+        the sandbox, whose exit code is the command's. It, QEMU and virtiofsd share a
+        cgroup: the guest's memory plus :data:`VM_OVERHEAD` for the two processes."""
+        assert plan.vm is not None
+        cgroup = self._cgroup_manager().create(f"vm-{os.getpid()}-{next(self._seq)}",
+                                               (plan.vm.memory << 20) + VM_OVERHEAD, None, VM_PIDS)
+        go_r, go_w = os.pipe2(os.O_CLOEXEC)  # the child waits until it is in the cgroup
         err_r, err_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as e:
+            cgroup.destroy()
+            os.close(go_r)
+            os.close(go_w)
+            raise InternalError(f"cannot start the VM: {e}") from None
         if pid == 0:  # pragma: no cover - the child
             code = 125
             try:
+                os.close(go_w)
+                if os.read(go_r, 1) != b"1":
+                    os._exit(125)
                 for target, fd in enumerate(stdio):
                     os.dup2(fd, target)
                 err = err_w.detach()
@@ -315,8 +333,20 @@ class Spawner:
                 code = supervisor.run(plan, (0, 1, 2), 3)
             finally:
                 os._exit(code)
+        os.close(go_r)
         err_w.close()
-        return launcher.Started(pid, os.pidfd_open(pid), err_r.detach())
+        try:
+            cgroup.add(pid)
+            os.write(go_w, b"1")
+        except OSError as e:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            cgroup.destroy()
+            err_r.close()
+            raise InternalError(f"cannot put the VM in its cgroup: {e}") from None
+        finally:
+            os.close(go_w)
+        return launcher.Started(pid, os.pidfd_open(pid), err_r.detach()), cgroup
 
     def run_job(self, conn: Connection, job_id: int, plan: p.Plan, fds: list[int],
                 wire: tuple[Any, ...] | None = None) -> None:

@@ -11,7 +11,9 @@ directories bound read-only onto it -- the same view the process level binds, ne
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
+import select
 import signal
 import subprocess
 from collections.abc import Sequence
@@ -20,7 +22,7 @@ from silo.model import plan as p
 from silo.model.errors import SiloError
 from silo.sys import kernel as sysk
 
-QEMU = "qemu-system-x86_64"
+QEMU = "/usr/bin/qemu-system-x86_64"
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
 PR_SET_PDEATHSIG = 1
 VIEW_PARENT = "/tmp"  # in virtiofsd's own mount namespace only
@@ -59,7 +61,9 @@ def tsc_khz() -> int | None:
 
 
 def qemu_argv(vm: p.Vm, *, agent_fd: int, qmp_fd: int, vfs_fd: int, console_fd: int,
-              extra_cmdline: str = "") -> list[str]:
+              extra_cmdline: str = "", kernel: str | None = None, initramfs: str | None = None) -> list[str]:
+    """QEMU's command line; ``kernel`` and ``initramfs`` name the files as QEMU sees them
+    (inside its jail: :data:`JAIL_KERNEL`, :data:`JAIL_INITRAMFS`)."""
     mem = f"{vm.memory}M"
     cmdline = CMDLINE
     if os.environ.get("SILO_VM_DEBUG"):
@@ -78,7 +82,7 @@ def qemu_argv(vm: p.Vm, *, agent_fd: int, qmp_fd: int, vfs_fd: int, console_fd: 
         "-object", f"memory-backend-memfd,id=mem,size={mem},share=on", "-numa", "node,memdev=mem",
         "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
         "-global", "virtio-mmio.force-legacy=false",
-        "-kernel", vm.kernel, "-initrd", vm.initramfs,
+        "-kernel", kernel or vm.kernel, "-initrd", initramfs or vm.initramfs,
         "-append", f"{cmdline} silo.rwsize={vm.rwsize} {extra_cmdline}".strip(),
         "-serial", f"file:/dev/fd/{console_fd}", "-no-reboot",
         "-chardev", f"socket,id=vfs,fd={vfs_fd}",
@@ -122,9 +126,113 @@ def start_virtiofsd(vm: p.Vm, listen_fd: int, log: int) -> subprocess.Popen[byte
                         "(make install does)") from None
 
 
-def start_qemu(argv: Sequence[str], keep: Sequence[int], log: int) -> subprocess.Popen[bytes]:
+JAIL_KERNEL = "/vm/kernel"
+JAIL_INITRAMFS = "/vm/initramfs"
+JAIL_ROOT = "/tmp/jail"  # in QEMU's own mount namespace only
+_SYS_PIVOT_ROOT = 155
+_MNT_DETACH = 2
+PR_SET_NO_NEW_PRIVS = 38
+PR_CAPBSET_DROP = 24
+
+
+def qemu_ids() -> tuple[int, int]:
+    """The unprivileged uid and gid QEMU runs as under a root daemon: ``SILO_VM_UID``, or
+    the id just above the range root-run sandboxes map to (see silo.engine.host)."""
+    from silo.engine import host as hostmod
+
+    raw = os.environ.get("SILO_VM_UID")
+    if raw:
+        try:
+            uid = int(raw)
+        except ValueError:
+            raise SiloError(f"bad SILO_VM_UID {raw!r}: use a number, like 1000065536") from None
+        if not 0 < uid < 2**32 - 1:
+            raise SiloError(f"bad SILO_VM_UID {raw!r}: it must not be 0")
+        return uid, uid
+    base, count = hostmod.idmap_config()
+    return base + count, base + count
+
+
+def _jail(vm: p.Vm, uid: int, gid: int) -> None:
+    """In QEMU's child before exec (SECURITY.md #20): new mount, pid, network, IPC and UTS
+    namespaces; a root holding only /usr (read-only), the kernel and initramfs
+    (read-only), a fresh /proc and /dev with null, zero, urandom (and kvm for KVM); then
+    an unprivileged uid with no capabilities and no_new_privs. QEMU becomes PID 1 of its
+    pid namespace; the process in between waits for it and dies with it."""
+    _die_with_parent()
+    sysk.unshare(sysk.CLONE_NEWNS | sysk.CLONE_NEWPID | sysk.CLONE_NEWNET | sysk.CLONE_NEWIPC
+                 | sysk.CLONE_NEWUTS)
+    alive_r, alive_w = os.pipe()  # EOF once the one in between is gone
+    pid = os.fork()
+    if pid:  # the one in between: hold nothing of QEMU's, wait, pass its status on
+        os.closerange(3, alive_w)
+        os.closerange(alive_w + 1, 65536)
+        _, status = os.waitpid(pid, 0)
+        os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+    os.close(alive_w)
+    sysk.mount(None, "/", None, sysk.MS_REC | sysk.MS_PRIVATE)
+    sysk.mount("silo-jail", VIEW_PARENT, "tmpfs", sysk.MS_NOSUID | sysk.MS_NODEV, "mode=0755,size=64k")
+    root = JAIL_ROOT
+    os.mkdir(root, 0o755)
+    sysk.mount(root, root, None, sysk.MS_BIND)  # pivot_root wants a mount point
+    for d in ("/usr", "/proc", "/dev", "/vm", "/tmp"):
+        os.mkdir(root + d, 0o755)
+    sysk.bind_readonly("/usr", root + "/usr")
+    for name in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
+        host = "/" + name
+        if os.path.islink(host):
+            os.symlink(os.readlink(host), f"{root}/{name}")
+        elif os.path.isdir(host):
+            os.mkdir(f"{root}/{name}", 0o755)
+            sysk.bind_readonly(host, f"{root}/{name}")
+    sysk.mount("proc", root + "/proc", "proc", sysk.MS_NOSUID | sysk.MS_NODEV | sysk.MS_NOEXEC)
+    sysk.mount("silo-dev", root + "/dev", "tmpfs", sysk.MS_NOSUID | sysk.MS_NOEXEC, "mode=0755,size=64k")
+    devices = ["null", "zero", "urandom", "random"] + (["kvm"] if vm.accel == "kvm" else [])
+    for name in devices:
+        with open(f"{root}/dev/{name}", "w"):
+            pass
+        sysk.mount(f"/dev/{name}", f"{root}/dev/{name}", None, sysk.MS_BIND)
+    os.symlink("/proc/self/fd", root + "/dev/fd")
+    for source, target in ((vm.kernel, JAIL_KERNEL), (vm.initramfs, JAIL_INITRAMFS)):
+        with open(root + target, "w"):
+            pass
+        sysk.bind_readonly(source, root + target)
+    os.chdir(root)
+    if _libc.syscall(_SYS_PIVOT_ROOT, b".", b".") < 0:
+        raise OSError(ctypes.get_errno(), "pivot_root")
+    if _libc.umount2(b".", _MNT_DETACH) < 0:
+        raise OSError(ctypes.get_errno(), "umount2")
+    os.chdir("/")
+    for cap in range(64):  # the bounding set too: nothing to regain through an exec
+        if _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0 and ctypes.get_errno() != errno.EINVAL:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)  # from root to non-root: every capability is gone
+    if _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
+    # Set after the last change of credentials, which clears it; then make sure the one
+    # in between did not die before it was set.
+    _die_with_parent()
+    if select.select([alive_r], [], [], 0)[0]:
+        os._exit(1)
+    os.close(alive_r)
+
+
+def start_qemu(vm: p.Vm, argv: Sequence[str], keep: Sequence[int], log: int) -> subprocess.Popen[bytes]:
+    """QEMU, jailed (:func:`_jail`) when we are root; ``argv`` names the kernel and
+    initramfs by their jail paths then."""
+    if os.geteuid() == 0:
+        uid, gid = qemu_ids()
+
+        def setup() -> None:
+            _jail(vm, uid, gid)
+    else:
+        setup = _die_with_parent
     try:
-        return subprocess.Popen(list(argv), pass_fds=tuple(keep), preexec_fn=_die_with_parent,
+        return subprocess.Popen(list(argv), pass_fds=tuple(keep), preexec_fn=setup,
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+    except subprocess.SubprocessError as e:  # _jail failed in the child
+        raise SiloError(f"cannot jail QEMU: {e}") from None
     except FileNotFoundError:
         raise SiloError(f"{QEMU} is not installed: install Debian's qemu-system-x86 (make install does)") from None

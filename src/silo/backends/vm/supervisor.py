@@ -66,6 +66,7 @@ class Run:
         self.agent: socket.socket | None = None
         self.console = -1
         self.vfs_log = -1
+        self.fds: list[int] = []
         self.stdin_task: asyncio.Task[None] | None = None
 
     # lifecycle ------------------------------------------------------------------
@@ -86,8 +87,11 @@ class Run:
         host_qmp, guest_qmp = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.agent, self.qmp = host_agent, host_qmp
         keep = (guest_agent.fileno(), guest_qmp.fileno(), vfs.fileno(), self.console)
-        argv = machine.qemu_argv(self.vm, agent_fd=keep[0], qmp_fd=keep[1], vfs_fd=keep[2], console_fd=keep[3])
-        self.procs.append(machine.start_qemu(argv, keep, self.console))
+        jailed = os.geteuid() == 0
+        argv = machine.qemu_argv(self.vm, agent_fd=keep[0], qmp_fd=keep[1], vfs_fd=keep[2], console_fd=keep[3],
+                                 kernel=machine.JAIL_KERNEL if jailed else None,
+                                 initramfs=machine.JAIL_INITRAMFS if jailed else None)
+        self.procs.append(machine.start_qemu(self.vm, argv, keep, self.console))
         for s in (guest_agent, guest_qmp, vfs):
             s.close()
 
@@ -100,6 +104,8 @@ class Run:
                 proc.kill()
             with contextlib.suppress(Exception):
                 proc.wait(timeout=5)
+        for fd in self.fds:
+            os.close(fd)
 
     # the agent ----------------------------------------------------------------------
 
@@ -163,12 +169,17 @@ class Run:
         else:
             raise P.ProtocolError(f"unexpected frame kind {kind} from the guest")
 
+    def _on_virtiofsd_exit(self, loop: asyncio.AbstractEventLoop, fd: int) -> None:
+        loop.remove_reader(fd)
+        self._fail("the VM's file server (virtiofsd) stopped")
+
     def _fail(self, why: str) -> None:
         assert self.exit_code is not None and self.hello is not None
         tail = _console_tail(self.console) or _console_tail(self.vfs_log)
         _report(self.err_fd, "InternalError", why + (f" (console: {tail})" if tail else ""))
         if not self.hello.done():
             self.hello.set_exception(BootFailed(why))
+            self.hello.exception()  # retrieved: nobody may be waiting for it yet
         if not self.exit_code.done():
             self.exit_code.set_result(125)
 
@@ -201,16 +212,21 @@ class Run:
         assert self.agent is not None
         self.agent.setblocking(False)
         loop.add_reader(self.agent.fileno(), self.on_agent)
+        # QEMU's end shows as the agent's EOF; virtiofsd's would only show as the
+        # guest's file errors: watch it.
+        vfs = os.pidfd_open(self.procs[0].pid)
+        self.fds.append(vfs)
+        loop.add_reader(vfs, self._on_virtiofsd_exit, loop, vfs)
         # QMP answers once QEMU has built the machine.
         qmp = QMPClient("silo")
         try:
             await asyncio.wait_for(qmp.connect(self.qmp), 30)
-        except (asyncio.TimeoutError, OSError, QMPError) as e:
+        except (TimeoutError, OSError, QMPError) as e:
             self._fail(f"QEMU did not start ({e or 'no QMP greeting'})")
             return 125
         try:
             await asyncio.wait_for(asyncio.shield(self.hello), BOOT_TIMEOUT)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self._fail(f"the VM did not start within {BOOT_TIMEOUT:.0f} s")
             return 125
         except BootFailed:

@@ -1,0 +1,70 @@
+"""The agent protocol's host side: every byte from the guest is untrusted (SECURITY.md #19)."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from silo.agent import protocol as P
+
+
+def test_frames_split_anywhere_are_reassembled() -> None:
+    data = P.frame(P.STDOUT, 1, b"hello") + P.frame(P.EXIT, 1, struct.pack(">I", 3))
+    reader = P.Reader()
+    got = []
+    for i in range(len(data)):
+        got += reader.feed(data[i:i + 1])
+    assert got == [(P.STDOUT, 1, b"hello"), (P.EXIT, 1, struct.pack(">I", 3))]
+
+
+def test_an_oversized_frame_is_refused_before_its_payload_arrives() -> None:
+    reader = P.Reader()
+    with pytest.raises(P.ProtocolError, match="over the limit"):
+        reader.feed(struct.pack(">IBI", P.MAX_PAYLOAD + 1, P.STDOUT, 1))
+
+
+@pytest.mark.parametrize("kind", [0, 13, 255])
+def test_an_unknown_kind_is_refused(kind: int) -> None:
+    with pytest.raises(P.ProtocolError, match=f"unknown frame kind {kind}"):
+        P.Reader().feed(struct.pack(">IBI", 0, kind, 1))
+
+
+@pytest.mark.parametrize(("parse", "payload", "message"), [
+    (P.hello, b"\0\0\0\2", "a hello of 4 bytes"),
+    (P.hello, b"\0" * 9, "a hello of 9 bytes"),
+    (P.started, b"", "a started message of 0 bytes"),
+    (P.exit_code, struct.pack(">I", 256), "exit code 256"),
+    (P.exit_code, b"\0\0\0\0\0", "an exit message of 5 bytes"),
+    (P.closed_stream, b"\0", "names no output stream"),
+    (P.closed_stream, b"\3", "names no output stream"),
+    (P.error, b"\0\0", "without its code"),
+    (P.error, struct.pack(">I", 1000) + b"x", "error code 1000"),
+])
+def test_malformed_guest_messages_are_refused(parse, payload: bytes, message: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(P.ProtocolError, match=message):
+        parse(payload)
+
+
+def test_an_error_message_is_bounded_and_printable() -> None:
+    code, text = P.error(struct.pack(">I", 127) + b"\x1b[31mred\n" + b"y" * 5000 + b"\xff")
+    assert code == 127
+    assert text.startswith("?[31mred?")
+    assert len(text) == P.MAX_ERROR
+
+
+def test_an_exec_request_carries_byte_strings_and_counts() -> None:
+    data = P.exec_request(7, [b"ls", b"caf\xe9"], [b"A=1"], b"/tmp", 1000, 1000, True, 24, 80)
+    [(kind, channel, payload)] = P.Reader().feed(data)
+    assert (kind, channel) == (P.EXEC, 7)
+    assert struct.unpack_from(">IIHHBII", payload) == (1000, 1000, 24, 80, 1, 2, 1)
+    assert payload[21:] == b"/tmp\0ls\0caf\xe9\0A=1\0"
+
+
+@pytest.mark.parametrize(("argv", "env", "cwd"), [
+    ([], [], b"/"), ([b"a\0b"], [], b"/"), ([b"ls"], [b"NOEQUALS"], b"/"), ([b"ls"], [], b"/\0"),
+])
+def test_an_exec_request_that_the_agent_could_misread_is_not_built(argv: list[bytes], env: list[bytes],
+                                                                   cwd: bytes) -> None:
+    with pytest.raises(ValueError):
+        P.exec_request(1, argv, env, cwd, 0, 0, False, 0, 0)
