@@ -1,0 +1,161 @@
+"""VM benchmarks (issue 5): a cold ``silo run --isolation vm -- /bin/true`` beside raw QEMU
+booting the same kernel, and the host memory of an idle VM beyond the guest's used pages.
+
+Root only (the vm level needs it). The raw peer is the floor for any VM here: the same
+QEMU (microvm, the same accelerator, memory and kernel options) and the same kernel,
+with an initramfs of busybox whose init powers off at once: a boot to user space and
+back, with no virtio-fs, agent or command. Interleaved in rounds, like the other rows.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+
+from measure import one_line
+from report import REPO, table
+
+SILO = str(REPO / ".venv" / "bin" / "silo")
+
+# Budgets of issue 5, requirement 9.
+COLD_TCG = 1.5
+COLD_KVM = 0.2
+POOL_FIRST_OUTPUT = 0.06
+IDLE_OVERHEAD = 64 << 20
+
+
+def _raw_qemu(tmp: str) -> list[str]:
+    from silo.backends.vm import accel, initramfs, kernel, machine
+    from silo.engine import host as hostmod
+
+    h = hostmod.host()
+    k = kernel.find("auto", h.cache_dir)
+    image = kernel.bootable(k.image, h.cache_dir)
+    cpio = initramfs._Cpio()
+    for d in ("bin", "dev", "proc"):
+        cpio.add(d, 0o040755)
+    cpio.add("bin/busybox", 0o100755, open(initramfs._busybox(), "rb").read())
+    cpio.add("init", 0o100755, b"#!/bin/busybox sh\n/bin/busybox poweroff -f\n")
+    path = os.path.join(tmp, "poweroff.cpio")
+    with open(path, "wb") as f:
+        f.write(cpio.finish())
+    ird = initramfs.build(__import__("pathlib").Path(k.modules), h.cache_dir, k.release)
+    tcg = accel.choose(image, ird, h.cache_dir) == "tcg"
+    khz = machine.tsc_khz() if tcg else None
+    append = machine.CMDLINE + (f" tsc_early_khz={khz}" if khz else "")
+    return [machine.QEMU, "-nodefaults", "-no-user-config", "-nographic", "-M", "microvm",
+            "-accel", "tcg,thread=multi" if tcg else "kvm", "-cpu", "max" if tcg else "host",
+            "-m", "512M", "-kernel", image, "-initrd", path, "-append", append, "-serial", "none",
+            "-no-reboot"]
+
+
+def _timed(argv: list[str]) -> float:
+    start = time.perf_counter()
+    subprocess.run(argv, check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.PIPE, timeout=120)
+    return time.perf_counter() - start
+
+
+def _rss(pid: int, field: str = "VmRSS") -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) << 10
+    return 0
+
+
+def _idle_memory() -> tuple[int, int, dict[str, int]]:
+    """(host RSS of QEMU, virtiofsd and the supervisor; the guest's used memory; QEMU's
+    RSS by kind) of a VM idling in ``sleep`` after its command printed the guest's meminfo."""
+    proc = subprocess.Popen([SILO, "run", "--isolation", "vm", "--", "sh", "-c",
+                             "sleep 3; cat /proc/meminfo; echo done; exec sleep 60"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stdout is not None
+        meminfo = {}
+        for line in proc.stdout:
+            if line.strip() == "done":
+                break
+            name, value = line.split(":", 1)
+            meminfo[name] = int(value.split()[0]) << 10
+        guest_used = meminfo["MemTotal"] - meminfo["MemFree"]
+        time.sleep(2)
+        out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True, check=True).stdout
+        pids = [int(line.split()[0]) for line in out.splitlines()[1:]
+                if "qemu-system" in line or "virtiofsd" in line]
+        qemu = next(pid for pid in pids if "qemu-system" in open(f"/proc/{pid}/cmdline").read())
+        jail = int(open(f"/proc/{qemu}/stat").read().rsplit(")", 1)[1].split()[1])
+        supervisor = int(open(f"/proc/{jail}/stat").read().rsplit(")", 1)[1].split()[1])
+        host = sum(_rss(pid) for pid in {*pids, jail, supervisor})
+        parts = {k: _rss(qemu, k) for k in ("RssAnon", "RssFile", "RssShmem")}
+        parts["supervisor"] = _rss(supervisor)
+        return host, guest_used, parts
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+
+
+def run(progress: Callable[[str], None], quick: bool) -> tuple[list[str], list[tuple[str, str, str, str]]]:
+    """(report sections, budgets as (what, measured, limit, verdict))."""
+    budgets: list[tuple[str, str, str, str]] = []
+    if os.geteuid() != 0:
+        return [], [("vm: cold silo run --isolation vm -- /bin/true", "—", "≤ 1.5 s (TCG)",
+                     "not measured: the vm level needs root")]
+    rounds = 5 if quick else 15
+    with tempfile.TemporaryDirectory(prefix="silo-bench-vm-") as tmp:
+        try:
+            raw = _raw_qemu(tmp)
+            tcg = "tcg" in raw[raw.index("-accel") + 1]
+            silo_argv = [SILO, "run", "--isolation", "vm", "--", "/bin/true"]
+            _timed(silo_argv)  # the server, the initramfs and the probe verdict: not in the numbers
+            _timed(raw)
+            progress(f"vm: silo run --isolation vm -- /bin/true beside raw QEMU ({rounds} rounds)")
+            silo_t, raw_t = [], []
+            for _ in range(rounds):
+                silo_t.append(_timed(silo_argv))
+                raw_t.append(_timed(raw))
+        except Exception as e:
+            return [], [("vm: cold silo run --isolation vm -- /bin/true", "—", "≤ 1.5 s (TCG)",
+                         f"not measured: {one_line(e)}")]
+    m_silo, m_raw = statistics.median(silo_t), statistics.median(raw_t)
+    accel = "TCG" if tcg else "KVM"
+    limit = COLD_TCG if tcg else COLD_KVM
+    budgets.append((f"vm: cold silo run --isolation vm -- /bin/true ({accel})", f"{m_silo:.2f} s",
+                    f"≤ {limit:g} s", "PASS" if m_silo <= limit else "FAIL"))
+    if tcg:
+        budgets.append(("vm: cold run where KVM works", "—", "≤ 0.2 s",
+                        "not measured: KVM guests do not run on this machine (the probe chose TCG)"))
+    budgets.append(("vm: first output from the warm pool", "—", "≤ 60 ms", "not measured: no warm pool yet"))
+    sections = [
+        "## VM level: a cold run beside raw QEMU\n\n"
+        f"`silo run --isolation vm -- /bin/true` (boot, virtio-fs root, agent, the command, power-off) "
+        f"beside raw QEMU booting the same kernel with a busybox initramfs that powers off at once; "
+        f"{accel}, 1 vCPU, 512 MiB, {rounds} rounds interleaved.\n\n"
+        + table(["", "median", "min", "max", "ratio to raw QEMU"], [
+            ["silo run --isolation vm", f"{m_silo:.2f} s", f"{min(silo_t):.2f} s", f"{max(silo_t):.2f} s",
+             f"{m_silo / m_raw:.2f}"],
+            ["raw QEMU, same kernel", f"{m_raw:.2f} s", f"{min(raw_t):.2f} s", f"{max(raw_t):.2f} s", "1.00"],
+        ])]
+    progress("vm: idle memory")
+    try:
+        host, guest, parts = _idle_memory()
+        over = host - guest
+        budgets.append(("vm: idle VM host memory beyond the guest's used pages", f"{over / (1 << 20):.0f} MiB",
+                        "≤ 64 MiB", "PASS" if over <= IDLE_OVERHEAD else "FAIL"))
+        sections.append(
+            "## VM level: idle memory\n\n"
+            "A VM idling in `sleep` (512 MiB guest): the resident memory of QEMU, virtiofsd and the "
+            "supervisor on the host, and the guest's own used memory (MemTotal - MemFree).\n\n"
+            + table(["host RSS", "guest used", "beyond the guest's pages", "QEMU: guest RAM touched (shmem)",
+                     "QEMU: files (kernel image, binary; page cache)", "QEMU: anonymous (TCG code cache, heap)",
+                     "supervisor (Python)"],
+                    [[f"{host / (1 << 20):.0f} MiB", f"{guest / (1 << 20):.0f} MiB", f"{over / (1 << 20):.0f} MiB",
+                      *(f"{parts[k] / (1 << 20):.0f} MiB" for k in ("RssShmem", "RssFile", "RssAnon", "supervisor"))]]))
+    except Exception as e:
+        budgets.append(("vm: idle VM host memory beyond the guest's used pages", "—", "≤ 64 MiB",
+                        f"not measured: {one_line(e)}"))
+    return sections, budgets
