@@ -23,7 +23,7 @@ def _key(kernel: str, initramfs: str) -> str:
     st = os.stat(kernel)
     qemu = ""
     with contextlib.suppress(OSError):
-        qemu = str(os.stat("/usr/bin/" + machine.QEMU).st_mtime_ns)
+        qemu = str(os.stat(machine.QEMU).st_mtime_ns)
     raw = f"{kernel}\0{st.st_size}\0{st.st_mtime_ns}\0{initramfs}\0{qemu}\0{platform.release()}"
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
