@@ -95,7 +95,8 @@ ALLOWED_ONLY = {
     "sys": {"model", "sys", "native"},
     "native": {"model", "native"},
     "store": {"model", "store"},
-    "backends": {"model", "sys", "backends"},
+    "backends": {"model", "sys", "backends", "native", "agent"},  # native: the programs they run
+    "agent": {"agent"},  # the agent protocol: the host's side, standard library only
     "net": {"model", "sys", "net"},  # a sandbox's network: beside backends (ARCHITECTURE.md)
 }
 FORBIDDEN = {
@@ -137,7 +138,7 @@ def test_every_module_parses_and_is_in_a_known_layer() -> None:
     graph = _graph()
     assert len(graph) > 20
     known = {"silo", "model", "sys", "native", "store", "backends", "net", "engine", "spawner", "sdk", "cli",
-             "daemon"}
+             "daemon", "agent"}
     assert {_layer(m) for m in graph} <= known
     for layer in ("model", "sys", "backends", "engine", "spawner", "sdk", "cli"):
         assert any(_layer(m) == layer for m in graph), layer

@@ -201,7 +201,7 @@ def test_killed_by_signal_is_128_plus_n(cli, sig: str, code: int) -> None:  # ty
     (["--rlimit", "files=3", "--", "true"], ["bad rlimit 'files=3'"]),
     (["-e", "1X=2", "--", "true"], ["bad environment entry '1X=2'"]),
     (["-w", "relative", "--", "true"], ["bad working directory 'relative'"]),
-    (["--isolation", "vm", "--", "true"], ["unknown isolation 'vm'"]),
+    (["--isolation", "bogus", "--", "true"], ["unknown isolation 'bogus'"]),
     (["--seccomp", "/nonexistent/profile.json", "--", "true"], ["seccomp profile", "does not exist"]),
     (["--keep", "/tmp/k", "--", "true"], ["--isolation app"]),
 ])
@@ -736,6 +736,9 @@ def test_unprivileged_user_can_run(user_silo_cli: list[str]) -> None:
         cp = subprocess.run([*base, *user_silo_cli, "run", "-v", "/nonexistent:/x", "--", "true"],
                             capture_output=True, timeout=60, cwd="/")
         _assert_silo_error(cp, 125, "does not exist")
+        cp = subprocess.run([*base, *user_silo_cli, "run", "--isolation", "vm", "--", "true"],
+                            capture_output=True, timeout=60, cwd="/")
+        _assert_silo_error(cp, 125, "--isolation vm needs root")
     finally:
         subprocess.run([*base, *user_silo_cli, "server", "stop"], capture_output=True, timeout=30, cwd="/")
         time.sleep(0.1)

@@ -322,7 +322,7 @@ def test_errors_raise_the_right_classes(run_sandbox: RunSandbox, hostdir: Path) 
     with pytest.raises(SpecError, match="absolute host path"):
         run_sandbox(["true"], mounts=["relative:/data"])
     with pytest.raises(SpecError, match="unknown isolation"):
-        run_sandbox(["true"], isolation="vm")
+        run_sandbox(["true"], isolation="bogus")
     with pytest.raises(NotFoundError, match="does not exist"):
         run_sandbox(["true"], mounts=[f"{hostdir}/missing:/data"])
     with pytest.raises(NotFoundError, match="root directory"):

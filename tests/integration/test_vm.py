@@ -11,6 +11,7 @@ import platform
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -24,10 +25,8 @@ def vm_runtime(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-unt
     runtime = str(tmp_path_factory.mktemp("vmrt"))
     os.chmod(runtime, 0o700)
     yield runtime
-    from tests.conftest import silo_cli
-
-    subprocess.run([*silo_cli.__wrapped__(), "server", "stop"], env=_env(runtime),  # type: ignore[attr-defined]
-                   capture_output=True, check=False)
+    silo = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "silo"
+    subprocess.run([str(silo), "server", "stop"], env=_env(runtime), capture_output=True, check=False)
 
 
 def _run(silo_cli: list[str], runtime: str, *args: str, input: bytes = b"", timeout: float = 120):  # type: ignore[no-untyped-def]

@@ -165,6 +165,9 @@ def _plan_vm(spec: Spec, argv: Sequence[str], term: str | None, tty: bool) -> p.
         raise SpecError(f"{', '.join(missing)} with --isolation vm is not available yet: drop it, "
                         "or use --isolation process")
     h = hostmod.host()
+    if not h.is_root:
+        raise PrivilegeError("--isolation vm needs root for now (QEMU's jail and virtiofsd's view): "
+                             "run as root, or use --isolation process")
     k = kernel.find("auto", h.cache_dir)
     ird = initramfs.build(Path(k.modules), h.cache_dir, k.release)
     memory = max((spec.limits.memory or VM_MEMORY) >> 20, 128)
@@ -172,12 +175,29 @@ def _plan_vm(spec: Spec, argv: Sequence[str], term: str | None, tty: bool) -> p.
     binds = tuple((name, "/" + name) for name, real in hostmod.system_dirs() if real)
     image = kernel.bootable(k.image, h.cache_dir)
     vm = p.Vm(kernel=image, initramfs=ird, accel=accel.choose(image, ird, h.cache_dir), memory=memory,
-              cpus=cpus, skeleton=hostmod.skeleton(), binds=binds, rwsize=spec.tmpfs_size)
+              cpus=cpus, skeleton=hostmod.skeleton(), binds=binds, rwsize=spec.tmpfs_size,
+              jail_id=_qemu_id())
     uid, gid = spec.user.uid, spec.user.gid
     process = p.Process(argv=tuple(argv), env=_environment(spec, uid, term), cwd=spec.workdir or "/",
                         uid=uid, gid=gid, rlimits=spec.rlimits)
     return p.Plan(isolation="vm", namespaces=(), uid_map=(), gid_map=(), ops=(), process=process,
                   timeout=spec.timeout, vm=vm)
+
+
+def _qemu_id() -> int:
+    """The unprivileged uid and gid QEMU runs as: ``SILO_VM_UID``, or the id just above
+    the range root-run sandboxes map to."""
+    raw = os.environ.get("SILO_VM_UID")
+    if raw:
+        try:
+            uid = int(raw)
+        except ValueError:
+            raise SpecError(f"bad SILO_VM_UID {raw!r}: use a number, like 1000065536") from None
+        if not 0 < uid < 2**32 - 1:
+            raise SpecError(f"bad SILO_VM_UID {raw!r}: use a uid other than 0 and 4294967295")
+        return uid
+    base, count = hostmod.idmap_config()
+    return base + count
 
 
 def _id_maps(spec: Spec, h: hostmod.Host) -> tuple[tuple[p.IdMap, ...], tuple[p.IdMap, ...]]:

@@ -241,12 +241,13 @@ class Vm:
     skeleton: str
     binds: tuple[tuple[str, str], ...]
     rwsize: int  # bytes of the guest's RAM overlay
+    jail_id: int  # the unprivileged uid and gid QEMU runs as (silo.backends.vm.machine._jail)
 
 
 def _vm_from_wire(untrusted: Any) -> Vm:
-    kernel, initramfs, accel, memory, cpus, skeleton, binds, rwsize = untrusted
+    kernel, initramfs, accel, memory, cpus, skeleton, binds, rwsize, jail_id = untrusted
     return Vm(str(kernel), str(initramfs), str(accel), int(memory), int(cpus), str(skeleton),
-              tuple((str(name), str(source)) for name, source in binds), int(rwsize))
+              tuple((str(name), str(source)) for name, source in binds), int(rwsize), int(jail_id))
 
 
 @dataclass(frozen=True)

@@ -112,8 +112,16 @@ def _choice(cls: type[_E], untrusted: str, what: str) -> _E:
         raise SpecError(f"unknown {what} {untrusted!r}: use one of {values}") from None
 
 
+VM_WORKSPACES_MISSING = ("workspaces at isolation 'vm' are not available yet: use 'process' "
+                         "('silo run --isolation vm' runs one-shot commands in a VM)")
+
+
 def parse_isolation(untrusted: str) -> Isolation:
-    return _choice(Isolation, untrusted, "isolation")
+    """A workspace's isolation (checked here, so a spec file's error points at the value)."""
+    isolation = _choice(Isolation, untrusted, "isolation")
+    if isolation is Isolation.VM:
+        raise SpecError(VM_WORKSPACES_MISSING)
+    return isolation
 
 
 class RestartPolicy(enum.Enum):
@@ -200,8 +208,7 @@ class WorkspaceSpec:
     def __post_init__(self) -> None:
         parse_name(self.name)
         if self.isolation is Isolation.VM:
-            raise SpecError("workspaces at isolation 'vm' are not available yet: use 'process' "
-                            "('silo run --isolation vm' runs one-shot commands in a VM)")
+            raise SpecError(VM_WORKSPACES_MISSING)
         for link in self.network.links:
             parse_name(link, "linked workspace")
         if self.name in self.network.links:

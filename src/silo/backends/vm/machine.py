@@ -135,24 +135,6 @@ PR_SET_NO_NEW_PRIVS = 38
 PR_CAPBSET_DROP = 24
 
 
-def qemu_ids() -> tuple[int, int]:
-    """The unprivileged uid and gid QEMU runs as under a root daemon: ``SILO_VM_UID``, or
-    the id just above the range root-run sandboxes map to (see silo.engine.host)."""
-    from silo.engine import host as hostmod
-
-    raw = os.environ.get("SILO_VM_UID")
-    if raw:
-        try:
-            uid = int(raw)
-        except ValueError:
-            raise SiloError(f"bad SILO_VM_UID {raw!r}: use a number, like 1000065536") from None
-        if not 0 < uid < 2**32 - 1:
-            raise SiloError(f"bad SILO_VM_UID {raw!r}: it must not be 0")
-        return uid, uid
-    base, count = hostmod.idmap_config()
-    return base + count, base + count
-
-
 def _jail(vm: p.Vm, uid: int, gid: int) -> None:
     """In QEMU's child before exec (SECURITY.md #20): new mount, pid, network, IPC and UTS
     namespaces; a root holding only /usr (read-only), the kernel and initramfs
@@ -223,10 +205,8 @@ def start_qemu(vm: p.Vm, argv: Sequence[str], keep: Sequence[int], log: int) -> 
     """QEMU, jailed (:func:`_jail`) when we are root; ``argv`` names the kernel and
     initramfs by their jail paths then."""
     if os.geteuid() == 0:
-        uid, gid = qemu_ids()
-
         def setup() -> None:
-            _jail(vm, uid, gid)
+            _jail(vm, vm.jail_id, vm.jail_id)
     else:
         setup = _die_with_parent
     try:
