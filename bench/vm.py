@@ -35,10 +35,10 @@ def _raw_qemu(tmp: str) -> list[str]:
     h = hostmod.host()
     k = kernel.find("auto", h.cache_dir)
     image = kernel.bootable(k.image, h.cache_dir)
-    cpio = initramfs._Cpio()
+    cpio = initramfs.Cpio()
     for d in ("bin", "dev", "proc"):
         cpio.add(d, 0o040755)
-    cpio.add("bin/busybox", 0o100755, open(initramfs._busybox(), "rb").read())
+    cpio.add("bin/busybox", 0o100755, open(initramfs.busybox(), "rb").read())
     cpio.add("init", 0o100755, b"#!/bin/busybox sh\n/bin/busybox poweroff -f\n")
     path = os.path.join(tmp, "poweroff.cpio")
     with open(path, "wb") as f:

@@ -14,7 +14,7 @@ import select
 import subprocess
 import time
 
-from silo.backends.vm import machine
+from silo.backends.vm import cache, machine
 
 PROBE_TIMEOUT = 4.0  # a KVM boot to the initramfs takes well under a second
 
@@ -71,8 +71,5 @@ def choose(kernel: str, initramfs: str, cache_dir: str) -> str:
             return str(verdict)
     verdict = "kvm" if probe_kvm(kernel, initramfs) else "tcg"
     with contextlib.suppress(OSError):
-        tmp = f"{path}.{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump({"accel": verdict, "probed": time.time()}, f)
-        os.replace(tmp, path)
+        cache.publish(path, json.dumps({"accel": verdict, "probed": time.time()}).encode())
     return verdict

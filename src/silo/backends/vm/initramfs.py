@@ -13,11 +13,11 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 from silo import native
+from silo.backends.vm import cache
 from silo.model.errors import SiloError
 
 GUEST = Path(__file__).resolve().parent / "guest"
@@ -86,14 +86,14 @@ def module_order(modules_dir: Path, wanted: Iterable[str]) -> list[Path]:
     return order
 
 
-def _busybox() -> str:
+def busybox() -> str:
     for path in BUSYBOX:
         if os.path.isfile(path):
             return path
     raise SiloError("busybox is not installed: install Debian's busybox-static (make install does)")
 
 
-class _Cpio:
+class Cpio:
     """A ``newc`` archive writer."""
 
     def __init__(self) -> None:
@@ -119,7 +119,7 @@ def build(modules_dir: Path, cache_dir: str, release: str) -> str:
     built if missing or if any input changed."""
     mods = module_order(modules_dir, MODULES)
     agent = Path(native.built("silo-agent"))
-    inputs: list[Path] = [Path(_busybox()), GUEST / "init", agent, *mods]
+    inputs: list[Path] = [Path(busybox()), GUEST / "init", agent, *mods]
     h = hashlib.sha256(FORMAT.encode() + release.encode())
     for path in inputs:
         st = path.stat()
@@ -130,11 +130,11 @@ def build(modules_dir: Path, cache_dir: str, release: str) -> str:
     if os.path.exists(target):
         return target
     os.makedirs(base, mode=0o755, exist_ok=True)
-    cpio = _Cpio()
+    cpio = Cpio()
     for d in ("bin", "dev", "proc", "sys", "lib", "lib/silo"):
         cpio.add(d, stat.S_IFDIR | 0o755)
     cpio.add("dev/console", stat.S_IFCHR | 0o600)  # rdev set below is not needed: devtmpfs replaces it
-    cpio.add("bin/busybox", stat.S_IFREG | 0o755, Path(_busybox()).read_bytes())
+    cpio.add("bin/busybox", stat.S_IFREG | 0o755, Path(busybox()).read_bytes())
     cpio.add("init", stat.S_IFREG | 0o755, (GUEST / "init").read_bytes())
     cpio.add("lib/silo/silo-agent", stat.S_IFREG | 0o755, agent.read_bytes())
     names = []
@@ -143,15 +143,7 @@ def build(modules_dir: Path, cache_dir: str, release: str) -> str:
         names.append(name)
         cpio.add(f"lib/silo/{name}.ko", stat.S_IFREG | 0o644, strip_signature(path.read_bytes()))
     cpio.add("lib/silo/modules", stat.S_IFREG | 0o644, ("\n".join(names) + "\n").encode())
-    fd, tmp = tempfile.mkstemp(prefix=".initramfs-", dir=base)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(cpio.finish())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    cache.publish(target, cpio.finish())
     for old in os.listdir(base):  # earlier builds
         if old.startswith("initramfs-") and old != os.path.basename(target):
             try:

@@ -19,7 +19,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from silo.backends.vm import initramfs
+from silo.backends.vm import cache, initramfs
 from silo.model.errors import SiloError, SpecError
 
 PACKAGE = "linux-image-cloud-amd64"
@@ -135,7 +135,7 @@ def fetch(cache_dir: str) -> Kernel:
         shutil.copy(image, os.path.join(out, "vmlinuz"))
         elf = pvh_elf(image)
         if elf is not None:
-            _write(os.path.join(out, "vmlinux"), elf)
+            cache.publish(os.path.join(out, "vmlinux"), elf)
         for name in ("modules.builtin", "modules.order"):
             if (modules / name).exists():
                 shutil.copy(modules / name, os.path.join(out, "modules", name))
@@ -196,18 +196,6 @@ def pvh_elf(image: str) -> bytes | None:
     return None
 
 
-def _write(path: str, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".vmlinux-", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def bootable(image: str, cache_dir: str) -> str:
     """What QEMU boots for ``image``: its uncompressed ELF when the kernel has a PVH entry
     (the guest then skips decompressing itself, about half a second under TCG), else the
@@ -231,5 +219,5 @@ def bootable(image: str, cache_dir: str) -> str:
         with open(no_pvh, "w"):
             pass
         return image
-    _write(target, elf)
+    cache.publish(target, elf)
     return target

@@ -27,6 +27,9 @@ VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
 PR_SET_PDEATHSIG = 1
 VIEW_PARENT = "/tmp"  # in virtiofsd's own mount namespace only
 VIEW = "/tmp/view"
+JAIL_ROOT = "/tmp/jail"  # in QEMU's own mount namespace only
+JAIL_KERNEL = "/vm/kernel"  # the files as QEMU sees them in its jail
+JAIL_INITRAMFS = "/vm/initramfs"
 # Kernel options that shorten a boot under TCG: no hardware to probe, no checks to run.
 CMDLINE = ("console=ttyS0 quiet loglevel=1 panic=-1 reboot=t i8042.noaux i8042.nomux i8042.nopnp "
            "i8042.dumbkbd noreplace-smp cryptomgr.notests rcupdate.rcu_expedited=1 "
@@ -61,9 +64,9 @@ def tsc_khz() -> int | None:
 
 
 def qemu_argv(vm: p.Vm, *, agent_fd: int, qmp_fd: int, vfs_fd: int, console_fd: int,
-              extra_cmdline: str = "", kernel: str | None = None, initramfs: str | None = None) -> list[str]:
-    """QEMU's command line; ``kernel`` and ``initramfs`` name the files as QEMU sees them
-    (inside its jail: :data:`JAIL_KERNEL`, :data:`JAIL_INITRAMFS`)."""
+              extra_cmdline: str = "") -> list[str]:
+    """QEMU's command line, naming the kernel and initramfs as QEMU sees them in its jail
+    (:data:`JAIL_KERNEL`, :data:`JAIL_INITRAMFS`)."""
     mem = f"{vm.memory}M"
     cmdline = CMDLINE
     if os.environ.get("SILO_VM_DEBUG"):
@@ -82,7 +85,7 @@ def qemu_argv(vm: p.Vm, *, agent_fd: int, qmp_fd: int, vfs_fd: int, console_fd: 
         "-object", f"memory-backend-memfd,id=mem,size={mem},share=on", "-numa", "node,memdev=mem",
         "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
         "-global", "virtio-mmio.force-legacy=false",
-        "-kernel", kernel or vm.kernel, "-initrd", initramfs or vm.initramfs,
+        "-kernel", JAIL_KERNEL, "-initrd", JAIL_INITRAMFS,
         "-append", f"{cmdline} silo.rwsize={vm.rwsize} {extra_cmdline}".strip(),
         "-serial", f"file:/dev/fd/{console_fd}", "-no-reboot",
         "-chardev", f"socket,id=vfs,fd={vfs_fd}",
@@ -126,9 +129,6 @@ def start_virtiofsd(vm: p.Vm, listen_fd: int, log: int) -> subprocess.Popen[byte
                         "(make install does)") from None
 
 
-JAIL_KERNEL = "/vm/kernel"
-JAIL_INITRAMFS = "/vm/initramfs"
-JAIL_ROOT = "/tmp/jail"  # in QEMU's own mount namespace only
 _SYS_PIVOT_ROOT = 155
 _MNT_DETACH = 2
 PR_SET_NO_NEW_PRIVS = 38
@@ -202,13 +202,11 @@ def _jail(vm: p.Vm, uid: int, gid: int) -> None:
 
 
 def start_qemu(vm: p.Vm, argv: Sequence[str], keep: Sequence[int], log: int) -> subprocess.Popen[bytes]:
-    """QEMU, jailed (:func:`_jail`) when we are root; ``argv`` names the kernel and
-    initramfs by their jail paths then."""
-    if os.geteuid() == 0:
-        def setup() -> None:
-            _jail(vm, vm.jail_id, vm.jail_id)
-    else:
-        setup = _die_with_parent
+    """QEMU, jailed (:func:`_jail`; the vm level runs only as root, see the planner)."""
+
+    def setup() -> None:
+        _jail(vm, vm.jail_id, vm.jail_id)
+
     try:
         return subprocess.Popen(list(argv), pass_fds=tuple(keep), preexec_fn=setup,
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)

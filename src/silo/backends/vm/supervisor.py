@@ -87,10 +87,7 @@ class Run:
         host_qmp, guest_qmp = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.agent, self.qmp = host_agent, host_qmp
         keep = (guest_agent.fileno(), guest_qmp.fileno(), vfs.fileno(), self.console)
-        jailed = os.geteuid() == 0
-        argv = machine.qemu_argv(self.vm, agent_fd=keep[0], qmp_fd=keep[1], vfs_fd=keep[2], console_fd=keep[3],
-                                 kernel=machine.JAIL_KERNEL if jailed else None,
-                                 initramfs=machine.JAIL_INITRAMFS if jailed else None)
+        argv = machine.qemu_argv(self.vm, agent_fd=keep[0], qmp_fd=keep[1], vfs_fd=keep[2], console_fd=keep[3])
         self.procs.append(machine.start_qemu(self.vm, argv, keep, self.console))
         for s in (guest_agent, guest_qmp, vfs):
             s.close()
