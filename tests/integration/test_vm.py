@@ -15,6 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from vmtools import nothing_left as _nothing_left
+from vmtools import pid_of as _pid_of
+from vmtools import vm_processes
+
 
 def _env(runtime_dir: str) -> dict[str, str]:
     return {**os.environ, "XDG_RUNTIME_DIR": runtime_dir}
@@ -32,33 +36,6 @@ def vm_runtime(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-unt
 def _run(silo_cli: list[str], runtime: str, *args: str, input: bytes = b"", timeout: float = 120):  # type: ignore[no-untyped-def]
     return subprocess.run([*silo_cli, "run", "--isolation", "vm", *args], env=_env(runtime), input=input,
                           capture_output=True, timeout=timeout, check=False)
-
-
-def _vm_processes() -> list[str]:
-    """QEMU and virtiofsd processes (none run on the test machines but silo's)."""
-    out = subprocess.run(["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True, check=True).stdout
-    return [line for line in out.splitlines() if "qemu-system" in line or "virtiofsd" in line]
-
-
-def _vm_cgroups() -> list[str]:
-    return glob.glob("/sys/fs/cgroup/*/silo/vm-*") + glob.glob("/sys/fs/cgroup/silo/vm-*")
-
-
-def _nothing_left() -> None:
-    deadline = time.monotonic() + 10
-    while (_vm_processes() or _vm_cgroups()) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert (_vm_processes(), _vm_cgroups()) == ([], [])
-
-
-def _pid_of(program: str) -> int:
-    """The pid of the one ``program`` process whose parent is not one too (virtiofsd
-    forks its own sandbox; QEMU runs under the jail's process in between)."""
-    rows = [line.split(None, 2) for line in _vm_processes()]
-    pids = {int(pid) for pid, _, args in rows if program in args.split()[0]}
-    top = [pid for pid, ppid, args in rows if program in args.split()[0] and int(ppid) not in pids]
-    assert len(top) == 1, rows
-    return int(top[0])
 
 
 def _started(silo_cli: list[str], runtime: str) -> subprocess.Popen[bytes]:
@@ -180,4 +157,4 @@ def test_what_the_vm_level_lacks_yet_is_refused(silo_cli: list[str], vm_runtime:
     assert cp.returncode == 125
     assert cp.stderr.decode().splitlines() == [
         f"silo: {named} with --isolation vm is not available yet: drop it, or use --isolation process"]
-    assert _vm_processes() == []
+    assert vm_processes() == []

@@ -24,7 +24,7 @@ def test_an_oversized_frame_is_refused_before_its_payload_arrives() -> None:
         reader.feed(struct.pack(">IBI", P.MAX_PAYLOAD + 1, P.STDOUT, 1))
 
 
-@pytest.mark.parametrize("kind", [0, 13, 255])
+@pytest.mark.parametrize("kind", [0, 14, 255])
 def test_an_unknown_kind_is_refused(kind: int) -> None:
     with pytest.raises(P.ProtocolError, match=f"unknown frame kind {kind}"):
         P.Reader().feed(struct.pack(">IBI", 0, kind, 1))
@@ -68,3 +68,27 @@ def test_an_exec_request_that_the_agent_could_misread_is_not_built(argv: list[by
                                                                    cwd: bytes) -> None:
     with pytest.raises(ValueError):
         P.exec_request(1, argv, env, cwd, 0, 0, False, 0, 0)
+
+
+def test_an_identity_carries_hostname_machine_id_and_seed() -> None:
+    seed = bytes(range(64))
+    data = P.identity(b"box-1", b"0123456789abcdef0123456789abcdef", seed)
+    length, kind, channel = P.HEADER.unpack_from(data)
+    payload = data[P.HEADER.size:]
+    assert (kind, channel, length) == (P.IDENTITY, 0, len(payload))
+    assert payload == b"\x05box-1" + b"0123456789abcdef0123456789abcdef" + seed
+
+
+@pytest.mark.parametrize(("hostname", "machine_id", "seed", "message"), [
+    (b"", b"0" * 32, b"s" * 16, "bad hostname"),
+    (b"a" * 64, b"0" * 32, b"s" * 16, "bad hostname"),
+    (b"a b", b"0" * 32, b"s" * 16, "bad hostname"),
+    (b"box", b"0" * 31, b"s" * 16, "machine-id"),
+    (b"box", b"G" * 32, b"s" * 16, "machine-id"),
+    (b"box", b"0" * 32, b"s" * 15, "RNG seed"),
+    (b"box", b"0" * 32, b"s" * 513, "RNG seed"),
+])
+def test_an_identity_the_agent_would_refuse_is_not_built(hostname: bytes, machine_id: bytes, seed: bytes,
+                                                          message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        P.identity(hostname, machine_id, seed)

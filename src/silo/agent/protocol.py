@@ -1,4 +1,4 @@
-"""The host-guest agent protocol, version 2: the host's side (silo.backends.vm) of what the
+"""The host-guest agent protocol, version 3: the host's side (silo.backends.vm) of what the
 guest agent (``silo-agent``, src/silo/native/agent.c) speaks.
 
 A byte stream (virtio-serial, or vsock where the host has it) carries frames::
@@ -21,20 +21,25 @@ untrusted (SECURITY.md #19).
     SIGNAL ch  u8 signal                        ERROR ch  u32 code, UTF-8 message
     WINSIZE ch  u16 rows, u16 cols
     SHUTDOWN 0  (empty; the guest powers off)
+    IDENTITY 0  u8 n, hostname (n bytes), machine-id
+                (32 hex digits), RNG seed (the rest,
+                16-512 bytes): set before a run's EXEC
 """
 
 from __future__ import annotations
 
 import struct
 
-VERSION = 2
+VERSION = 3
 MAX_PAYLOAD = 1 << 20  # a frame's payload; stdio is sent in chunks of at most CHUNK
 CHUNK = 64 << 10
 HEADER = struct.Struct(">IBI")
 MAX_ERROR = 2000  # bytes of an ERROR's message the host keeps
 
-HELLO, EXEC, STARTED, STDIN, STDOUT, STDERR, CLOSE, SIGNAL, WINSIZE, EXIT, ERROR, SHUTDOWN = range(1, 13)
-KINDS = frozenset(range(1, 13))
+(HELLO, EXEC, STARTED, STDIN, STDOUT, STDERR, CLOSE, SIGNAL, WINSIZE, EXIT, ERROR, SHUTDOWN,
+ IDENTITY) = range(1, 14)
+KINDS = frozenset(range(1, 14))
+SEED_MIN, SEED_MAX = 16, 512
 
 _EXEC = struct.Struct(">IIHHBII")
 _U32 = struct.Struct(">I")
@@ -102,6 +107,22 @@ def winsize(channel: int, rows: int, cols: int) -> bytes:
 
 def shutdown() -> bytes:
     return frame(SHUTDOWN, 0)
+
+
+def identity(hostname: bytes, machine_id: bytes, seed: bytes) -> bytes:
+    """The guest's identity for one run: its hostname (also ``/etc/hostname`` and
+    ``/etc/hosts``), ``/etc/machine-id`` and bytes credited to its RNG. A pooled VM was
+    booted before anybody asked for it; this makes it a machine of its own."""
+    if not 0 < len(hostname) < 64 or not all(c in _HOSTNAME for c in hostname):
+        raise ValueError(f"bad hostname {hostname!r}")
+    if len(machine_id) != 32 or not all(c in b"0123456789abcdef" for c in machine_id):
+        raise ValueError("a machine-id is 32 lowercase hex digits")
+    if not SEED_MIN <= len(seed) <= SEED_MAX:
+        raise ValueError(f"an RNG seed is {SEED_MIN} to {SEED_MAX} bytes")
+    return frame(IDENTITY, 0, bytes([len(hostname)]) + hostname + machine_id + seed)
+
+
+_HOSTNAME = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.")
 
 
 # guest -> host (untrusted) -----------------------------------------------------------

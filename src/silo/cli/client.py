@@ -105,6 +105,10 @@ def _connect(token: str) -> _socket.socket:
         time.sleep(0.005)
 
 
+# For the full CLI's verbs that talk to the server (silo pool).
+connect_server, send, recv = _connect, _send, _recv
+
+
 def _run(argv: list[str]) -> None:
     sock = _connect(paths.code_token())
     env = dict(os.environ)

@@ -38,6 +38,8 @@ workspaces (kept by the silod daemon, started on first use):
   completion bash | zsh: print a shell completion script
 
   kernel     fetch | show: the guest kernel of the vm level (Debian's cloud kernel)
+  pool       set --isolation vm --size N [--memory SIZE] [--cpus N] | show:
+             keep N booted VMs ready, so 'silo run --isolation vm' skips the boot
 
   version    print silo's version
 """
@@ -140,6 +142,60 @@ def cmd_kernel(argv: list[str]) -> None:
     print(f"guest kernel {found.release}: {found.image}")
 
 
+def cmd_pool(argv: list[str]) -> None:
+    import argparse
+
+    from silo.cli import client
+    from silo.engine import paths
+
+    if argv in ([], ["show"]):
+        message: tuple[object, ...] = ("pool", 1, "show")
+    elif argv[:1] == ["set"]:
+        ps = argparse.ArgumentParser(prog="silo pool set", exit_on_error=False, add_help=False)
+        ps.add_argument("--isolation")
+        ps.add_argument("--size")
+        for name in ("--memory", "--cpus", "--tmpfs-size"):
+            ps.add_argument(name)
+        try:
+            ns, rest = ps.parse_known_args(argv[1:])
+        except argparse.ArgumentError as e:
+            _fail(f"silo pool set: {e}", EXIT_BAD_INPUT)
+        if rest:
+            _fail(f"silo pool set takes --isolation, --size, --memory, --cpus and --tmpfs-size, not {rest[0]!r}",
+                  EXIT_BAD_INPUT)
+        if ns.isolation is None or ns.size is None:
+            _fail("silo pool set needs --isolation vm and --size N", EXIT_BAD_INPUT)
+        if not ns.size.isdigit():
+            _fail(f"bad pool size {ns.size!r}: give a number of VMs, 0 to drop the pool", EXIT_BAD_INPUT)
+        options = ["--isolation", ns.isolation]
+        for name in ("memory", "cpus", "tmpfs_size"):
+            if getattr(ns, name) is not None:
+                options += [f"--{name.replace('_', '-')}", getattr(ns, name)]
+        message = ("pool", 1, "set", options, int(ns.size))
+    else:
+        _fail("usage: silo pool set --isolation vm --size N [--memory SIZE] [--cpus N] [--tmpfs-size SIZE] "
+              "| silo pool show", EXIT_BAD_INPUT)
+    sock = client.connect_server(paths.code_token())
+    try:
+        client.send(sock, message)
+        reply = client.recv(sock)
+    finally:
+        sock.close()
+    if reply is None:
+        _fail("silo's server went away", 9)
+    if reply[0] == "error":
+        from silo.model.errors import error_from_wire
+
+        refused = error_from_wire(reply[2])
+        _fail(refused.message, refused.verb_exit_code)
+    rows = reply[2]
+    if not rows:
+        print("no pools")
+    for options, size, ready, booting, error in rows:
+        line = f"{' '.join(options)}: {size} kept, {ready} ready, {booting} booting"
+        print(line + (f" (last boot failed: {error})" if error else ""))
+
+
 def _workspaces(verb: str, argv: list[str]) -> int | None:
     from silo.cli import workspaces  # httpx and rich only for the verbs that need them
 
@@ -164,7 +220,7 @@ COMMAND_CODE_VERBS = ("run", "plan", "exec")
 
 COMMANDS: dict[str, Callable[[list[str]], int | None]] = {
     "run": cmd_run, "plan": cmd_plan, "diff": cmd_diff, "server": cmd_server, "completion": cmd_completion,
-    "kernel": cmd_kernel,
+    "kernel": cmd_kernel, "pool": cmd_pool,
     **{verb: functools.partial(_workspaces, verb) for verb in _WORKSPACE_VERBS},
 }
 

@@ -3,7 +3,12 @@
 ``silo run`` would otherwise pay for a fresh interpreter's imports on every call; the
 client (:mod:`silo.cli.client`) only forwards argv, cwd, environment and its stdio
 fds here. Started on demand by the client; exits after ``SILO_SERVER_IDLE`` seconds
-(default 60) without sandboxes, when its code changes, or on ``silo server stop``.
+(default 60) without sandboxes and without VM pools, when its code changes, or on
+``silo server stop``.
+
+It keeps the VM pools (``silo pool set``): their settings live in
+``<state dir>/pools.json``, so a server that starts (after a stop, a code change or a
+reboot) boots them again.
 
 Listens on ``<runtime dir>/spawner.sock`` (0600, in a 0711 directory); only peers
 with the same uid are served (checked with SO_PEERCRED before any message is read).
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import selectors
 import signal
@@ -25,7 +31,7 @@ from silo.cli.args import parse_run
 from silo.engine import host as hostmod
 from silo.engine import keep as keepmod
 from silo.engine import paths, planner
-from silo.model.errors import ProtocolError, SiloError
+from silo.model.errors import InternalError, ProtocolError, SiloError, SpecError
 from silo.model.spec import Isolation
 from silo.spawner.core import Connection, Spawner
 
@@ -41,6 +47,7 @@ class CliServer(Spawner):
         self.handlers["cli"] = self._on_cli
         self.handlers["hello"] = self._on_hello
         self.handlers["stop"] = self._on_stop
+        self.handlers["pool"] = self._on_pool
         self.extra_dispatch["accept"] = self._on_accept
         self.sel.register(listener, selectors.EVENT_READ, ("accept", None))
 
@@ -56,6 +63,7 @@ class CliServer(Spawner):
         self.listener.close()
         self.listener = None
         self.retired = True
+        self.drop_pools()  # the next server boots its own
         os.close(self.lock_fd)
         self.lock_fd = -1
 
@@ -110,6 +118,66 @@ class CliServer(Spawner):
         self.run_job(conn, job_id, plan, fds)
 
 
+    # VM pools -------------------------------------------------------------------------
+
+    def _on_pool(self, conn: Connection, message: tuple[Any, ...], fds: list[int]) -> None:
+        """``("pool", job, "show")`` or ``("pool", job, "set", options, size)``; the reply is
+        ``("pools", job, [(options, size, ready, booting, error), ...])``."""
+        if len(message) == 5 and message[2] == "set":
+            _, job_id, _, options, size = message
+            if not (isinstance(options, list) and all(isinstance(o, str) for o in options)
+                    and isinstance(size, int)):
+                raise ProtocolError("malformed pool request")
+            self.pool_set(tuple(options), size)
+            self._save_pools()
+        elif len(message) == 3 and message[2] == "show":
+            job_id = message[1]
+        else:
+            raise ProtocolError("malformed pool request")
+        conn.reply(("pools", job_id, [list(row) for row in self.pool_status()]))
+
+    def pool_set(self, options: tuple[str, ...], size: int) -> None:
+        if not 0 <= size <= 16:
+            raise SpecError(f"bad pool size {size}: give 0 (no pool) to 16")
+        req = parse_run([*options, "--", "true"], "/")
+        if req.spec.isolation is not Isolation.VM:
+            raise SpecError("pools are for --isolation vm (the process level keeps a warm sandbox "
+                            "by itself): add --isolation vm")
+        plan = planner.plan(req.spec, req.argv)
+        self.set_pool(plan, size, options)
+        self._refill_pools()  # booting from now, so `silo pool` shows it at once
+
+    def _save_pools(self) -> None:
+        path = os.path.join(paths.state_dir(), "pools.json")
+        rows = [{"options": list(options), "size": size} for options, size, *_ in self.pool_status()]
+        try:
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            tmp = f"{path}.{os.getpid()}"
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump({"pools": rows}, f)
+            os.replace(tmp, path)
+        except OSError as e:
+            raise InternalError(f"the pool is set, but cannot be saved to {path}: {e.strerror}; "
+                                "it lasts until the server stops") from None
+
+    def load_pools(self) -> None:
+        """Boot the pools the last ``silo pool set`` asked for; one that no longer plans
+        (a kernel gone) is reported in the server's log and left out."""
+        path = os.path.join(paths.state_dir(), "pools.json")
+        try:
+            with open(path, encoding="utf-8") as f:
+                rows = json.load(f)["pools"]
+            for row in rows:
+                try:
+                    self.pool_set(tuple(str(o) for o in row["options"]), int(row["size"]))
+                except SiloError as e:
+                    print(f"silo server: pool {' '.join(row['options'])}: {e.message}", file=sys.stderr)
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            print(f"silo server: cannot read {path}: {e}", file=sys.stderr)
+
+
 def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -137,6 +205,7 @@ def main() -> None:
     listener.setblocking(False)
     server = CliServer(listener, paths.code_token(), lock_fd, path)
     server.fill_netns_pool()
+    server.load_pools()
     idle = float(os.environ.get("SILO_SERVER_IDLE", "60"))
     try:
         server.loop(idle_exit=idle)

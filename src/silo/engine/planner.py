@@ -176,7 +176,7 @@ def _plan_vm(spec: Spec, argv: Sequence[str], term: str | None, tty: bool) -> p.
     image = kernel.bootable(k.image, h.cache_dir)
     vm = p.Vm(kernel=image, initramfs=ird, accel=accel.choose(image, ird, h.cache_dir), memory=memory,
               cpus=cpus, skeleton=hostmod.skeleton(), binds=binds, rwsize=spec.tmpfs_size,
-              jail_id=_qemu_id())
+              jail_id=_qemu_id(), hostname=spec.hostname)
     uid, gid = spec.user.uid, spec.user.gid
     process = p.Process(argv=tuple(argv), env=_environment(spec, uid, term), cwd=spec.workdir or "/",
                         uid=uid, gid=gid, rlimits=spec.rlimits)

@@ -242,12 +242,14 @@ class Vm:
     binds: tuple[tuple[str, str], ...]
     rwsize: int  # bytes of the guest's RAM overlay
     jail_id: int  # the unprivileged uid and gid QEMU runs as (silo.backends.vm.machine._jail)
+    hostname: str = "silo"  # given to the guest with each run (agent IDENTITY), not at boot
 
 
 def _vm_from_wire(untrusted: Any) -> Vm:
-    kernel, initramfs, accel, memory, cpus, skeleton, binds, rwsize, jail_id = untrusted
+    kernel, initramfs, accel, memory, cpus, skeleton, binds, rwsize, jail_id, hostname = untrusted
     return Vm(str(kernel), str(initramfs), str(accel), int(memory), int(cpus), str(skeleton),
-              tuple((str(name), str(source)) for name, source in binds), int(rwsize), int(jail_id))
+              tuple((str(name), str(source)) for name, source in binds), int(rwsize), int(jail_id),
+              str(hostname))
 
 
 @dataclass(frozen=True)

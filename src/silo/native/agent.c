@@ -4,7 +4,9 @@
  * host over the virtio-serial port named "silo.agent": it runs the commands the host
  * asks for (pipes or a pty, env, cwd, uid/gid), forwards signals to their process
  * groups, sets window sizes, reports exit codes once a command's output is all sent,
- * reaps every orphan, and powers the guest off when asked.
+ * reaps every orphan, takes the identity the host gives it (hostname, machine-id, RNG
+ * seed: a pooled VM was booted before anybody asked for it), and powers the guest off
+ * when asked.
  *
  * Static, so it runs in any guest root (the host's view, or an image with no libc of
  * ours), and starts in a millisecond where a Python agent took a second under TCG.
@@ -23,6 +25,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <linux/random.h>
 #include <sys/reboot.h>
 #include <sys/signalfd.h>
 #include <sys/stat.h>
@@ -31,7 +34,9 @@
 #include <unistd.h>
 #include <pty.h>
 
-#define VERSION 2
+#define VERSION 3
+#define SEED_MIN 16
+#define SEED_MAX 512
 #define MAX_PAYLOAD (1u << 20)
 #define CHUNK (64u << 10)
 #define HEADER 9
@@ -39,7 +44,7 @@
 #define OUTQ_HIGH (4u << 20)   /* stop reading commands' output above this */
 #define STDIN_HIGH (4u << 20)  /* stop reading the port while a command's stdin is this far behind */
 
-enum { HELLO = 1, EXEC, STARTED, STDIN_, STDOUT_, STDERR_, CLOSE, SIGNAL_, WINSIZE, EXIT_, ERROR_, SHUTDOWN };
+enum { HELLO = 1, EXEC, STARTED, STDIN_, STDOUT_, STDERR_, CLOSE, SIGNAL_, WINSIZE, EXIT_, ERROR_, SHUTDOWN, IDENTITY };
 
 struct buf {
     unsigned char *data;
@@ -368,6 +373,76 @@ out:
     free(argv);
 }
 
+static int write_file(const char *path, const char *data, size_t n)
+{
+    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0644);
+    if (fd < 0)
+        return -1;
+    ssize_t w = write(fd, data, n);
+    int saved = errno;
+    close(fd);
+    errno = saved;
+    return w == (ssize_t)n ? 0 : -1;
+}
+
+/* IDENTITY: u8 n, hostname (n), machine-id (32 hex digits), seed (the rest). */
+static void do_identity(const unsigned char *p, size_t n)
+{
+    if (n < 1 || n < 1u + p[0] + 32 + SEED_MIN || n > 1u + p[0] + 32 + SEED_MAX || p[0] == 0 || p[0] > 63) {
+        send_error(0, 125, "identity: bad layout");
+        return;
+    }
+    size_t hn = p[0];
+    char host[64], id[33], text[256];
+    memcpy(host, p + 1, hn);
+    host[hn] = 0;
+    memcpy(id, p + 1 + hn, 32);
+    id[32] = 0;
+    for (size_t i = 0; i < hn; i++)
+        if (!(host[i] == '-' || host[i] == '.' || (host[i] >= '0' && host[i] <= '9')
+              || ((host[i] | 32) >= 'a' && (host[i] | 32) <= 'z'))) {
+            send_error(0, 125, "identity: bad hostname");
+            return;
+        }
+    for (int i = 0; i < 32; i++)
+        if (!((id[i] >= '0' && id[i] <= '9') || (id[i] >= 'a' && id[i] <= 'f'))) {
+            send_error(0, 125, "identity: bad machine-id");
+            return;
+        }
+    const unsigned char *seed = p + 1 + hn + 32;
+    size_t sn = n - 1 - hn - 32;
+    struct { struct rand_pool_info info; unsigned char data[SEED_MAX]; } pool;
+    pool.info.entropy_count = sn * 8;
+    pool.info.buf_size = sn;
+    memcpy(pool.data, seed, sn);
+    int fd = open("/dev/urandom", O_WRONLY | O_CLOEXEC);
+    if (fd < 0 || ioctl(fd, RNDADDENTROPY, &pool.info) < 0) {
+        send_error(0, 125, "identity: cannot seed the RNG: %s", strerror(errno));
+        if (fd >= 0)
+            close(fd);
+        return;
+    }
+    close(fd);
+    memset(&pool, 0, sizeof pool);
+    if (sethostname(host, hn) < 0) {
+        send_error(0, 125, "identity: sethostname: %s", strerror(errno));
+        return;
+    }
+    int len = snprintf(text, sizeof text, "%s\n", host);
+    if (write_file("/etc/hostname", text, len) < 0) {
+        send_error(0, 125, "identity: /etc/hostname: %s", strerror(errno));
+        return;
+    }
+    len = snprintf(text, sizeof text, "127.0.0.1\tlocalhost\n127.0.1.1\t%s\n::1\tlocalhost ip6-localhost ip6-loopback\n", host);
+    if (write_file("/etc/hosts", text, len) < 0) {
+        send_error(0, 125, "identity: /etc/hosts: %s", strerror(errno));
+        return;
+    }
+    len = snprintf(text, sizeof text, "%s\n", id);
+    if (write_file("/etc/machine-id", text, len) < 0)
+        send_error(0, 125, "identity: /etc/machine-id: %s", strerror(errno));
+}
+
 static void handle(int kind, uint32_t channel, const unsigned char *p, size_t n)
 {
     struct job *j = find_job(channel);
@@ -408,6 +483,9 @@ static void handle(int kind, uint32_t channel, const unsigned char *p, size_t n)
             struct winsize ws = { .ws_row = p[0] << 8 | p[1], .ws_col = p[2] << 8 | p[3] };
             ioctl(j->out[0], TIOCSWINSZ, &ws);
         }
+        return;
+    case IDENTITY:
+        do_identity(p, n);
         return;
     case SHUTDOWN:
         sync();
@@ -484,6 +562,12 @@ static int open_port(void)
 
 int main(void)
 {
+    if (getpid() != 1) {
+        /* Started again inside the guest (it is on the guest's /.silo): it would take
+         * the host's port, and its errors power the machine off. */
+        fputs("silo-agent: runs only as the guest's PID 1\n", stderr);
+        return 2;
+    }
     sigset_t mask;
     sigemptyset(&mask);
     sigaddset(&mask, SIGCHLD);
@@ -545,7 +629,7 @@ int main(void)
                 while (inq.len >= HEADER) {
                     uint32_t len = get32(inq.data), channel = get32(inq.data + 5);
                     int kind = inq.data[4];
-                    if (kind < HELLO || kind > SHUTDOWN || len > MAX_PAYLOAD)
+                    if (kind < HELLO || kind > IDENTITY || len > MAX_PAYLOAD)
                         die("the host broke the protocol (kind %d, %u bytes)", kind, len);
                     if (inq.len < HEADER + len)
                         break;

@@ -18,6 +18,10 @@ work left on the caller's clock is the exec. Pool key: the plan's wire form with
 argv and env (everything else -- mounts, ids, limits, cwd, tty -- must match).
 One per key, at most ``WARM_MAX`` keys, dropped after ``WARM_IDLE`` seconds, with
 the connection that caused them (the SDK), or with the server (the CLI).
+
+VM pools (``silo pool set``): booted VMs of one machine shape, as many as asked, kept
+ready until a run of that shape takes one; the loop boots a replacement at once. A
+pooled VM runs one command and dies with it.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field, replace
 from typing import Any
 
 from silo import native
@@ -45,6 +49,7 @@ from silo.model.errors import (
     InternalError,
     ProtocolError,
     SiloError,
+    SpecError,
 )
 from silo.spawner import protocol
 from silo.sys import kernel as sysk
@@ -107,6 +112,32 @@ class Warm:
 
 VM_OVERHEAD = 384 << 20  # QEMU's and virtiofsd's own memory beside the guest's
 VM_PIDS = 512  # QEMU's vCPU and I/O threads, virtiofsd's thread pool (64) and the supervisor
+VM_READY = b"ready"  # a pooled VM's supervisor booted it (silo.backends.vm.supervisor)
+POOL_MAX = 16  # VMs in all pools together
+DYING_RETRY = 0.1  # seconds between attempts to remove a cgroup whose processes are still leaving
+POOL_BACKOFF = 60.0  # at most this long between boots of a pool whose VMs keep failing
+
+
+@dataclass
+class VmPool:
+    """Booted VMs of one machine shape for runs of that shape (``silo pool set``)."""
+
+    key: bytes
+    plan: p.Plan  # a plan of that shape (its command is never run)
+    size: int
+    options: tuple[str, ...]  # the options that asked for it, as the user gave them
+    vms: list[Warm] = field(default_factory=list)  # booting or ready, oldest first
+    ready: set[int] = field(default_factory=set)  # pids of the VMs that booted
+    failures: int = 0  # boots in a row that failed
+    retry_at: float = 0.0
+    last_error: str = ""
+
+
+def vm_key(plan: p.Plan) -> bytes:
+    """The pool key of a vm-level plan: its machine, less what each run sets (the
+    command, its identity and the hostname, sent with the hand-over)."""
+    assert plan.vm is not None
+    return marshal.dumps(astuple(replace(plan.vm, hostname="")))
 
 
 def warm_key(plan: p.Plan, wire: tuple[Any, ...]) -> bytes | None:
@@ -167,6 +198,8 @@ class Spawner:
         self._to_warm: dict[bytes, tuple[p.Plan, Connection]] = {}
         self._last_end: dict[bytes, float] = {}  # when the last run of a key ended
         self._devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        self.pools: dict[bytes, VmPool] = {}
+        self._dying: list[Any] = []  # cgroups whose processes had not left yet
 
     # connections -------------------------------------------------------------
 
@@ -261,7 +294,7 @@ class Spawner:
     def _launch(self, plan: p.Plan, stdio: tuple[int, int, int], warm: bool) -> tuple[launcher.Started, Any]:
         """Clone a sandbox of ``plan`` (in its own cgroup when it has limits)."""
         if plan.vm is not None:
-            return self._launch_vm(plan, stdio)
+            return self._launch_vm(plan, stdio, warm)
         proc = plan.process
         bpf = self._seccomp(proc.seccomp) if proc.harden and proc.seccomp != "unconfined" else None
         cgroup = None
@@ -299,10 +332,11 @@ class Spawner:
             self._keepers[started.pid] = keeper
         return started, cgroup
 
-    def _launch_vm(self, plan: p.Plan, stdio: tuple[int, int, int]) -> tuple[launcher.Started, Any]:
+    def _launch_vm(self, plan: p.Plan, stdio: tuple[int, int, int], warm: bool = False) -> tuple[launcher.Started, Any]:
         """Fork the VM's supervisor (silo.backends.vm.supervisor): the process tracked as
         the sandbox, whose exit code is the command's. It, QEMU and virtiofsd share a
-        cgroup: the guest's memory plus :data:`VM_OVERHEAD` for the two processes."""
+        cgroup: the guest's memory plus :data:`VM_OVERHEAD` for the two processes.
+        ``warm``: a pooled VM, which boots and then waits for its run."""
         assert plan.vm is not None
         cgroup = self._cgroup_manager().create(f"vm-{os.getpid()}-{next(self._seq)}",
                                                (plan.vm.memory << 20) + VM_OVERHEAD, None, VM_PIDS)
@@ -330,7 +364,7 @@ class Spawner:
                     signal.signal(sig, signal.SIG_DFL)
                 from silo.backends.vm import supervisor
 
-                code = supervisor.run(plan, (0, 1, 2), 3)
+                code = supervisor.run(plan, (0, 1, 2), 3, warm)
             finally:
                 os._exit(code)
         os.close(go_r)
@@ -362,7 +396,10 @@ class Spawner:
         stdio = (fds[0], fds[1], fds[2])
         key = warm_key(plan, wire if wire is not None else plan.to_wire())
         job = Job(conn, job_id, plan=plan, key=key)
-        got = self._go(key, plan, stdio) if key is not None else None
+        if plan.vm is not None:
+            got = self._go_vm(plan, stdio) if self.pools else None
+        else:
+            got = self._go(key, plan, stdio) if key is not None else None
         if got is not None:
             job.spare = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3) for fd in stdio]
         started, job.cgroup = got if got is not None else self._launch(plan, stdio, warm=False)
@@ -484,7 +521,23 @@ class Spawner:
         os.close(warm.started.pidfd)
         os.close(warm.started.err_fd)
         if warm.cgroup is not None:
-            warm.cgroup.destroy()
+            self._release_cgroup(warm.cgroup)
+
+    def _release_cgroup(self, cgroup: Any) -> None:
+        """Kill what is left in a finished sandbox's cgroup and remove it. A VM's QEMU
+        and virtiofsd die a moment after their supervisor (parent-death signal) and
+        free guest memory for a while: a cgroup still busy is retried by the loop."""
+        cgroup.kill()
+        cgroup.destroy()
+        if not cgroup.removed:
+            self._dying.append(cgroup)
+
+    def _retry_dying(self) -> None:
+        for cgroup in list(self._dying):
+            cgroup.kill()
+            cgroup.destroy()
+            if cgroup.removed:
+                self._dying.remove(cgroup)
 
     def _expire_warm(self) -> float | None:
         """Drop warm sandboxes idle for WARM_IDLE; seconds until the next expiry."""
@@ -518,6 +571,8 @@ class Spawner:
         if data == script.TAKEN and not fds and job.spare:
             self._taken(job)
             return
+        if data == VM_READY and not fds and job.spare:
+            return  # a pooled VM still booting when its run came: "taken" follows
         if data == b"pty" and len(fds) == 1 and job.plan is not None and job.plan.process.tty:
             # The pty master from the sandbox's own devpts, for the client to drive.
             if not job.conn.closed:
@@ -562,7 +617,7 @@ class Spawner:
                 self.sel.unregister(fd)
         if job.spare:  # a warm sandbox that died before it took the run
             if job.cgroup is not None:
-                job.cgroup.destroy()
+                self._release_cgroup(job.cgroup)
             del self.jobs[job.pid]
             self._restart_cold(job)
             return
@@ -575,7 +630,7 @@ class Spawner:
         if job.cgroup is not None:
             if job.reason is None:
                 job.reason = job.cgroup.limit_hit()
-            job.cgroup.destroy()
+            self._release_cgroup(job.cgroup)
         del self.jobs[job.pid]
         job.conn.jobs.pop(job.id, None)
         self.last_activity = time.monotonic()
@@ -599,6 +654,141 @@ class Spawner:
             if job is not None and job.reason is None:
                 job.reason = "timeout"
                 self._kill(job, signal.SIGKILL)
+
+    # VM pools ---------------------------------------------------------------------
+
+    def set_pool(self, plan: p.Plan, size: int, options: tuple[str, ...]) -> VmPool | None:
+        """Keep ``size`` booted VMs of ``plan``'s machine (0 drops the pool); the loop boots
+        what is missing. Returns the pool (None once dropped)."""
+        assert plan.vm is not None
+        key = vm_key(plan)
+        pool = self.pools.get(key)
+        others = sum(q.size for k, q in self.pools.items() if k != key)
+        if size and others + size > POOL_MAX:
+            raise SpecError(f"pools hold at most {POOL_MAX} VMs together ({others} are taken by other "
+                                "pools): ask for fewer")
+        if pool is None:
+            if not size:
+                return None
+            pool = self.pools[key] = VmPool(key, plan, size, options)
+        pool.size, pool.options, pool.failures, pool.retry_at = size, options, 0, 0.0
+        # Fewer: drop the ones still booting first, then the youngest.
+        extra = sorted(pool.vms, key=lambda w: (w.started.pid in pool.ready, -w.since))
+        for warm in extra[:max(0, len(pool.vms) - size)]:
+            self._drop_pooled(pool, warm)
+        if not size:
+            del self.pools[key]
+            return None
+        return pool
+
+    def pool_status(self) -> list[tuple[tuple[str, ...], int, int, int, str]]:
+        """``(options, size, ready, booting, last error)`` of each pool."""
+        return [(q.options, q.size, len(q.ready), len(q.vms) - len(q.ready), q.last_error)
+                for q in self.pools.values()]
+
+    def _refill_pools(self) -> float | None:
+        """Boot what the pools miss; the seconds until a pool in back-off may boot again."""
+        if self.retired or not self.running:
+            return None
+        now = time.monotonic()
+        wait = None
+        for pool in self.pools.values():
+            while len(pool.vms) < pool.size:
+                if now < pool.retry_at:
+                    wait = min(wait or POOL_BACKOFF, pool.retry_at - now)
+                    break
+                null = self._devnull
+                try:
+                    started, cgroup = self._launch_vm(pool.plan, (null, null, null), warm=True)
+                except SiloError as e:
+                    self._pool_failed(pool, e.message)
+                    continue
+                warm = Warm(pool.key, None, started, cgroup, now)
+                pool.vms.append(warm)
+                self.sel.register(started.pidfd, selectors.EVENT_READ, ("pooldead", (pool, warm)))
+                self.sel.register(started.err_fd, selectors.EVENT_READ, ("poolmsg", (pool, warm)))
+        return wait
+
+    def _pool_failed(self, pool: VmPool, why: str) -> None:
+        pool.failures += 1
+        pool.last_error = why
+        pool.retry_at = time.monotonic() + min(POOL_BACKOFF, 2.0 ** pool.failures)
+
+    def _on_pool_msg(self, item: tuple[VmPool, Warm]) -> None:
+        """A pooled VM booted (``ready``), or reported why it could not (then it exits)."""
+        pool, warm = item
+        data = b""
+        sock = socket.socket(fileno=os.dup(warm.started.err_fd))
+        try:
+            data, fds, _, _ = socket.recv_fds(sock, 65536, 1)
+            for fd in fds:
+                os.close(fd)
+        except OSError:
+            pass
+        finally:
+            sock.close()
+        if data == VM_READY:
+            pool.ready.add(warm.started.pid)
+            pool.failures, pool.last_error = 0, ""
+            return
+        if data:
+            err = script.native_error(data)
+            pool.last_error = err.message if err is not None else "the VM could not boot"
+        with contextlib.suppress(KeyError, ValueError):
+            self.sel.unregister(warm.started.err_fd)
+
+    def _on_pool_dead(self, item: tuple[VmPool, Warm]) -> None:
+        """A pooled VM ended before any run took it: a failed boot, or a kill."""
+        pool, warm = item
+        was_ready = warm.started.pid in pool.ready
+        self._drop_pooled(pool, warm)
+        if was_ready:  # a booted one that died (killed) is replaced at once
+            pool.last_error = ""
+        else:
+            self._pool_failed(pool, pool.last_error or "the VM stopped while it booted")
+
+    def _unwatch_pooled(self, pool: VmPool, warm: Warm) -> None:
+        with contextlib.suppress(ValueError):
+            pool.vms.remove(warm)
+        pool.ready.discard(warm.started.pid)
+        for fd in (warm.started.pidfd, warm.started.err_fd):
+            with contextlib.suppress(KeyError, ValueError):
+                self.sel.unregister(fd)
+
+    def _drop_pooled(self, pool: VmPool, warm: Warm) -> None:
+        self._unwatch_pooled(pool, warm)
+        self._reap_warm(warm)
+
+    def drop_pools(self) -> None:
+        for pool in list(self.pools.values()):
+            for warm in list(pool.vms):
+                self._drop_pooled(pool, warm)
+        self.pools.clear()
+
+    def _go_vm(self, plan: p.Plan, stdio: tuple[int, int, int]) -> tuple[launcher.Started, Any] | None:
+        """Hand a run to a pooled VM of its machine (a booted one first); None when the
+        pool is empty or the hand-over failed (the run then boots its own VM)."""
+        pool = self.pools.get(vm_key(plan))
+        if pool is None or not pool.vms:
+            return None
+        proc = plan.process
+        if any("\0" in s for s in (*proc.argv, proc.cwd)) or any("\0" in k + v for k, v in proc.env):
+            return None  # the cold path reports such a command
+        from silo.backends.vm.supervisor import handover
+
+        assert plan.vm is not None
+        warm = min(pool.vms, key=lambda w: (w.started.pid not in pool.ready, w.since))
+        self._unwatch_pooled(pool, warm)
+        sock = socket.socket(fileno=os.dup(warm.started.err_fd))
+        try:
+            socket.send_fds(sock, [handover(proc.argv, proc.env, proc.cwd, proc.uid, proc.gid,
+                                            plan.vm.hostname)], list(stdio))
+        except OSError:
+            self._reap_warm(warm)
+            return None
+        finally:
+            sock.close()
+        return warm.started, warm.cgroup
 
     # network namespace pool ------------------------------------------------------
 
@@ -633,7 +823,7 @@ class Spawner:
     def loop(self, idle_exit: float | None = None, stop_when_no_connections: bool = False) -> None:
         dispatch: dict[str, Callable[[Any], None]] = {
             "conn": self._on_conn, "exit": self._on_exit, "err": self._on_err, "limit": self._on_limit,
-            "warm": self._drop_warm,
+            "warm": self._drop_warm, "poolmsg": self._on_pool_msg, "pooldead": self._on_pool_dead,
         }
         dispatch.update(self.extra_dispatch)
         # Everything alive now (modules, code, caches) lives as long as we do: keep the
@@ -642,6 +832,13 @@ class Spawner:
         gc.freeze()
         while self.running:
             timeout = self._expire_warm()
+            if self.pools:
+                wait = self._refill_pools()
+                if wait is not None:
+                    timeout = wait if timeout is None else min(timeout, wait)
+            if self._dying:
+                self._retry_dying()
+                timeout = DYING_RETRY if timeout is None else min(timeout, DYING_RETRY)
             if self.timers:
                 until = max(0.0, self.timers[0][0] - time.monotonic())
                 timeout = until if timeout is None else min(timeout, until)
@@ -651,7 +848,7 @@ class Spawner:
                 # never between a reply and the request that usually follows it.
                 wait = 0.0 if self.jobs else 0.05
                 timeout = wait if timeout is None else min(timeout, wait)
-            if idle_exit is not None and not self.jobs:
+            if idle_exit is not None and not self.jobs and not self.pools:
                 remaining = self.last_activity + idle_exit - time.monotonic()
                 if remaining <= 0:
                     break
@@ -681,6 +878,7 @@ class Spawner:
 
     def shutdown(self) -> None:
         self._to_warm.clear()
+        self.drop_pools()
         for warm in list(self._warm.values()):
             self._drop_warm(warm)
         for job in list(self.jobs.values()):
@@ -699,6 +897,10 @@ class Spawner:
                     self._on_err(obj)
         for conn in list(self.connections):
             self.drop(conn)
+        deadline = time.monotonic() + 5
+        while self._dying and time.monotonic() < deadline:
+            time.sleep(DYING_RETRY)
+            self._retry_dying()
         for fd in self._netns:
             os.close(fd)
         self._netns.clear()

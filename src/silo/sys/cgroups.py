@@ -78,6 +78,10 @@ class Cgroup(Protocol):
     def destroy(self) -> None:
         """Close fds and remove the cgroup; idempotent; never raises for ENOENT."""
 
+    @property
+    def removed(self) -> bool:
+        """True once :meth:`destroy` removed it (it may stay busy while processes leave)."""
+
 
 class CgroupManager(Protocol):
     """Creates sandbox cgroups; one per process, chosen by :func:`open_manager`."""

@@ -89,6 +89,11 @@ class V1Cgroup:
         for path in self.dirs.values():
             c.kill_procs(f"{path}/cgroup.procs")
 
+    @property
+    def removed(self) -> bool:
+        """True once :meth:`destroy` removed it."""
+        return not self.dirs
+
     def destroy(self) -> None:
         """Close fds and remove every directory; idempotent, never raises for ENOENT."""
         fds = [fd for fd in (self._oom_fd, self._pids_fd) if fd is not None]

@@ -83,6 +83,11 @@ class V2Cgroup:
                     return
         c.kill_procs(f"{self.path}/cgroup.procs")
 
+    @property
+    def removed(self) -> bool:
+        """True once :meth:`destroy` removed it."""
+        return self._gone
+
     def destroy(self) -> None:
         """Close the event fd and remove the cgroup; idempotent, never raises for ENOENT."""
         c.close_fds(self._fds)
