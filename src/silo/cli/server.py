@@ -27,13 +27,14 @@ import sys
 import time
 from typing import Any
 
+from silo.backends.vm import cache
 from silo.cli.args import parse_run
 from silo.engine import host as hostmod
 from silo.engine import keep as keepmod
 from silo.engine import paths, planner
 from silo.model.errors import InternalError, ProtocolError, SiloError, SpecError
 from silo.model.spec import Isolation
-from silo.spawner.core import Connection, Spawner
+from silo.spawner.core import POOL_MAX, Connection, Spawner
 
 
 class CliServer(Spawner):
@@ -137,8 +138,8 @@ class CliServer(Spawner):
         conn.reply(("pools", job_id, [list(row) for row in self.pool_status()]))
 
     def pool_set(self, options: tuple[str, ...], size: int) -> None:
-        if not 0 <= size <= 16:
-            raise SpecError(f"bad pool size {size}: give 0 (no pool) to 16")
+        if not 0 <= size <= POOL_MAX:
+            raise SpecError(f"bad pool size {size}: give 0 (no pool) to {POOL_MAX}")
         req = parse_run([*options, "--", "true"], "/")
         if req.spec.isolation is not Isolation.VM:
             raise SpecError("pools are for --isolation vm (the process level keeps a warm sandbox "
@@ -152,10 +153,7 @@ class CliServer(Spawner):
         rows = [{"options": list(options), "size": size} for options, size, *_ in self.pool_status()]
         try:
             os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-            tmp = f"{path}.{os.getpid()}"
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump({"pools": rows}, f)
-            os.replace(tmp, path)
+            cache.publish(path, json.dumps({"pools": rows}).encode())
         except OSError as e:
             raise InternalError(f"the pool is set, but cannot be saved to {path}: {e.strerror}; "
                                 "it lasts until the server stops") from None

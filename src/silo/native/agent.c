@@ -603,7 +603,7 @@ static void must_mount(const char *src, const char *target, const char *type, un
 {
     if (mount(src, target, type, flags, data) < 0) {
         char what[256];
-        snprintf(what, sizeof what, "cannot mount %s on %s", type ? type : src, target);
+        snprintf(what, sizeof what, "cannot mount %s on %s", type ? type : src ? src : "(remount)", target);
         init_fail(what);
     }
 }

@@ -140,6 +140,13 @@ def vm_key(plan: p.Plan) -> bytes:
     return marshal.dumps(astuple(replace(plan.vm, hostname="")))
 
 
+def _remove(cgroup: Any) -> bool:
+    """Kill what is left in ``cgroup`` and remove it; False while it is still busy."""
+    cgroup.kill()
+    cgroup.destroy()
+    return bool(cgroup.removed)
+
+
 def warm_key(plan: p.Plan, wire: tuple[Any, ...]) -> bytes | None:
     """The pool key of a plan (its wire form without argv and env), or None when
     runs of it are not pooled: the app level (a fresh upper per run), no init, a pty."""
@@ -527,17 +534,11 @@ class Spawner:
         """Kill what is left in a finished sandbox's cgroup and remove it. A VM's QEMU
         and virtiofsd die a moment after their supervisor (parent-death signal) and
         free guest memory for a while: a cgroup still busy is retried by the loop."""
-        cgroup.kill()
-        cgroup.destroy()
-        if not cgroup.removed:
+        if not _remove(cgroup):
             self._dying.append(cgroup)
 
     def _retry_dying(self) -> None:
-        for cgroup in list(self._dying):
-            cgroup.kill()
-            cgroup.destroy()
-            if cgroup.removed:
-                self._dying.remove(cgroup)
+        self._dying = [cgroup for cgroup in self._dying if not _remove(cgroup)]
 
     def _expire_warm(self) -> float | None:
         """Drop warm sandboxes idle for WARM_IDLE; seconds until the next expiry."""
@@ -666,7 +667,7 @@ class Spawner:
         others = sum(q.size for k, q in self.pools.items() if k != key)
         if size and others + size > POOL_MAX:
             raise SpecError(f"pools hold at most {POOL_MAX} VMs together ({others} are taken by other "
-                                "pools): ask for fewer")
+                            "pools): ask for fewer")
         if pool is None:
             if not size:
                 return None

@@ -1,6 +1,6 @@
-"""Files in silo's VM cache (unpacked kernels, initramfs images, accelerator verdicts):
-each written whole or not at all, so a crash or a concurrent builder never leaves a
-half-written file under the name readers look for."""
+"""Files in silo's VM cache (unpacked kernels, initramfs images, accelerator verdicts)
+and the VM pools' settings (cli.server): each written whole or not at all, so a crash
+or a concurrent builder never leaves a half-written file under the name readers look for."""
 
 from __future__ import annotations
 

@@ -27,6 +27,7 @@ import marshal
 import os
 import signal
 import socket
+from collections.abc import Sequence
 from typing import Any
 
 from qemu.qmp import QMPClient, QMPError
@@ -71,23 +72,24 @@ def _console_tail(fd: int) -> str:
 class Command:
     """What one run asks of the guest: from the plan, or from the hand-over of a pooled VM."""
 
-    def __init__(self, argv: list[bytes], env: list[bytes], cwd: bytes, uid: int, gid: int,
+    def __init__(self, argv: Sequence[str], env: Sequence[tuple[str, str]], cwd: str, uid: int, gid: int,
                  hostname: str) -> None:
-        self.argv, self.env, self.cwd, self.uid, self.gid, self.hostname = argv, env, cwd, uid, gid, hostname
+        self.argv = [os.fsencode(a) for a in argv]
+        self.env = [os.fsencode(f"{k}={v}") for k, v in env]
+        self.cwd = os.fsencode(cwd)
+        self.uid, self.gid, self.hostname = int(uid), int(gid), str(hostname)
 
     @classmethod
     def of(cls, plan: p.Plan) -> Command:
         proc = plan.process
         assert plan.vm is not None
-        return cls([os.fsencode(a) for a in proc.argv], [os.fsencode(f"{k}={v}") for k, v in proc.env],
-                   os.fsencode(proc.cwd), proc.uid, proc.gid, plan.vm.hostname)
+        return cls(proc.argv, proc.env, proc.cwd, proc.uid, proc.gid, plan.vm.hostname)
 
     @classmethod
     def from_handover(cls, data: bytes) -> Command:
         """The spawner's hand-over message (same uid: trusted, but checked for shape)."""
         argv, env, cwd, uid, gid, hostname = marshal.loads(data)  # noqa: S302 - our own spawner
-        return cls([os.fsencode(a) for a in argv], [os.fsencode(f"{k}={v}") for k, v in env],
-                   os.fsencode(cwd), int(uid), int(gid), str(hostname))
+        return cls(argv, env, cwd, uid, gid, hostname)
 
 
 def handover(argv: tuple[str, ...], env: tuple[tuple[str, str], ...], cwd: str, uid: int, gid: int,
