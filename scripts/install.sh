@@ -36,9 +36,10 @@ APT_PACKAGES=(
     uidmap iproute2 util-linux procps
     # networks: nftables (libnftables' JSON API), pasta for rootless, iperf3 for make bench
     nftables libnftables1 passt iperf3
-    # the vm level: QEMU, virtiofsd (qemu-system-common), qemu-img, the guest's busybox,
-    # and dpkg-deb/apt-get download for 'silo kernel fetch'
-    qemu-system-x86 qemu-system-common qemu-utils busybox-static lz4 zstd
+    # the vm level: QEMU, virtiofsd (qemu-system-common), qemu-img, mkfs.ext4 for the
+    # workspaces' disks, busybox for the bench's raw-QEMU peer, and dpkg-deb/apt-get
+    # download for 'silo kernel fetch'
+    qemu-system-x86 qemu-system-common qemu-utils e2fsprogs busybox-static lz4 zstd
     # peers measured by `make bench`
     bubblewrap runc runsc firejail hyperfine
     # building native helpers

@@ -204,6 +204,21 @@ def test_from_dict_names_the_bad_key(data: dict[str, object], path: tuple[object
     _one_line(err)
 
 
+@pytest.mark.parametrize(("extra", "what"), [
+    ({"network": {"mode": "internet"}}, "a network"),
+    ({"mount": ["/a:/x"]}, "mounts"),
+    ({"root": "/srv/img"}, "root /srv/img"),
+    ({"limits": {"pids": 100}}, "a pids limit"),
+])
+def test_vm_workspaces_refuse_what_the_vm_level_lacks(extra: dict[str, object], what: str) -> None:
+    with pytest.raises(SpecError) as info:
+        WorkspaceSpec.from_dict({"name": "web", "isolation": "vm", **extra})
+    assert info.value.message.endswith(
+        f"a workspace at isolation 'vm' cannot have {what} yet: drop it, or use isolation 'process'")
+    _one_line(info.value)
+    assert WorkspaceSpec.from_dict({"name": "web", "isolation": "vm", "limits": {"memory": "1G", "cpus": 2}})
+
+
 def test_from_dict_refuses_non_tables() -> None:
     for data in ([], "name", None, 3):
         with pytest.raises(FieldError, match="must be a table"):

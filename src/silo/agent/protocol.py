@@ -20,7 +20,9 @@ untrusted (SECURITY.md #19).
     STDIN ch  bytes; CLOSE ch  u8 0             EXIT ch  u32 code (0-255)
     SIGNAL ch  u8 signal                        ERROR ch  u32 code, UTF-8 message
     WINSIZE ch  u16 rows, u16 cols
-    SHUTDOWN 0  (empty; the guest powers off)
+    SHUTDOWN 0  (empty: the guest powers off; or
+                u32 grace in ms: SIGTERM to all,
+                that long, SIGKILL, sync, power off)
     IDENTITY 0  u8 n, hostname (n bytes), machine-id
                 (32 hex digits), RNG seed (the rest,
                 16-512 bytes): set before a run's EXEC
@@ -105,8 +107,12 @@ def winsize(channel: int, rows: int, cols: int) -> bytes:
     return frame(WINSIZE, channel, _WINSIZE.pack(rows, cols))
 
 
-def shutdown() -> bytes:
-    return frame(SHUTDOWN, 0)
+def shutdown(grace_ms: int | None = None) -> bytes:
+    """Power the guest off; with ``grace_ms`` (a workspace's stop) its processes first
+    get SIGTERM and that long to end, then SIGKILL, then the disks are synced."""
+    if grace_ms is None:
+        return frame(SHUTDOWN, 0)
+    return frame(SHUTDOWN, 0, _U32.pack(max(0, min(grace_ms, 0xFFFFFFFF))))
 
 
 def identity(hostname: bytes, machine_id: bytes, seed: bytes) -> bytes:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
 import logging
 import os
 import signal
@@ -43,7 +44,7 @@ from silo.model.errors import (
     WorkspaceStateError,
 )
 from silo.model.network import NetworkPolicy
-from silo.model.spec import User
+from silo.model.spec import Isolation, Spec, User
 from silo.model.workspace import (
     RestartPolicy,
     State,
@@ -101,6 +102,18 @@ def _check_traversable(state_dir: str) -> None:
         if path == "/":
             return
         path = os.path.dirname(path)
+
+
+def _check_layer_level(spec: WorkspaceSpec, template: str, layers: Sequence[str]) -> None:
+    """A template's layers are disks (vm) or file trees (process): a workspace uses its own kind."""
+    from silo.backends.vm import disk
+
+    vm = spec.isolation is Isolation.VM
+    for layer in layers:
+        if os.path.isfile(os.path.join(layer, disk.DISK)) != vm:
+            made = "a VM workspace" if not vm else "a workspace at isolation 'process'"
+            raise SpecError(f"template {template!r} was made from {made}: its files cannot be the layers of a "
+                            f"workspace at isolation {spec.isolation.value!r}; use a template made at that level")
 
 
 class Manager:
@@ -204,7 +217,9 @@ class Manager:
         template = spec.template
         base = spec.root
         if template is not None:
-            base = self.template_of(peer, template).base
+            info = self.template_of(peer, template)
+            base = info.base
+            _check_layer_level(spec, template, info.layers)
         async with self.lock(spec.name):
             now = time.time()
             record = WorkspaceRecord(spec=spec, state=State.CREATED, created=now, updated=now,
@@ -247,11 +262,30 @@ class Manager:
     def _plan(self, record: WorkspaceRecord) -> p.Plan:
         stack = self.storage.stack(record.name)
         spec = record.spec.sandbox_spec(root=stack.base)
+        if record.spec.isolation is Isolation.VM:
+            return self._plan_vm(record, spec, stack)
         if record.spec.disposable:
             layers = planner.Layers(lowers=stack.lowers)
         else:
             layers = planner.Layers(upper=stack.upper, work=stack.work, lowers=stack.lowers)
         return planner.plan_workspace(spec, layers)
+
+    def _plan_vm(self, record: WorkspaceRecord, spec: Spec, stack: Any) -> p.Plan:
+        """A vm workspace's machine: its layers' disks (silo.backends.vm.disk) on the empty
+        base, its own upper's disk on top unless it is disposable (then the guest writes
+        to RAM, over the layers when it has any)."""
+        from silo.backends.vm import disk
+
+        try:
+            disks = disk.layer_disks(stack.lowers)
+            if not record.spec.disposable:
+                disks.append(disk.ensure_top(stack.upper))
+            if disks:
+                disks.insert(0, disk.empty_base(os.path.join(self.state_dir, "vm")))
+        except SiloError as e:
+            raise UserError(f"workspace {record.name!r}: {e.message}") from None
+        machine_id = hashlib.sha256(f"{record.name}\0{record.created!r}".encode()).hexdigest()[:32]
+        return planner.plan_vm_workspace(spec, disks, not record.spec.disposable, machine_id)
 
     async def start(self, peer: int, name: str) -> WorkspaceRecord:
         async with self.lock(name):
@@ -274,7 +308,10 @@ class Manager:
         keeper = await self._network_up(record) if plan.network is not None else None
         log_fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            proc = await self.runtime.start_init(name, plan, log_fd, keeper)
+            if plan.vm is not None:
+                proc = await self.runtime.start_vm(name, plan, log_fd)
+            else:
+                proc = await self.runtime.start_init(name, plan, log_fd, keeper)
         except BaseException as e:
             self._log(record, f"start failed: {getattr(e, 'message', e)}")
             if keeper is not None:
@@ -325,16 +362,30 @@ class Manager:
                 return
             del self.running[name]
             run.proc.close()
+            machine = run.proc.machine
+            if machine is not None:
+                machine.close()
             if run.proc.cgroup is not None:
                 run.proc.cgroup.kill()
                 run.proc.cgroup.destroy()
             await self._network_down(run)
             self._remove_pid(name)
+            state, why = State.STOPPED, f"its init exited with {code}"
+            if machine is not None:
+                broken, reason = machine.down or (True, f"its VM's supervisor exited with {code}")
+                if broken:
+                    state, why = State.BROKEN, (f"its VM stopped unexpectedly: {reason} (its disk keeps what the "
+                                                f"guest had written out); run 'silo stop {name}', then "
+                                                f"'silo start {name}'")
+                else:
+                    why = f"its VM stopped: {reason}"
             try:
-                record = self.store.transition(name, State.STOPPED, error=f"its init exited with {code}")
+                record = self.store.transition(name, state, error=why)
             except UserError:
                 return
-            self._log(record, f"init exited with {code}")
+            self._log(record, why)
+            if state is State.BROKEN:
+                return
         policy = record.spec.restart
         if policy is RestartPolicy.ALWAYS or (policy is RestartPolicy.ON_FAILURE and code != 0):
             healthy = time.time() - run.started > 60
@@ -629,8 +680,9 @@ class Manager:
 
     # -- files -----------------------------------------------------------------------
 
-    async def copier(self, peer: int, name: str, mode: str, path: str) -> tuple[asyncio.subprocess.Process, Any]:
-        """The copy helper joined to the workspace (see :mod:`silo.backends.process.copier`)."""
+    async def copier(self, peer: int, name: str, mode: str, path: str) -> tuple[Any, Any]:
+        """The copy helper joined to the workspace (see :mod:`silo.backends.process.copier`;
+        a vm workspace's runs in its guest: :mod:`silo.backends.vm.files`)."""
         from silo.backends.process import copier
 
         record = self.record(peer, name)
@@ -638,6 +690,13 @@ class Manager:
         if not path.startswith("/") or "\0" in path:
             raise SpecError(f"bad path {path!r} in the workspace: give an absolute path")
         run = self.running.get(name)
+        if record.spec.isolation is Isolation.VM:
+            from silo.backends.vm import files
+
+            if run is None:
+                raise WorkspaceStateError(f"cannot copy files to or from '{name}': it is a VM workspace that is "
+                                          f"not running (its disk is the guest's to read); run 'silo start {name}'")
+            return await files.start(mode, path, run.proc, run.plan, self.runtime), None
         plan = run.plan if run is not None else self._plan(record)
         return await copier.start(mode, path, run.proc if run is not None else None, plan, self.runtime)
 
@@ -696,7 +755,10 @@ class Manager:
             return new
 
     async def diff(self, peer: int, name: str) -> list[dict[str, str]]:
-        self.record(peer, name)
+        record = self.record(peer, name)
+        if record.spec.isolation is Isolation.VM:
+            raise UserError(f"'silo diff' does not read a VM workspace's disk (the host never mounts what its "
+                            f"guest wrote): look inside with 'silo exec {name} -- ...'")
         changes = await asyncio.to_thread(self.storage.diff, name)
         return [{"kind": c.kind, "path": c.path} for c in changes]
 

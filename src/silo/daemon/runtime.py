@@ -1,4 +1,9 @@
-"""The daemon's side of running process-level workspaces: start an init, join it, wait.
+"""The daemon's side of running workspaces: start an init, join it, wait.
+
+A process-level workspace's init is silo-init in its namespaces; a vm workspace's is its
+machine's supervisor (silo.backends.vm.workspace), and a command "joins" it by asking
+over the control socket (:class:`Machine`), so both look the same to the manager: a
+:class:`Process` with a pid, an ``exited`` future, ``signal`` and a pty.
 
 Everything here runs on the daemon's event-loop thread. That is a requirement, not a
 style: a workspace's init and every exec relay are children of the thread that spawned
@@ -11,14 +16,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import marshal
 import os
 import signal
 import socket
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 from silo import native
 from silo.backends.process import launcher, script
+from silo.model import errors
 from silo.model import plan as p
 from silo.model.errors import InternalError, SiloError
 
@@ -36,6 +45,7 @@ class Process:
     pty: int | None = None
     status: int | None = None
     exited: asyncio.Future[int] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    machine: Machine | None = None  # a vm workspace's init: its supervisor's control socket
 
     def signal(self, sig: int) -> None:
         if self.status is None:
@@ -49,6 +59,131 @@ class Process:
                     os.close(fd)
         self.err_fd = -1
         self.pty = None
+
+
+VM_STOP_EXTRA = 30.0  # seconds past a vm workspace's grace for its guest to sync and power off
+
+
+class Command(Process):
+    """A command in a vm workspace: its pid is the guest's, its signals go through the machine."""
+
+    def __init__(self, machine: Machine, ident: int) -> None:
+        super().__init__(pid=0, pidfd=-1, err_fd=-1)
+        self.target = machine
+        self.ident = ident
+        self.running: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def signal(self, sig: int) -> None:
+        if self.status is None:
+            self.target.send(("signal", self.ident, sig))
+
+
+class Machine:
+    """silod's end of a vm workspace's control socket (protocol: silo.backends.vm.workspace)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.commands: dict[int, Command] = {}
+        self.ids = itertools.count(1)
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.down: tuple[bool, str] | None = None  # (broken, reason), once the machine said so
+
+    def send(self, message: tuple[Any, ...], fds: list[int] | None = None) -> None:
+        with contextlib.suppress(OSError):
+            if fds:
+                socket.send_fds(self.sock, [marshal.dumps(message)], fds)
+            else:
+                self.sock.send(marshal.dumps(message))
+
+    def listen(self) -> None:
+        self.sock.setblocking(False)
+        asyncio.get_running_loop().add_reader(self.sock.fileno(), self._on_message)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+        self.sock.close()
+        self._end_all("the VM stopped")
+
+    def _end_all(self, why: str) -> None:
+        if not self.ready.done():
+            self.ready.set_exception(InternalError(f"the VM did not start: {why}"))
+            self.ready.exception()
+        for command in list(self.commands.values()):
+            self._ended(command, 137)
+
+    def _ended(self, command: Command, code: int) -> None:
+        self.commands.pop(command.ident, None)
+        command.status = code
+        if not command.running.done():
+            command.running.set_exception(InternalError("the VM stopped before the command started"))
+            command.running.exception()
+        if not command.exited.done():
+            command.exited.set_result(code)
+
+    def _on_message(self) -> None:
+        try:
+            data, fds, _, _ = socket.recv_fds(self.sock, 1 << 20, 1)
+        except BlockingIOError:
+            return
+        except OSError:
+            data, fds = b"", []
+        if not data:
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+            self._end_all(self.down[1] if self.down else "its supervisor ended")
+            return
+        try:
+            message = marshal.loads(data)  # noqa: S302 - our own supervisor, same uid
+        except (ValueError, EOFError, TypeError):
+            message = ("?",)
+        kind = message[0]
+        if kind == "ready" and not self.ready.done():
+            self.ready.set_result(None)
+        elif kind == "failed" and not self.ready.done():
+            self.ready.set_exception(_error(message[1], message[2]))
+            self.ready.exception()
+        elif kind == "down":
+            self.down = (bool(message[1]), str(message[2]))
+        elif kind in ("started", "exit", "error"):
+            command = self.commands.get(message[1])
+            if command is not None:
+                if kind == "started":
+                    command.pid = int(message[2])
+                    if fds:
+                        command.pty, fds = fds[0], fds[1:]
+                    if not command.running.done():
+                        command.running.set_result(None)
+                elif kind == "exit":
+                    self._ended(command, int(message[2]))
+                else:
+                    if not command.running.done():
+                        command.running.set_exception(_error(message[2], message[3]))
+                        command.running.exception()
+                    self._ended(command, 125)
+        for fd in fds:
+            os.close(fd)
+
+    async def run(self, plan: p.Plan, stdio: tuple[int, int, int]) -> Command:
+        proc = plan.process
+        command = Command(self, next(self.ids))
+        self.commands[command.ident] = command
+        rows, cols = proc.winsize
+        self.send(("exec", command.ident, list(proc.argv), list(proc.env), proc.cwd, proc.uid, proc.gid,
+                   proc.tty, rows, cols), list(stdio))
+        try:
+            await command.running
+        except BaseException:
+            if not command.exited.done():
+                command.signal(signal.SIGKILL)
+            raise
+        return command
+
+
+def _error(cls: str, message: str) -> SiloError:
+    kind = getattr(errors, str(cls), None)
+    if isinstance(kind, type) and issubclass(kind, SiloError):
+        return kind(str(message))
+    return InternalError(str(message))
 
 
 class Runtime:
@@ -128,9 +263,54 @@ class Runtime:
             os.close(null)
         return await self._running(started, cgroup)
 
+    async def start_vm(self, name: str, plan: p.Plan, log_fd: int) -> Process:
+        """Start a vm workspace's machine (its supervisor, in the workspace's cgroup with
+        the guest's memory and QEMU's own) and wait until its guest is up (or failed)."""
+        from silo.backends.vm import machine
+
+        assert plan.vm is not None
+        self.reclaim_cgroup(name)
+        cgroup = self.cgroups().create(self.cgroup_name(name), (plan.vm.memory << 20) + machine.VM_OVERHEAD,
+                                       None, machine.VM_PIDS)
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        null = os.open(DEVNULL, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            pid = os.posix_spawn(sys.executable, [sys.executable, "-I", "-m", "silo.backends.vm.workspace"],
+                                 os.environ, setsid=True,
+                                 file_actions=[(os.POSIX_SPAWN_DUP2, null, 0), (os.POSIX_SPAWN_DUP2, log_fd, 1),
+                                               (os.POSIX_SPAWN_DUP2, log_fd, 2),
+                                               (os.POSIX_SPAWN_DUP2, theirs.fileno(), 3)])
+        except OSError as e:
+            cgroup.destroy()
+            mine.close()
+            raise InternalError(f"cannot start the VM's supervisor: {e}") from None
+        finally:
+            os.close(null)
+            theirs.close()
+        proc = self._watch(launcher.Started(pid, os.pidfd_open(pid), os.dup(mine.fileno())), cgroup)
+        proc.machine = Machine(mine)
+        try:
+            cgroup.add(pid)
+            proc.machine.send(("plan", plan.to_wire()))
+            proc.machine.listen()
+            either: list[asyncio.Future[Any]] = [proc.machine.ready, proc.exited]
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+            if not proc.machine.ready.done():
+                raise InternalError("the VM's supervisor ended before its machine was up; see 'silo logs'")
+            proc.machine.ready.result()
+        except BaseException:
+            await self.kill(proc)
+            proc.machine.close()
+            cgroup.kill()
+            cgroup.destroy()
+            raise
+        return proc
+
     async def join(self, target: Process, plan: p.Plan, stdio: tuple[int, int, int]) -> Process:
         """Start ``plan``'s command in the workspace whose init is ``target``; returns
         once the command runs (or raises why it cannot)."""
+        if target.machine is not None:
+            return await target.machine.run(plan, stdio)
         try:
             started = launcher.join(target.pidfd, plan, stdio, self.init_fd, self.setup_fd,
                                     self.bpf(plan.process), target.cgroup)
@@ -211,13 +391,21 @@ class Runtime:
         return code
 
     async def stop(self, proc: Process, timeout: float) -> int:
-        """SIGTERM (silo-init passes it to every process of the workspace), then SIGKILL."""
-        proc.signal(signal.SIGTERM)
+        """SIGTERM (silo-init passes it to every process of the workspace), then SIGKILL.
+        A vm workspace's guest does the same inside, then syncs its disk and powers off:
+        it gets :data:`VM_STOP_EXTRA` beyond ``timeout`` for that."""
+        if proc.machine is not None:
+            proc.machine.send(("stop", int(timeout * 1000)))
+            timeout += VM_STOP_EXTRA
+        else:
+            proc.signal(signal.SIGTERM)
         try:
             code = await asyncio.wait_for(asyncio.shield(proc.exited), timeout)
         except TimeoutError:
             code = await self.kill(proc)
         proc.close()
+        if proc.machine is not None:
+            proc.machine.close()
         if proc.cgroup is not None:
             proc.cgroup.kill()
             proc.cgroup.destroy()

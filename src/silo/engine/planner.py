@@ -155,8 +155,29 @@ VM_MEMORY = 512 << 20  # guest RAM when no --memory is given
 def _plan_vm(spec: Spec, argv: Sequence[str], term: str | None, tty: bool) -> p.Plan:
     """A one-shot VM: the host's read-only system view over virtio-fs, a RAM overlay on it,
     the command run by the guest agent (silo.backends.vm)."""
-    from silo.backends.vm import accel, initramfs, kernel
+    _check_vm(spec, tty)
+    vm = _vm_machine(spec)
+    uid, gid = spec.user.uid, spec.user.gid
+    process = p.Process(argv=tuple(argv), env=_environment(spec, uid, term), cwd=spec.workdir or "/",
+                        uid=uid, gid=gid, rlimits=spec.rlimits)
+    return p.Plan(isolation="vm", namespaces=(), uid_map=(), gid_map=(), ops=(), process=process,
+                  timeout=spec.timeout, vm=vm)
 
+
+def plan_vm_workspace(spec: Spec, disks: Sequence[str], writable: bool, machine_id: str) -> p.Plan:
+    """The plan of a vm workspace's machine: a one-shot VM's, with the workspace's disk
+    chain (``disks``, bottom first; see silo.backends.vm.disk), ``writable`` when its top
+    is the guest's upper, and the machine-id it keeps. The process is what commands
+    joining it start from (env, cwd, user)."""
+    _check_vm(spec, False)
+    vm = replace(_vm_machine(spec), disks=tuple(disks), disk_writable=writable, machine_id=machine_id)
+    uid, gid = spec.user.uid, spec.user.gid
+    process = p.Process(argv=("/bin/sh",), env=_environment(spec, uid, None), cwd=spec.workdir or "/",
+                        uid=uid, gid=gid, rlimits=spec.rlimits)
+    return p.Plan(isolation="vm", namespaces=(), uid_map=(), gid_map=(), ops=(), process=process, vm=vm)
+
+
+def _check_vm(spec: Spec, tty: bool) -> None:
     missing = [what for what, asked in (
         ("-t (a terminal)", tty), ("--network", spec.network.enabled), ("-v (volumes)", bool(spec.mounts)),
         (f"--root {spec.root}", spec.root != "host"), ("--cap", bool(spec.caps)), ("--pids", spec.limits.pids),
@@ -164,24 +185,24 @@ def _plan_vm(spec: Spec, argv: Sequence[str], term: str | None, tty: bool) -> p.
     if missing:
         raise SpecError(f"{', '.join(missing)} with --isolation vm is not available yet: drop it, "
                         "or use --isolation process")
-    h = hostmod.host()
-    if not h.is_root:
+    if not hostmod.host().is_root:
         raise PrivilegeError("--isolation vm needs root for now (QEMU's jail and virtiofsd's view): "
                              "run as root, or use --isolation process")
+
+
+def _vm_machine(spec: Spec) -> p.Vm:
+    from silo.backends.vm import accel, initramfs, kernel
+
+    h = hostmod.host()
     k = kernel.find("auto", h.cache_dir)
     ird = initramfs.build(Path(k.modules), h.cache_dir, k.release)
     memory = max((spec.limits.memory or VM_MEMORY) >> 20, 128)
     cpus = max(1, math.ceil(spec.limits.cpus or 1))
     binds = tuple((name, "/" + name) for name, real in hostmod.system_dirs() if real)
     image = kernel.bootable(k.image, h.cache_dir)
-    vm = p.Vm(kernel=image, initramfs=ird, accel=accel.choose(image, ird, h.cache_dir), memory=memory,
-              cpus=cpus, skeleton=hostmod.skeleton(), binds=binds, rwsize=spec.tmpfs_size,
-              jail_id=_qemu_id(), hostname=spec.hostname)
-    uid, gid = spec.user.uid, spec.user.gid
-    process = p.Process(argv=tuple(argv), env=_environment(spec, uid, term), cwd=spec.workdir or "/",
-                        uid=uid, gid=gid, rlimits=spec.rlimits)
-    return p.Plan(isolation="vm", namespaces=(), uid_map=(), gid_map=(), ops=(), process=process,
-                  timeout=spec.timeout, vm=vm)
+    return p.Vm(kernel=image, initramfs=ird, accel=accel.choose(image, ird, h.cache_dir), memory=memory,
+                cpus=cpus, skeleton=hostmod.skeleton(), binds=binds, rwsize=spec.tmpfs_size,
+                jail_id=_qemu_id(), hostname=spec.hostname)
 
 
 def _qemu_id() -> int:

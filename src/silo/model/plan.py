@@ -243,13 +243,20 @@ class Vm:
     rwsize: int  # bytes of the guest's RAM overlay
     jail_id: int  # the unprivileged uid and gid QEMU runs as (silo.backends.vm.machine._jail)
     hostname: str = "silo"  # given to the guest with each run (agent IDENTITY), not at boot
+    # A workspace's disk chain (silo.backends.vm.disk), bottom first; the top is the
+    # guest's writable upper when ``disk_writable``, else the chain is a read-only layer
+    # under the RAM overlay (a disposable workspace on layers). Empty: RAM only.
+    disks: tuple[str, ...] = ()
+    disk_writable: bool = False
+    machine_id: str = ""  # 32 hex digits a workspace keeps across boots; empty: a new one each run
 
 
 def _vm_from_wire(untrusted: Any) -> Vm:
-    kernel, initramfs, accel, memory, cpus, skeleton, binds, rwsize, jail_id, hostname = untrusted
+    (kernel, initramfs, accel, memory, cpus, skeleton, binds, rwsize, jail_id, hostname, disks, disk_writable,
+     machine_id) = untrusted
     return Vm(str(kernel), str(initramfs), str(accel), int(memory), int(cpus), str(skeleton),
               tuple((str(name), str(source)) for name, source in binds), int(rwsize), int(jail_id),
-              str(hostname))
+              str(hostname), tuple(str(d) for d in disks), bool(disk_writable), str(machine_id))
 
 
 @dataclass(frozen=True)

@@ -112,16 +112,9 @@ def _choice(cls: type[_E], untrusted: str, what: str) -> _E:
         raise SpecError(f"unknown {what} {untrusted!r}: use one of {values}") from None
 
 
-VM_WORKSPACES_MISSING = ("workspaces at isolation 'vm' are not available yet: use 'process' "
-                         "('silo run --isolation vm' runs one-shot commands in a VM)")
-
-
 def parse_isolation(untrusted: str) -> Isolation:
     """A workspace's isolation (checked here, so a spec file's error points at the value)."""
-    isolation = _choice(Isolation, untrusted, "isolation")
-    if isolation is Isolation.VM:
-        raise SpecError(VM_WORKSPACES_MISSING)
-    return isolation
+    return _choice(Isolation, untrusted, "isolation")
 
 
 class RestartPolicy(enum.Enum):
@@ -208,7 +201,7 @@ class WorkspaceSpec:
     def __post_init__(self) -> None:
         parse_name(self.name)
         if self.isolation is Isolation.VM:
-            raise SpecError(VM_WORKSPACES_MISSING)
+            self._check_vm()
         for link in self.network.links:
             parse_name(link, "linked workspace")
         if self.name in self.network.links:
@@ -237,6 +230,15 @@ class WorkspaceSpec:
             parse_cpus(limits.cpus)
         if limits.pids is not None:
             parse_count(limits.pids, "pids limit")
+
+    def _check_vm(self) -> None:
+        missing = [what for what, asked in (
+            ("a network", self.network.enabled), ("mounts", bool(self.mounts)),
+            (f"root {self.root}", self.root.startswith("/")), ("a pids limit", self.limits.pids is not None),
+        ) if asked]
+        if missing:
+            raise SpecError(f"a workspace at isolation 'vm' cannot have {', '.join(missing)} yet: "
+                            "drop it, or use isolation 'process'")
 
     @property
     def template(self) -> str | None:

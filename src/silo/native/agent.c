@@ -452,6 +452,29 @@ static void do_identity(const unsigned char *p, size_t n)
         send_error(0, 125, "identity: /etc/machine-id: %s", strerror(errno));
 }
 
+/* A workspace's stop: SIGTERM to every process, up to grace_ms for them to go, then
+ * SIGKILL, so what they wrote is on the disk before the sync. */
+static void stop_all(uint32_t grace_ms)
+{
+    kill(-1, SIGTERM);
+    struct timespec start, now;
+    clock_gettime(CLOCK_MONOTONIC, &start);
+    for (;;) {
+        while (waitpid(-1, NULL, WNOHANG) > 0)
+            ;
+        if (waitpid(-1, NULL, WNOHANG) < 0 && errno == ECHILD)
+            return;
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        long ms = (now.tv_sec - start.tv_sec) * 1000 + (now.tv_nsec - start.tv_nsec) / 1000000;
+        if (ms >= (long)grace_ms)
+            break;
+        poll(NULL, 0, 10);
+    }
+    kill(-1, SIGKILL);
+    while (waitpid(-1, NULL, 0) > 0)
+        ;
+}
+
 static void handle(int kind, uint32_t channel, const unsigned char *p, size_t n)
 {
     struct job *j = find_job(channel);
@@ -497,6 +520,8 @@ static void handle(int kind, uint32_t channel, const unsigned char *p, size_t n)
         do_identity(p, n);
         return;
     case SHUTDOWN:
+        if (n == 4)
+            stop_all(get32(p));
         sync();
         reboot(RB_POWER_OFF);
         die("power off: %s", strerror(errno));
@@ -617,11 +642,11 @@ static void must_mkdir(const char *path, mode_t mode)
     }
 }
 
-static void load_modules(void)
+static void load_modules(const char *list_path)
 {
-    FILE *list = fopen("/lib/silo/modules", "re");
+    FILE *list = fopen(list_path, "re");
     if (!list)
-        init_fail("cannot read /lib/silo/modules");
+        init_fail("cannot read the module list");
     char name[128], path[256];
     while (fgets(name, sizeof name, list)) {
         name[strcspn(name, "\n")] = 0;
@@ -637,6 +662,27 @@ static void load_modules(void)
         close(fd);
     }
     fclose(list);
+}
+
+/* The workspace's disk (the first virtio-blk device): ext4 made by the host, holding
+ * upper/ and work/ of the root's overlay. Its node appears once virtio_blk has probed. */
+static void mount_disk(int writable)
+{
+    struct stat st;
+    for (int i = 0; stat("/dev/vda", &st) < 0; i++) {
+        if (i == 500)
+            init_fail("the workspace's disk (/dev/vda) did not appear");
+        poll(NULL, 0, 10);
+    }
+    must_mkdir("/disk", 0755);
+    if (writable)
+        must_mount("/dev/vda", "/disk", "ext4", MS_NOATIME, "errors=remount-ro");
+    else  /* shared layers: read as they are, no journal replay */
+        must_mount("/dev/vda", "/disk", "ext4", MS_RDONLY | MS_NOATIME, "noload");
+    if (writable) {
+        must_mkdir("/disk/upper", 0755);
+        must_mkdir("/disk/work", 0755);
+    }
 }
 
 static void copy_self(const char *to)
@@ -677,8 +723,11 @@ static void guest_init(void)
         init_fail("cannot mount /proc and /dev");
     /* Kernel command line: silo.root=host (the host's view over virtio-fs, read-only,
      * under a RAM overlay), silo.probe (answer the accelerator probe and power off),
-     * silo.rwsize=BYTES (the RAM overlay's size), silo.debug (time each step). */
-    char cmdline[4096] = "", root[32] = "host";
+     * silo.rwsize=BYTES (the RAM overlay's size), silo.disk=rw (the overlay's upper on
+     * the workspace's disk instead of RAM) or silo.disk=ro (the disk's files a read-only
+     * layer under the RAM overlay: a disposable workspace on layers), silo.debug (time
+     * each step). */
+    char cmdline[4096] = "", root[32] = "host", disk[8] = "";
     unsigned long long rwsize = 1ull << 30;
     int fd = open("/proc/cmdline", O_RDONLY | O_CLOEXEC);
     ssize_t n = fd >= 0 ? read(fd, cmdline, sizeof cmdline - 1) : -1;
@@ -696,12 +745,20 @@ static void guest_init(void)
         }
         if (!strncmp(arg, "silo.root=", 10))
             snprintf(root, sizeof root, "%s", arg + 10);
+        else if (!strncmp(arg, "silo.disk=", 10))
+            snprintf(disk, sizeof disk, "%s", arg + 10);
         else if (!strncmp(arg, "silo.rwsize=", 12))
             rwsize = strtoull(arg + 12, NULL, 10);
         else if (!strcmp(arg, "silo.debug"))
             debug_boot = 1;
     }
-    load_modules();
+    if (disk[0] && strcmp(disk, "rw") && strcmp(disk, "ro")) {
+        errno = EINVAL;
+        init_fail("unknown silo.disk");
+    }
+    load_modules("/lib/silo/modules");
+    if (disk[0])
+        load_modules("/lib/silo/modules.disk");
     mark("modules loaded");
     must_mkdir("/lower", 0755);
     must_mkdir("/rw", 0755);
@@ -712,12 +769,25 @@ static void guest_init(void)
     }
     must_mount("host", "/lower", "virtiofs", MS_RDONLY, NULL);
     mark("virtio-fs mounted");
-    char opts[128];
-    snprintf(opts, sizeof opts, "mode=0755,size=%llu", rwsize);
-    must_mount("rw", "/rw", "tmpfs", 0, opts);
-    must_mkdir("/rw/upper", 0755);
-    must_mkdir("/rw/work", 0755);
-    must_mount("root", "/newroot", "overlay", 0, "lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work");
+    if (disk[0]) {
+        mount_disk(!strcmp(disk, "rw"));
+        mark("disk mounted");
+    }
+    if (!strcmp(disk, "rw")) {
+        must_mount("root", "/newroot", "overlay", 0, "lowerdir=/lower,upperdir=/disk/upper,workdir=/disk/work");
+    } else {
+        char opts[128];
+        snprintf(opts, sizeof opts, "mode=0755,size=%llu", rwsize);
+        must_mount("rw", "/rw", "tmpfs", 0, opts);
+        must_mkdir("/rw/upper", 0755);
+        must_mkdir("/rw/work", 0755);
+        struct stat st;
+        if (disk[0] && stat("/disk/upper", &st) == 0)
+            must_mount("root", "/newroot", "overlay", 0,
+                       "lowerdir=/disk/upper:/lower,upperdir=/rw/upper,workdir=/rw/work");
+        else
+            must_mount("root", "/newroot", "overlay", 0, "lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work");
+    }
     static const char *const dirs[] = { "proc", "sys", "dev", "tmp", "run", ".silo" };
     char path[128];
     for (size_t i = 0; i < sizeof dirs / sizeof *dirs; i++) {

@@ -110,8 +110,6 @@ class Warm:
     since: float
 
 
-VM_OVERHEAD = 384 << 20  # QEMU's and virtiofsd's own memory beside the guest's
-VM_PIDS = 512  # QEMU's vCPU and I/O threads, virtiofsd's thread pool (64) and the supervisor
 VM_READY = b"ready"  # a pooled VM's supervisor booted it (silo.backends.vm.supervisor)
 POOL_MAX = 16  # VMs in all pools together
 DYING_RETRY = 0.1  # seconds between attempts to remove a cgroup whose processes are still leaving
@@ -342,11 +340,14 @@ class Spawner:
     def _launch_vm(self, plan: p.Plan, stdio: tuple[int, int, int], warm: bool = False) -> tuple[launcher.Started, Any]:
         """Fork the VM's supervisor (silo.backends.vm.supervisor): the process tracked as
         the sandbox, whose exit code is the command's. It, QEMU and virtiofsd share a
-        cgroup: the guest's memory plus :data:`VM_OVERHEAD` for the two processes.
+        cgroup: the guest's memory plus ``machine.VM_OVERHEAD`` for the two processes.
         ``warm``: a pooled VM, which boots and then waits for its run."""
+        from silo.backends.vm import machine
+
         assert plan.vm is not None
         cgroup = self._cgroup_manager().create(f"vm-{os.getpid()}-{next(self._seq)}",
-                                               (plan.vm.memory << 20) + VM_OVERHEAD, None, VM_PIDS)
+                                               (plan.vm.memory << 20) + machine.VM_OVERHEAD, None,
+                                               machine.VM_PIDS)
         go_r, go_w = os.pipe2(os.O_CLOEXEC)  # the child waits until it is in the cgroup
         err_r, err_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:

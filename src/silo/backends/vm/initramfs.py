@@ -23,10 +23,12 @@ from silo.model.errors import SiloError
 BUSYBOX = ("/bin/busybox", "/usr/bin/busybox")
 # What the guest loads, in this order after their dependencies (a module built into the
 # kernel is skipped).
-# The machine is a microvm (virtio-mmio, no PCI) without disks so far: no virtio_pci or
-# virtio_blk (each module costs ~8 ms under TCG).
+# The machine is a microvm (virtio-mmio, no PCI): no virtio_pci (each module costs ~8 ms
+# under TCG). A workspace's disk needs virtio_blk, loaded only when the guest has one
+# (``silo.disk=``); ext4 is built into Debian's kernels (a module kernel lists it here).
 MODULES = ("virtio_mmio", "virtio_console", "virtio_balloon", "virtio_rng", "virtiofs", "overlay")
-FORMAT = "4"  # bump when the layout changes
+DISK_MODULES = ("virtio_blk", "ext4")
+FORMAT = "5"  # bump when the layout changes
 SIG_MAGIC = b"~Module signature appended~\n"
 
 
@@ -119,8 +121,9 @@ def build(modules_dir: Path, cache_dir: str, release: str) -> str:
     """Path of the cached initramfs for the kernel whose modules are in ``modules_dir``,
     built if missing or if any input changed."""
     mods = module_order(modules_dir, MODULES)
+    disk_mods = [m for m in module_order(modules_dir, (*MODULES, *DISK_MODULES)) if m not in mods]
     agent = Path(native.built("silo-agent"))
-    inputs: list[Path] = [agent, *mods]
+    inputs: list[Path] = [agent, *mods, *disk_mods]
     h = hashlib.sha256(FORMAT.encode() + release.encode())
     for path in inputs:
         st = path.stat()
@@ -136,12 +139,13 @@ def build(modules_dir: Path, cache_dir: str, release: str) -> str:
         cpio.add(d, stat.S_IFDIR | 0o755)
     cpio.add("dev/console", stat.S_IFCHR | 0o600)  # rdev set below is not needed: devtmpfs replaces it
     cpio.add("init", stat.S_IFREG | 0o755, agent.read_bytes())  # the init, then the agent
-    names = []
-    for path in mods:
-        name = path.name[: -len(".ko")]
-        names.append(name)
-        cpio.add(f"lib/silo/{name}.ko", stat.S_IFREG | 0o644, strip_signature(path.read_bytes()))
-    cpio.add("lib/silo/modules", stat.S_IFREG | 0o644, ("\n".join(names) + "\n").encode())
+    for listing, group in (("modules", mods), ("modules.disk", disk_mods)):
+        names = []
+        for path in group:
+            name = path.name[: -len(".ko")]
+            names.append(name)
+            cpio.add(f"lib/silo/{name}.ko", stat.S_IFREG | 0o644, strip_signature(path.read_bytes()))
+        cpio.add(f"lib/silo/{listing}", stat.S_IFREG | 0o644, ("\n".join(names) + "\n").encode())
     cache.publish(target, cpio.finish())
     for old in os.listdir(base):  # earlier builds
         if old.startswith("initramfs-") and old != os.path.basename(target):

@@ -25,6 +25,8 @@ from silo.sys import kernel as sysk
 QEMU = "/usr/bin/qemu-system-x86_64"
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
 PR_SET_PDEATHSIG = 1
+VM_OVERHEAD = 384 << 20  # QEMU's and virtiofsd's own memory beside the guest's (in the VM's cgroup)
+VM_PIDS = 512  # QEMU's vCPU and I/O threads, virtiofsd's thread pool (64) and the supervisor
 VIEW_PARENT = "/tmp"  # in virtiofsd's own mount namespace only
 VIEW = "/tmp/view"
 JAIL_ROOT = "/tmp/jail"  # in QEMU's own mount namespace only
@@ -64,9 +66,11 @@ def tsc_khz() -> int | None:
 
 
 def qemu_argv(vm: p.Vm, *, agent_fd: int, qmp_fd: int, vfs_fd: int, console_fd: int,
-              extra_cmdline: str = "") -> list[str]:
+              extra_cmdline: str = "", disk_fds: Sequence[int] = ()) -> list[str]:
     """QEMU's command line, naming the kernel and initramfs as QEMU sees them in its jail
-    (:data:`JAIL_KERNEL`, :data:`JAIL_INITRAMFS`)."""
+    (:data:`JAIL_KERNEL`, :data:`JAIL_INITRAMFS`); ``disk_fds`` are ``vm.disks`` opened
+    (silo.backends.vm.disk.blockdev_args)."""
+    from silo.backends.vm import disk
     mem = f"{vm.memory}M"
     cmdline = CMDLINE
     if os.environ.get("SILO_VM_DEBUG"):
@@ -74,6 +78,8 @@ def qemu_argv(vm: p.Vm, *, agent_fd: int, qmp_fd: int, vfs_fd: int, console_fd: 
     khz = tsc_khz() if vm.accel == "tcg" else None
     if khz:
         cmdline += f" tsc_early_khz={khz}"
+    if disk_fds:
+        cmdline += " silo.disk=" + ("rw" if vm.disk_writable else "ro")
     accel = "kvm" if vm.accel == "kvm" else "tcg,thread=multi"
     return [
         QEMU, "-nodefaults", "-no-user-config", "-nographic",
@@ -96,6 +102,7 @@ def qemu_argv(vm: p.Vm, *, agent_fd: int, qmp_fd: int, vfs_fd: int, console_fd: 
         "-device", "virtio-rng-device",
         "-device", "virtio-balloon-device,free-page-reporting=on",
         "-chardev", f"socket,id=qmp,fd={qmp_fd}", "-mon", "chardev=qmp,mode=control",
+        *disk.blockdev_args(disk_fds, vm.disk_writable),
     ]
 
 
@@ -150,7 +157,8 @@ def _jail(vm: p.Vm, uid: int, gid: int) -> None:
         os.closerange(3, alive_w)
         os.closerange(alive_w + 1, 65536)
         _, status = os.waitpid(pid, 0)
-        os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
+        code = os.waitstatus_to_exitcode(status)
+        os._exit(128 - code if code < 0 else code & 0xFF)  # killed by N: 128 + N, as a shell says
     os.close(alive_w)
     sysk.mount(None, "/", None, sysk.MS_REC | sysk.MS_PRIVATE)
     sysk.mount("silo-jail", VIEW_PARENT, "tmpfs", sysk.MS_NOSUID | sysk.MS_NODEV, "mode=0755,size=64k")

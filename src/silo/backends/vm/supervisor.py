@@ -47,6 +47,7 @@ WARMUP = 2  # a pooled VM's warm-up command, before it says ready
 # ~45 ms). It runs before any run's command: nothing of a user's touches it.
 WARMUP_SCRIPT = (b": >>/etc/hosts; : >>/etc/hostname; : >>/etc/machine-id; "
                  b"/usr/bin/env true; exec /bin/sh -c :")
+PATH_ENV = b"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 READY = b"ready"
 TAKEN = b"taken"
 
@@ -98,6 +99,23 @@ def handover(argv: tuple[str, ...], env: tuple[tuple[str, str], ...], cwd: str, 
     return marshal.dumps((tuple(argv), tuple(env), cwd, uid, gid, hostname))
 
 
+class Job:
+    """One command in the guest: its channel, the host's ends of its stdio (or of its pty)."""
+
+    def __init__(self, channel: int, stdio: tuple[int, int, int], slave: int | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        self.channel = channel
+        self.stdio = stdio if slave is None else (slave, slave, slave)
+        self.slave = slave  # a tty command's host pty end (its master went to the caller)
+        self.winsize = (0, 0)
+        self.started: asyncio.Future[int] = loop.create_future()  # the guest pid
+        self.exit: asyncio.Future[int] = loop.create_future()
+        self.error: tuple[int, str] | None = None  # the agent's ERROR, when it could not start it
+        self.pending_signals: list[int] = []
+        self.reading = False
+        self.stdin_task: asyncio.Task[None] | None = None
+
+
 class Run:
     def __init__(self, plan: p.Plan, stdio: tuple[int, int, int], err_fd: int, warm: bool = False) -> None:
         assert plan.vm is not None
@@ -107,23 +125,31 @@ class Run:
         self.err_fd = err_fd
         self.warm = warm
         self.reader = P.Reader()
-        self.started = False
-        self.exit_code: asyncio.Future[int] | None = None
+        self.jobs: dict[int, Job] = {}
+        self.next_channel = CHANNEL
+        self.exit_code: asyncio.Future[int] | None = None  # the run's end (or the machine's, for a workspace)
         self.hello: asyncio.Future[None] | None = None
-        self.pending_signals: list[int] = []
         self.procs: list[Any] = []
         self.agent: socket.socket | None = None
         self.console = -1
         self.vfs_log = -1
         self.fds: list[int] = []
-        self.stdin_task: asyncio.Task[None] | None = None
+        self.disk_fds: list[int] = []
         self.warmed: asyncio.Future[None] | None = None
+        self.shutdown_reasons: list[str] = []  # QEMU's SHUTDOWN events: why the machine ended
+        self.early_signals: list[int] = []  # forwarded before the run's command was sent
+        self.events: asyncio.Task[None] | None = None  # watch_events
 
     # lifecycle ------------------------------------------------------------------
 
     def boot(self) -> None:
         # virtio-fs: virtiofsd accepts on a listening socket at an abstract address (no
         # file); QEMU gets the connected end. Agent and QMP: socketpairs. Console: a memfd.
+        # Disks: opened here (QEMU's jail has no path to them).
+        for i, path in enumerate(self.vm.disks):
+            top = i == len(self.vm.disks) - 1
+            flags = os.O_RDWR if top and self.vm.disk_writable else os.O_RDONLY
+            self.disk_fds.append(os.open(path, flags | os.O_CLOEXEC | os.O_NOFOLLOW))
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(f"\0silo-vm-{os.getpid()}-{os.urandom(6).hex()}")
         listener.listen(1)
@@ -136,11 +162,15 @@ class Run:
         host_agent, guest_agent = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         host_qmp, guest_qmp = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.agent, self.qmp = host_agent, host_qmp
-        keep = (guest_agent.fileno(), guest_qmp.fileno(), vfs.fileno(), self.console)
-        argv = machine.qemu_argv(self.vm, agent_fd=keep[0], qmp_fd=keep[1], vfs_fd=keep[2], console_fd=keep[3])
+        keep = (guest_agent.fileno(), guest_qmp.fileno(), vfs.fileno(), self.console, *self.disk_fds)
+        argv = machine.qemu_argv(self.vm, agent_fd=keep[0], qmp_fd=keep[1], vfs_fd=keep[2], console_fd=keep[3],
+                                 disk_fds=self.disk_fds)
         self.procs.append(machine.start_qemu(self.vm, argv, keep, self.console))
         for s in (guest_agent, guest_qmp, vfs):
             s.close()
+        for fd in self.disk_fds:
+            os.close(fd)
+        self.disk_fds.clear()
 
     def cleanup(self) -> None:
         if os.environ.get("SILO_VM_DEBUG") and self.console >= 0:
@@ -151,7 +181,7 @@ class Run:
                 proc.kill()
             with contextlib.suppress(Exception):
                 proc.wait(timeout=5)
-        for fd in self.fds:
+        for fd in self.fds + self.disk_fds:
             os.close(fd)
 
     # the agent ----------------------------------------------------------------------
@@ -162,7 +192,7 @@ class Run:
         self.agent.sendall(data)
 
     def on_agent(self) -> None:
-        assert self.agent is not None and self.exit_code is not None and self.hello is not None
+        assert self.agent is not None
         try:
             data = self.agent.recv(1 << 16)
         except BlockingIOError:
@@ -171,7 +201,7 @@ class Run:
             data = b""
         if not data:
             asyncio.get_running_loop().remove_reader(self.agent.fileno())
-            self._fail("the VM stopped before the command ended")
+            self.on_agent_gone()
             return
         try:
             frames = self.reader.feed(data)
@@ -180,8 +210,11 @@ class Run:
         except P.ProtocolError as e:
             self._fail(f"the VM's agent broke the protocol: {e}")
 
+    def on_agent_gone(self) -> None:
+        self._fail("the VM stopped before the command ended")
+
     def on_frame(self, kind: int, channel: int, payload: bytes) -> None:
-        assert self.exit_code is not None and self.hello is not None
+        assert self.hello is not None
         if kind == P.HELLO:
             version, _ = P.hello(payload)
             if version != P.VERSION:
@@ -197,72 +230,128 @@ class Run:
             if kind in (P.EXIT, P.ERROR) and not self.warmed.done():
                 self.warmed.set_result(None)  # how it ended does not matter
             return
-        if channel != CHANNEL:
+        job = self.jobs.get(channel)
+        if job is None:
+            if CHANNEL <= channel < self.next_channel:
+                return  # a command that ended: the agent sends nothing after its EXIT
             raise P.ProtocolError(f"a frame for unknown channel {channel}")
         if kind in (P.STDOUT, P.STDERR):
-            fd = self.stdio[1] if kind == P.STDOUT else self.stdio[2]
+            fd = job.stdio[1] if kind == P.STDOUT else job.stdio[2]
             with contextlib.suppress(OSError):
                 _write_all(fd, payload)
         elif kind == P.STARTED:
-            P.started(payload)
-            self.started = True
-            for sig in self.pending_signals:
-                self.send(P.signal_request(CHANNEL, sig))
-            self.pending_signals.clear()
+            pid = P.started(payload)
+            if not job.started.done():
+                job.started.set_result(pid)
+            for sig in job.pending_signals:
+                self.send(P.signal_request(channel, sig))
+            job.pending_signals.clear()
         elif kind == P.EXIT:
-            code = P.exit_code(payload)
-            if not self.exit_code.done():
-                self.exit_code.set_result(code)
+            self.end_job(job, P.exit_code(payload))
         elif kind == P.ERROR:
             code, text = P.error(payload)
-            cls = {127: "CommandNotFound", 126: "CommandNotExecutable"}.get(code, "InternalError")
-            _report(self.err_fd, cls, text)
-            if not self.exit_code.done():
-                self.exit_code.set_result(code)
+            job.error = (code, text)
+            self.end_job(job, code)
         elif kind == P.CLOSE:
             P.closed_stream(payload)
         else:
             raise P.ProtocolError(f"unexpected frame kind {kind} from the guest")
 
+    def end_job(self, job: Job, code: int) -> None:
+        loop = asyncio.get_running_loop()
+        self.jobs.pop(job.channel, None)
+        if job.reading:
+            loop.remove_reader(job.stdio[0])
+            job.reading = False
+        if job.stdin_task is not None:
+            job.stdin_task.cancel()
+        if not job.exit.done():
+            job.exit.set_result(code)
+
     def _on_virtiofsd_exit(self, loop: asyncio.AbstractEventLoop, fd: int) -> None:
         loop.remove_reader(fd)
         self._fail("the VM's file server (virtiofsd) stopped")
 
+    def report(self, cls: str, message: str) -> None:
+        _report(self.err_fd, cls, message)
+
     def _fail(self, why: str) -> None:
         assert self.exit_code is not None and self.hello is not None
         tail = _console_tail(self.console) or _console_tail(self.vfs_log)
-        _report(self.err_fd, "InternalError", why + (f" (console: {tail})" if tail else ""))
+        self.report("InternalError", why + (f" (console: {tail})" if tail else ""))
         if not self.hello.done():
             self.hello.set_exception(BootFailed(why))
             self.hello.exception()  # retrieved: nobody may be waiting for it yet
+        for job in list(self.jobs.values()):
+            self.end_job(job, 125)
         if not self.exit_code.done():
             self.exit_code.set_result(125)
 
-    def on_stdin(self, loop: asyncio.AbstractEventLoop) -> None:
+    # a command's stdio --------------------------------------------------------------
+
+    def start_job(self, job: Job, command: Command, tty: bool = False) -> None:
+        """Ask the agent to run ``command`` on ``job``'s channel and feed it ``job``'s stdin."""
+        loop = asyncio.get_running_loop()
+        self.jobs[job.channel] = job
+        rows, cols = job.winsize
+        self.send(P.exec_request(job.channel, command.argv, command.env, command.cwd, command.uid, command.gid,
+                                 tty, rows, cols))
         try:
-            data = os.read(self.stdio[0], P.CHUNK)
+            loop.add_reader(job.stdio[0], self.on_stdin, job)
+            job.reading = True
+        except PermissionError:
+            # A regular file or /dev/null: epoll refuses it, and reading never blocks.
+            job.stdin_task = loop.create_task(self.copy_file_stdin(job))
+        except OSError:
+            self.send(P.close_stdin(job.channel))
+
+    def on_stdin(self, job: Job) -> None:
+        try:
+            data = os.read(job.stdio[0], P.CHUNK)
         except BlockingIOError:
             return
         except OSError:
             data = b""
         if data:
-            self.send(P.frame(P.STDIN, CHANNEL, data))
+            self.send(P.frame(P.STDIN, job.channel, data))
         else:
-            loop.remove_reader(self.stdio[0])
-            self.send(P.close_stdin(CHANNEL))
+            asyncio.get_running_loop().remove_reader(job.stdio[0])
+            job.reading = False
+            if job.slave is None:  # a pty's end of input is the command's own ^D
+                self.send(P.close_stdin(job.channel))
+
+    async def copy_file_stdin(self, job: Job) -> None:
+        while True:
+            try:
+                data = os.read(job.stdio[0], P.CHUNK)
+            except OSError:
+                data = b""
+            if not data:
+                self.send(P.close_stdin(job.channel))
+                return
+            self.send(P.frame(P.STDIN, job.channel, data))
+            await asyncio.sleep(0)
+
+    def signal_job(self, job: Job, sig: int) -> None:
+        if job.started.done():
+            self.send(P.signal_request(job.channel, sig))
+        else:
+            job.pending_signals.append(sig)
 
     def on_signal(self, sig: int) -> None:
-        if self.started:
-            self.send(P.signal_request(CHANNEL, sig))
+        job = self.jobs.get(CHANNEL)
+        if job is not None:
+            self.signal_job(job, sig)
         else:
-            self.pending_signals.append(sig)
+            self.early_signals.append(sig)
 
-    async def main(self) -> int:
+    # the machine ----------------------------------------------------------------------
+
+    async def start_machine(self) -> bool:
+        """Boot and wait for the agent's hello; False (reported) if the VM failed."""
         loop = asyncio.get_running_loop()
         self.exit_code = loop.create_future()
         self.hello = loop.create_future()
-        for sig in FORWARD:
-            loop.add_signal_handler(sig, self.on_signal, sig)
         self.boot()
         assert self.agent is not None
         self.agent.setblocking(False)
@@ -278,19 +367,37 @@ class Run:
             await asyncio.wait_for(qmp.connect(self.qmp), 30)
         except (TimeoutError, OSError, QMPError) as e:
             self._fail(f"QEMU did not start ({e or 'no QMP greeting'})")
-            return 125
+            return False
+        self.events = loop.create_task(self.watch_events(qmp))
         try:
             await asyncio.wait_for(asyncio.shield(self.hello), BOOT_TIMEOUT)
         except TimeoutError:
             self._fail(f"the VM did not start within {BOOT_TIMEOUT:.0f} s")
-            return 125
+            return False
         except BootFailed:
+            return False
+        return True
+
+    async def watch_events(self, qmp: QMPClient) -> None:
+        """Note why QEMU ends (guest-shutdown: the guest powered off; guest-reset or
+        guest-panic: its kernel died, the agent with it -- PID 1 -- or it rebooted)."""
+        with contextlib.suppress(QMPError, OSError, asyncio.CancelledError):
+            async for event in qmp.events:
+                if event["event"] == "SHUTDOWN":
+                    data = event.get("data")
+                    self.shutdown_reasons.append(str(data.get("reason", "")) if isinstance(data, dict) else "")
+
+    async def main(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in FORWARD:
+            loop.add_signal_handler(sig, self.on_signal, sig)
+        if not await self.start_machine():
             return 125
+        assert self.exit_code is not None
         if self.warm:
             self.warmed = loop.create_future()
-            self.send(P.exec_request(WARMUP, [b"/bin/sh", b"-c", WARMUP_SCRIPT],
-                                     [b"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
-                                     b"/", 0, 0, False, 0, 0))
+            self.send(P.exec_request(WARMUP, [b"/bin/sh", b"-c", WARMUP_SCRIPT], [PATH_ENV], b"/", 0, 0,
+                                     False, 0, 0))
             self.send(P.close_stdin(WARMUP))
             try:
                 await asyncio.wait_for(asyncio.shield(self.warmed), BOOT_TIMEOUT)
@@ -304,19 +411,19 @@ class Run:
                 return self.exit_code.result() if self.exit_code.done() else 0  # 0: the spawner hung up
         else:
             command = Command.of(self.plan)
-        rows, cols = self.plan.process.winsize
         self.send(P.identity(command.hostname.encode(), os.urandom(16).hex().encode(), os.urandom(64)))
-        self.send(P.exec_request(CHANNEL, command.argv, command.env, command.cwd, command.uid, command.gid,
-                                 False, rows, cols))
-        try:
-            os.set_blocking(self.stdio[0], False)
-            loop.add_reader(self.stdio[0], self.on_stdin, loop)
-        except PermissionError:
-            # A regular file or /dev/null: epoll refuses it, and reading never blocks.
-            self.stdin_task = loop.create_task(self.copy_file_stdin())
-        except OSError:
-            self.send(P.close_stdin(CHANNEL))
-        return await self.exit_code
+        job = Job(CHANNEL, self.stdio)
+        job.winsize = self.plan.process.winsize
+        job.pending_signals = self.early_signals
+        self.next_channel = CHANNEL + 1
+        self.start_job(job, command)
+        await asyncio.wait([job.exit, self.exit_code], return_when=asyncio.FIRST_COMPLETED)
+        if job.exit.done():
+            if job.error is not None:
+                code, text = job.error
+                self.report({127: "CommandNotFound", 126: "CommandNotExecutable"}.get(code, "InternalError"), text)
+            return job.exit.result()
+        return self.exit_code.result()
 
     async def wait_for_run(self) -> Command | None:
         """A pooled VM: say ready, take the run the spawner hands over (its stdio becomes
@@ -351,18 +458,6 @@ class Run:
             return command
         finally:
             sock.close()
-
-    async def copy_file_stdin(self) -> None:
-        while True:
-            try:
-                data = os.read(self.stdio[0], P.CHUNK)
-            except OSError:
-                data = b""
-            if not data:
-                self.send(P.close_stdin(CHANNEL))
-                return
-            self.send(P.frame(P.STDIN, CHANNEL, data))
-            await asyncio.sleep(0)
 
 
 def _resolve(future: asyncio.Future[None]) -> None:

@@ -1,0 +1,133 @@
+"""A vm workspace's disk: a chain of qcow2 files, one per layer, found by the stack.
+
+The workspace storage (:mod:`silo.store.layers`) is the same at every level: frozen
+layers, shared by id, under an upper that is the workspace's own. At the vm level each
+of those directories holds one file, :data:`DISK` (a qcow2 image with no backing file
+in its header), and the guest sees the chain stacked::
+
+    empty ext4 base  <-  template layers  <-  own frozen layers  <-  upper/disk.qcow2
+    (read-only)          (read-only)          (read-only)            (the guest writes here)
+
+So snapshot, restore, reset, fork and templates are the storage's renames, unchanged:
+freezing the upper makes its disk a read-only layer, and the new upper's disk starts
+empty on top of it (:func:`ensure_top`, at the next start). A fork is a new overlay on
+the shared backing files.
+
+The chain is handed to QEMU as open file descriptors and an explicit ``backing`` per
+node (:func:`blockdev_args`): QEMU never opens a path, and no backing-file name in an
+image header is ever followed -- a header is written by QEMU, which the guest may have
+taken over (SECURITY.md #19, #20). The ext4 inside is made by the host's ``mkfs.ext4``
+once per state directory (:func:`empty_base`) and never mounted on the host: only the
+guest's kernel parses what the guest wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+from collections.abc import Sequence
+
+from silo.model.errors import SiloError
+
+DISK = "disk.qcow2"
+SIZE = 32 << 30  # virtual size of every disk (sparse: a fresh one takes ~200 KiB, the base ~8 MiB)
+QEMU_IMG = "/usr/bin/qemu-img"
+MKFS = ("/sbin/mkfs.ext4", "/usr/sbin/mkfs.ext4")
+BASE_FORMAT = 1  # bump when the base's file system changes
+
+
+def _run(argv: Sequence[str], what: str) -> None:
+    try:
+        done = subprocess.run(list(argv), stdin=subprocess.DEVNULL, capture_output=True, timeout=120, check=False)
+    except FileNotFoundError:
+        raise SiloError(f"{argv[0]} is not installed: install Debian's qemu-utils and e2fsprogs "
+                        "(make install does)") from None
+    if done.returncode != 0:
+        raise SiloError(f"cannot {what}: {done.stderr.decode(errors='replace').strip()[:300]}")
+
+
+def _mkfs() -> str:
+    for path in MKFS:
+        if os.path.exists(path):
+            return path
+    raise SiloError("mkfs.ext4 is not installed: install Debian's e2fsprogs (make install does)")
+
+
+def empty_base(directory: str) -> str:
+    """The read-only empty ext4 image every chain starts from, made once in ``directory``.
+
+    Made sparse and raw, converted to qcow2 (zeroes take no space), published by
+    rename: a crash leaves at most a temp file beside it, removed at the next call."""
+    path = os.path.join(directory, f"empty-ext4-{BASE_FORMAT}.qcow2")
+    if os.path.exists(path):
+        return path
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    for old in os.listdir(directory):
+        if old.startswith(".empty-"):
+            os.unlink(os.path.join(directory, old))
+    raw = tempfile.NamedTemporaryFile(dir=directory, prefix=".empty-", suffix=".raw", delete=False)
+    qcow = raw.name[:-4] + ".qcow2"
+    try:
+        raw.truncate(SIZE)
+        raw.close()
+        # Inode tables written now (zeroes: free), so the guest's kernel has nothing to
+        # initialize in the background; a small journal; no blocks reserved for root.
+        _run([_mkfs(), "-q", "-F", "-L", "silo", "-m", "0", "-J", "size=64",
+              "-E", "lazy_itable_init=0,lazy_journal_init=1,root_owner=0:0", raw.name], "make the disk's file system")
+        _run([QEMU_IMG, "convert", "-q", "-f", "raw", "-O", "qcow2", raw.name, qcow], "convert the base disk")
+        os.chmod(qcow, 0o444)
+        os.rename(qcow, path)
+    finally:
+        for leftover in (raw.name, qcow):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
+    return path
+
+
+def ensure_top(upper: str) -> str:
+    """``upper``'s disk, made empty (no backing file named in it) when missing."""
+    path = os.path.join(upper, DISK)
+    if os.path.lexists(path):
+        return path
+    temp = os.path.join(upper, f".{DISK}.{os.getpid()}.tmp")
+    try:
+        _run([QEMU_IMG, "create", "-q", "-f", "qcow2", temp, str(SIZE)], "make the workspace's disk")
+        os.chmod(temp, 0o600)
+        os.rename(temp, path)
+    finally:
+        if os.path.exists(temp):
+            os.unlink(temp)
+    return path
+
+
+def layer_disks(lowers: Sequence[str]) -> list[str]:
+    """The disks of the frozen layers ``lowers`` (top first, as the stack lists them),
+    bottom first; a layer without one is not a vm layer."""
+    out = []
+    for layer in reversed(lowers):
+        path = os.path.join(layer, DISK)
+        if not os.path.isfile(path) or os.path.islink(path):
+            raise SiloError(f"layer {layer} holds no VM disk: it was made at another isolation level")
+        out.append(path)
+    return out
+
+
+def blockdev_args(fds: Sequence[int], writable_top: bool) -> list[str]:
+    """QEMU's arguments for the chain whose files are open as ``fds`` (bottom first):
+    one fd set and one qcow2 node per file, each naming the node below as its backing
+    (the bottom none), and the top as the guest's virtio-blk disk."""
+    args: list[str] = []
+    below: str | None = None
+    for i, fd in enumerate(fds, start=1):
+        node = f"disk{i}"
+        top = i == len(fds)
+        args += ["-add-fd", f"fd={fd},set={i}"]
+        args += ["-blockdev", json.dumps({
+            "driver": "qcow2", "node-name": node, "read-only": not (top and writable_top),
+            "file": {"driver": "file", "filename": f"/dev/fdset/{i}"}, "backing": below})]
+        below = node
+    if below is not None:
+        args += ["-device", f"virtio-blk-device,drive={below}"]
+    return args

@@ -1,0 +1,357 @@
+"""Workspaces at isolation vm (issue 5, requirement 5): real TCG boots under a private silod.
+
+Every workspace here is a QEMU microVM whose root is the host's read-only view under an
+overlay; a persistent one's upper is on its qcow2 disk chain (silo.backends.vm.disk).
+Each test makes its own workspaces and removes them; a start costs a boot (~2 s under
+TCG), so the tests start as few machines as they can and check several things on each.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cli_servers import pty_run
+from daemons import REPO, Daemon
+
+import silo
+from silo import NotFoundError
+from vmtools import vm_processes
+
+pytestmark = pytest.mark.root
+
+if os.geteuid() != 0:
+    pytest.skip("vm workspaces need root", allow_module_level=True)
+
+SILO = str(REPO / ".venv" / "bin" / "silo")
+BAD_INPUT, NOT_FOUND, WRONG_STATE = 2, 3, 4
+
+
+def cli(*args: str, stdin: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([SILO, *args], input=stdin, capture_output=True, text=True, timeout=timeout,
+                          stdin=None if stdin is not None else subprocess.DEVNULL)
+
+
+def ok(*args: str, stdin: str | None = None) -> str:
+    r = cli(*args, stdin=stdin)
+    assert r.returncode == 0, r
+    return r.stdout
+
+
+def ws_cgroups(name: str) -> list[str]:
+    return glob.glob(f"/sys/fs/cgroup/*/silo/ws-*-{name}") + glob.glob(f"/sys/fs/cgroup/silo/ws-*-{name}")
+
+
+def machine_pids(name: str) -> list[int]:
+    """The processes in workspace ``name``'s cgroup (its supervisor, QEMU, virtiofsd)."""
+    pids: set[int] = set()
+    for group in ws_cgroups(name):
+        with contextlib.suppress(OSError):
+            pids |= {int(x) for x in Path(group, "cgroup.procs").read_text().split()}
+    return sorted(pids)
+
+
+def program_in(name: str, program: str) -> int:
+    """The pid of ``program`` (by its executable's name) in workspace ``name``'s cgroup,
+    the outermost one (virtiofsd forks its sandbox, QEMU runs under its jail's waiter)."""
+    found = []
+    for pid in machine_pids(name):
+        with contextlib.suppress(OSError):
+            exe = os.readlink(f"/proc/{pid}/exe")
+            ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            if os.path.basename(exe).startswith(program):
+                found.append((pid, ppid))
+    pids = {pid for pid, _ in found}
+    top = [pid for pid, ppid in found if ppid not in pids]
+    assert len(top) == 1, found
+    return top[0]
+
+
+def wait_state(client: silo.Client, name: str, state: str, timeout: float = 30) -> silo.WorkspaceInfo:
+    deadline = time.monotonic() + timeout
+    info = client.get(name).info()
+    while info.state.value != state and time.monotonic() < deadline:
+        time.sleep(0.1)
+        info = client.get(name).info()
+    assert info.state.value == state, info
+    return info
+
+
+def nothing_left_of(name: str) -> None:
+    deadline = time.monotonic() + 10
+    while (ws_cgroups(name) or vm_processes()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert (ws_cgroups(name), vm_processes()) == ([], [])
+
+
+@pytest.fixture
+def client(daemon: Daemon) -> Iterator[silo.Client]:
+    with silo.Client(daemon.socket, autostart=False) as c:
+        yield c
+
+
+@pytest.fixture
+def names(client: silo.Client) -> Iterator[list[str]]:
+    """Workspace and template names a test makes (``vm-*``/``tpl-*``); all removed after it."""
+    made: list[str] = []
+    try:
+        yield made
+    finally:
+        for name in made:
+            if not name.startswith("tpl-"):
+                with contextlib.suppress(NotFoundError):
+                    client.get(name).remove(force=True)
+        for name in made:
+            if name.startswith("tpl-"):
+                with contextlib.suppress(NotFoundError):
+                    client.remove_template(name)
+
+
+def new(names: list[str], prefix: str = "vm") -> str:
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    names.append(name)
+    return name
+
+
+def started(names: list[str], *options: str) -> str:
+    """A new vm workspace, created with ``options`` and started."""
+    name = new(names)
+    ok("create", name, "--isolation", "vm", *options)
+    ok("start", name)
+    return name
+
+
+def test_persistent_workspace_keeps_its_files_hostname_and_machine_id_across_a_stop(
+        client: silo.Client, names: list[str]) -> None:
+    name = new(names)
+    ok("create", name, "--isolation", "vm", "--memory", "256M")
+    assert client.get(name).info().spec.isolation.value == "vm"
+    ok("start", name)
+    assert len(machine_pids(name)) >= 3  # the supervisor, QEMU (and its jail's waiter), virtiofsd
+    first = ok("exec", name, "--", "sh", "-c",
+               "hostname; cat /etc/machine-id; uname -r; echo kept > /root/file; id -u")
+    hostname, machine_id, _release, uid = first.split()
+    assert (hostname, uid) == (name, "0")
+    assert len(machine_id) == 32
+    # exit codes, a missing command, env and cwd
+    assert cli("exec", name, "--", "sh", "-c", "exit 7").returncode == 7
+    r = cli("exec", name, "--", "no-such-command")
+    assert (r.returncode, r.stderr) == (127, "silo: no-such-command: command not found inside the VM\n")
+    assert ok("exec", "-e", "GREETING=hi", "-w", "/usr", name, "--", "sh", "-c", "echo $GREETING; pwd") == "hi\n/usr\n"
+    ok("stop", name)
+    assert client.get(name).info().state.value == "stopped"
+    assert machine_pids(name) == [] and vm_processes() == []
+    ok("start", name)
+    again = ok("exec", name, "--", "sh", "-c", "cat /root/file; cat /etc/machine-id")
+    assert again.split() == ["kept", machine_id]
+    ok("rm", "-f", name)
+    nothing_left_of(name)
+    assert not os.path.exists(os.path.join(os.environ["SILO_STATE_DIR"], "workspaces", name))
+
+
+def test_exec_streams_stdin_both_outputs_and_a_tty(client: silo.Client, names: list[str]) -> None:
+    name = started(names)
+    data = os.urandom(1 << 20).hex()  # 2 MiB through the agent and back
+    r = cli("exec", "-i", name, "--", "sh", "-c", "sha256sum; echo to-stderr >&2", stdin=data)
+    assert r.returncode == 0, r
+    assert r.stdout.split()[0] == hashlib.sha256(data.encode()).hexdigest()
+    assert r.stderr == "to-stderr\n"
+    # the SDK's captured exec (HTTP) runs there too
+    result = client.get(name).exec(["sh", "-c", "cat; echo err >&2; exit 3"], stdin=b"abc")
+    assert (result.exit_code, result.stdout, result.stderr) == (3, b"abc", b"err\n")
+    # -t: a pty in the guest, the caller's window size, the line discipline done once
+    env = {**os.environ, "TERM": "xterm"}
+    output, code = pty_run([SILO, "exec", "-t", name, "--", "sh", "-c", "tty; stty size; exit 4"], env,
+                           rows=33, cols=101, timeout=60)
+    text = output.decode(errors="replace")
+    assert code == 4, text
+    assert "/dev/pts/" in text and "33 101" in text, text
+    ok("stop", name)
+
+
+def test_snapshot_restore_reset_and_fork_on_the_disk_chain(client: silo.Client, names: list[str]) -> None:
+    name, fork = new(names), new(names)
+    ok("create", name, "--isolation", "vm")
+    ok("start", name)
+    ok("exec", name, "--", "sh", "-c", "echo v1 > /root/f")
+    ok("stop", name)
+    assert ok("snapshot", name).strip() == "snap-1"
+    ok("start", name)
+    ok("exec", name, "--", "sh", "-c", "echo v2 > /root/f; echo new > /root/g")
+    ok("stop", name)
+    ok("restore", name, "snap-1")
+    ok("fork", name, fork)
+    state = os.environ["SILO_STATE_DIR"]
+    stacks = [json.loads(Path(state, "workspaces", n, "stack.json").read_text()) for n in (name, fork)]
+    shared = set(stacks[0]["layers"]) & set(stacks[1]["layers"])
+    assert shared, stacks  # fork = a new overlay on a shared backing file
+    for layer in shared:
+        assert os.path.isfile(os.path.join(state, "layers", layer, "disk.qcow2"))
+    ok("start", name)
+    ok("start", fork)
+    assert ok("exec", name, "--", "sh", "-c", "cat /root/f; ls /root") == "v1\nf\n"
+    ok("exec", fork, "--", "sh", "-c", "echo forked > /root/f")
+    assert ok("exec", name, "--", "cat", "/root/f") == "v1\n"
+    assert ok("exec", fork, "--", "cat", "/root/f") == "forked\n"
+    r = cli("snapshot", name)
+    assert (r.returncode, r.stderr) == (WRONG_STATE, f"silo: cannot snapshot '{name}': it is running; "
+                                                     f"run 'silo stop {name}' first\n")
+    ok("stop", name)
+    ok("stop", fork)
+    ok("reset", name)
+    ok("start", name)
+    assert ok("exec", name, "--", "ls", "/root") == ""
+    ok("stop", name)
+
+
+def test_templates_keep_their_level(client: silo.Client, names: list[str]) -> None:
+    name, tpl, child, proc_ws = new(names), new(names, "tpl"), new(names), new(names)
+    ok("create", name, "--isolation", "vm")
+    ok("start", name)
+    ok("exec", name, "--", "sh", "-c", "echo from-template > /root/t")
+    ok("stop", name)
+    ok("template", "create", tpl, "--from", name)
+    ok("create", child, "--isolation", "vm", "--root", tpl)
+    ok("start", child)
+    assert ok("exec", child, "--", "cat", "/root/t") == "from-template\n"
+    ok("stop", child)
+    r = cli("create", proc_ws, "--root", tpl)
+    assert r.returncode == BAD_INPUT
+    assert r.stderr == (f"silo: template {tpl!r} was made from a VM workspace: its files cannot be the layers of "
+                        "a workspace at isolation 'process'; use a template made at that level\n")
+
+
+def test_cp_into_and_out_of_a_running_vm_workspace(client: silo.Client, names: list[str], tmp_path: Path) -> None:
+    name = new(names)
+    ok("create", name, "--isolation", "vm")
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.txt").write_text("alpha\n")
+    (src / "sub" / "b.txt").write_text("beta\n")
+    os.symlink("a.txt", src / "link")
+    r = cli("cp", str(src / "a.txt"), f"{name}:/root/")
+    assert r.returncode == WRONG_STATE and "not running" in r.stderr, r
+    ok("start", name)
+    ok("cp", str(src / "a.txt"), f"{name}:/root/")
+    ok("cp", str(src / "a.txt"), f"{name}:/root/renamed.txt")
+    ok("cp", str(src), f"{name}:/root/tree")
+    assert ok("exec", name, "--", "sh", "-c",
+              "cat /root/a.txt /root/renamed.txt /root/tree/sub/b.txt; readlink /root/tree/link") == \
+        "alpha\nalpha\nbeta\na.txt\n"
+    out = tmp_path / "out"
+    out.mkdir()
+    ok("cp", f"{name}:/root/tree", str(out))
+    assert (out / "tree" / "sub" / "b.txt").read_text() == "beta\n"
+    assert os.readlink(out / "tree" / "link") == "a.txt"
+    r = cli("cp", f"{name}:/root/missing", str(out))
+    assert (r.returncode, r.stderr) == (NOT_FOUND, f"silo: cannot copy {name}:/root/missing: /root/missing: "
+                                                   "no such file or directory in the workspace\n")
+    ok("stop", name)
+    ok("start", name)  # what cp wrote was synced with the stop
+    assert ok("exec", name, "--", "cat", "/root/renamed.txt") == "alpha\n"
+    ok("stop", name)
+
+
+def test_disposable_vm_workspace_keeps_nothing(client: silo.Client, names: list[str]) -> None:
+    name = started(names, "--disposable")
+    ok("exec", name, "--", "sh", "-c", "echo x > /root/x")
+    ok("stop", name)
+    ws = Path(os.environ["SILO_STATE_DIR"], "workspaces", name, "upper")
+    assert list(ws.iterdir()) == []  # no disk: the guest wrote to its RAM
+    ok("start", name)
+    assert ok("exec", name, "--", "ls", "/root") == ""
+    ok("stop", name)
+
+
+def test_stop_ends_processes_that_ignore_sigterm_and_syncs_the_disk(client: silo.Client, names: list[str]) -> None:
+    name = started(names)
+    ok("exec", name, "--", "sh", "-c", "echo unsynced-but-written > /root/w")
+    stubborn = subprocess.Popen([SILO, "exec", name, "--", "sh", "-c", "trap '' TERM; sleep 1000"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1)
+    begun = time.monotonic()
+    ok("stop", "--timeout", "1", name)
+    assert time.monotonic() - begun < 15
+    assert stubborn.wait(10) == 137  # SIGKILLed after the grace
+    ok("start", name)
+    assert ok("exec", name, "--", "cat", "/root/w") == "unsynced-but-written\n"
+    ok("stop", name)
+
+
+@pytest.mark.parametrize("how", ["qemu", "virtiofsd", "panic"])
+def test_a_dying_machine_marks_the_workspace_broken_and_loses_no_synced_data(
+        client: silo.Client, names: list[str], how: str) -> None:
+    name = started(names)
+    ok("exec", name, "--", "sh", "-c", "echo safe > /root/s; sync")
+    if how == "panic":  # the agent is the guest's PID 1: its kernel dying is its death
+        subprocess.run([SILO, "exec", name, "--", "sh", "-c", "echo c > /proc/sysrq-trigger"],
+                       capture_output=True, timeout=60, check=False)
+        reason = "the guest's kernel stopped"
+    else:
+        os.kill(program_in(name, "qemu-system" if how == "qemu" else "virtiofsd"), signal.SIGKILL)
+        reason = "QEMU stopped" if how == "qemu" else "the VM's file server (virtiofsd) stopped"
+    info = wait_state(client, name, "broken")
+    assert reason in str(info.error), info
+    nothing_left_of(name)
+    r = cli("exec", name, "--", "true")
+    assert r.returncode == 125 and "broken" in r.stderr
+    ok("stop", name)
+    ok("start", name)
+    assert ok("exec", name, "--", "cat", "/root/s") == "safe\n"
+    ok("stop", name)
+
+
+def test_a_guest_that_powers_itself_off_is_stopped_not_broken(client: silo.Client, names: list[str]) -> None:
+    name = started(names)
+    subprocess.run([SILO, "exec", name, "--", "sh", "-c", "echo o > /proc/sysrq-trigger; sleep 30"],
+                   capture_output=True, timeout=60, check=False)
+    info = wait_state(client, name, "stopped")
+    assert "powered itself off" in str(info.error), info
+    nothing_left_of(name)
+
+
+def test_daemon_crash_leaves_no_machine_and_the_disk_intact(daemon: Daemon, client: silo.Client,
+                                                              names: list[str]) -> None:
+    name = started(names)
+    ok("exec", name, "--", "sh", "-c", "echo before-crash > /root/c; sync")
+    daemon.kill()
+    deadline = time.monotonic() + 10
+    while vm_processes() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert vm_processes() == []  # QEMU and virtiofsd die with their supervisor, it with silod
+    daemon.start()
+    info = client.get(name).info()
+    assert (info.state.value, info.error) == ("stopped", "the daemon stopped while it ran, and its processes with it")
+    assert ws_cgroups(name) == []
+    ok("start", name)
+    assert ok("exec", name, "--", "cat", "/root/c") == "before-crash\n"
+    ok("stop", name)
+
+
+def test_vm_workspace_refusals(client: silo.Client, names: list[str]) -> None:
+    name = new(names)
+    for args, message in (
+        (["--network", "internet"], "a workspace at isolation 'vm' cannot have a network yet: drop it, "
+                                    "or use isolation 'process'"),
+        (["-v", "/tmp:/mnt"], "a workspace at isolation 'vm' cannot have mounts yet: drop it, "
+                              "or use isolation 'process'"),
+    ):
+        r = cli("create", name, "--isolation", "vm", *args)
+        assert (r.returncode, r.stderr, r.stdout) == (BAD_INPUT, f"silo: {message}\n", ""), r
+    with pytest.raises(NotFoundError):
+        client.get(name)
+    ok("create", name, "--isolation", "vm")
+    r = cli("exec", name, "--", "true")
+    assert r.returncode == 125 and "it has not been started" in r.stderr, r
+    r = cli("diff", name)
+    assert r.returncode != 0 and "does not read a VM workspace's disk" in r.stderr, r
