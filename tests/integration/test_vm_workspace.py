@@ -355,3 +355,26 @@ def test_vm_workspace_refusals(client: silo.Client, names: list[str]) -> None:
     assert r.returncode == 125 and "it has not been started" in r.stderr, r
     r = cli("diff", name)
     assert r.returncode != 0 and "does not read a VM workspace's disk" in r.stderr, r
+
+
+def test_export_and_import_carry_the_disk_and_its_file_system(client: silo.Client, names: list[str],
+                                                             tmp_path: Path) -> None:
+    name = started(names)
+    ok("exec", name, "--", "sh", "-c", "echo exported > /root/e")
+    ok("stop", name)
+    ok("snapshot", name)  # a frozen layer under an empty upper: the chain is carried whole
+    archive = tmp_path / "box.silo"
+    ok("export", name, str(archive))
+    # The empty base the chain started from is not needed: its copy is the bottom layer.
+    vm_dir = Path(os.environ["SILO_STATE_DIR"], "vm")
+    for base in vm_dir.iterdir():
+        base.rename(tmp_path / base.name)
+    try:
+        copy = new(names)
+        ok("import", str(archive), copy)
+        ok("start", copy)
+        assert ok("exec", copy, "--", "cat", "/root/e") == "exported\n"
+        ok("stop", copy)
+    finally:
+        for base in tmp_path.glob("empty-ext4-*"):
+            base.rename(vm_dir / base.name)

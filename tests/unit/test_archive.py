@@ -244,6 +244,19 @@ def test_a_minimal_archive_imports(s: Storage) -> None:
     assert (Path(s.stack(name).upper) / "root/f").read_bytes() == b"hi"
 
 
+def test_only_a_vm_layer_may_hold_its_disk_at_its_top(s: Storage) -> None:
+    disk = entry("disk.qcow2", data=b"QFI\xfb")
+    refused(s, archive([[disk]]), r"member 'disk.qcow2' is not inside an overlay target's directory$")
+
+    def vm(data: dict[str, object]) -> dict[str, object]:
+        return {**data, "spec": {**spec(), "isolation": "vm"}}
+
+    name, _ = import_(s, io.BytesIO(archive([[disk]], manifest=vm)), "box")
+    assert (Path(s.stack(name).upper) / "disk.qcow2").read_bytes() == b"QFI\xfb"
+    refused(s, archive([[entry("other.img", data=b"x")]], manifest=vm),
+            r"member 'other.img' is not inside an overlay target's directory$")
+
+
 def test_absolute_member(s: Storage) -> None:
     refused(s, archive([[ROOT, entry("/etc/evil")]]), r"member '/etc/evil' has an absolute path$")
 

@@ -35,13 +35,20 @@ def test_the_empty_base_is_ext4_read_only_and_made_once(tmp_path: Path) -> None:
 
 
 def test_a_top_names_no_backing_file_and_is_made_only_when_missing(tmp_path: Path) -> None:
-    top = disk.ensure_top(str(tmp_path))
+    top = disk.ensure_top(str(tmp_path), None)
     data = info(top)
     assert (data["format"], data["virtual-size"], "backing-filename" in data) == ("qcow2", disk.SIZE, False)
-    Path(top).write_bytes(Path(top).read_bytes())  # same content, new mtime: left alone below
     inode = os.stat(top).st_ino
-    assert disk.ensure_top(str(tmp_path)) == top and os.stat(top).st_ino == inode
+    assert disk.ensure_top(str(tmp_path), None) == top and os.stat(top).st_ino == inode
     assert sorted(os.listdir(tmp_path)) == [disk.DISK]
+
+
+def test_the_bottom_of_a_chain_starts_as_a_copy_of_the_base(tmp_path: Path) -> None:
+    base = disk.empty_base(str(tmp_path / "vm"))
+    (tmp_path / "upper").mkdir()
+    top = disk.ensure_top(str(tmp_path / "upper"), base, (os.getuid(), os.getgid()))
+    assert Path(top).read_bytes() == Path(base).read_bytes()  # the file system travels with the layer
+    assert os.stat(top).st_mode & 0o777 == 0o600
 
 
 def test_layer_disks_are_bottom_first_and_refuse_a_layer_of_another_level(tmp_path: Path) -> None:

@@ -271,17 +271,16 @@ class Manager:
         return planner.plan_workspace(spec, layers)
 
     def _plan_vm(self, record: WorkspaceRecord, spec: Spec, stack: Any) -> p.Plan:
-        """A vm workspace's machine: its layers' disks (silo.backends.vm.disk) on the empty
-        base, its own upper's disk on top unless it is disposable (then the guest writes
-        to RAM, over the layers when it has any)."""
+        """A vm workspace's machine: its layers' disks (silo.backends.vm.disk), its own
+        upper's disk on top unless it is disposable (then the guest writes to RAM, over
+        the layers when it has any)."""
         from silo.backends.vm import disk
 
         try:
             disks = disk.layer_disks(stack.lowers)
             if not record.spec.disposable:
-                disks.append(disk.ensure_top(stack.upper))
-            if disks:
-                disks.insert(0, disk.empty_base(os.path.join(self.state_dir, "vm")))
+                base = None if disks else disk.empty_base(os.path.join(self.state_dir, "vm"))
+                disks.append(disk.ensure_top(stack.upper, base, self.storage.owner))
         except SiloError as e:
             raise UserError(f"workspace {record.name!r}: {e.message}") from None
         machine_id = hashlib.sha256(f"{record.name}\0{record.created!r}".encode()).hexdigest()[:32]

@@ -10,7 +10,8 @@ Format 1 is an uncompressed tar, written and read as a stream (never seeked), wh
   directory's content (the overlay targets: ``root/etc/...``, ``usr/...``).
 
 Inside a layer: regular files, directories, symlinks and hard links to an earlier file of
-the same layer; ids relative to the storage's owner (``uid - owner[0]``, 0..65535) with no
+the same layer (a vm workspace's layer is its one ``disk.qcow2``, silo.backends.vm.disk);
+ids relative to the storage's owner (``uid - owner[0]``, 0..65535) with no
 user or group names; overlay whiteouts as OCI ``.wh.NAME`` empty files and opaque
 directories as a ``.wh..wh..opq`` entry. Extended attributes are not kept (overlay's own
 are encoded as above). Export refuses fifos, devices and names starting with ``.wh.``;
@@ -53,6 +54,7 @@ from silo.store.layers import MAX_LAYERS, Storage, check_base, is_opaque, is_whi
 
 FORMAT = 1
 KIND = "silo-workspace"
+VM_DISK = "disk.qcow2"  # silo.backends.vm.disk.DISK (the store does not import a backend)
 MANIFEST = "manifest.json"
 WH = ".wh."
 OPQ = ".wh..wh..opq"
@@ -293,8 +295,10 @@ def _manifest(outer: tarfile.TarFile) -> tuple[dict[str, object], object, list[d
 class _Layer:
     """Extracts one layer blob's members below ``dest``, refusing every hostile member."""
 
-    def __init__(self, dest: Path, owner: tuple[int, int] | None, budget: _Budget) -> None:
+    def __init__(self, dest: Path, owner: tuple[int, int] | None, budget: _Budget,
+                 top_files: frozenset[str] = frozenset()) -> None:
         self.dest = dest
+        self.top_files = top_files  # regular files a layer may hold at its top (a vm layer's disk)
         self.owner = owner  # None: keep this process's ids
         self.budget = budget
         self.dirs: list[tuple[str, tarfile.TarInfo]] = []
@@ -330,7 +334,7 @@ class _Layer:
             if any(a in self.links for a in ancestors):
                 raise _Refused(f"member {name!r} goes through a symbolic link")
             raise _Refused(f"member {name!r} is not below a directory made before it")
-        if not parent and not info.isdir():
+        if not parent and not info.isdir() and not (info.isreg() and name in self.top_files):
             raise _Refused(f"member {name!r} is not inside an overlay target's directory")
         if not (0 <= info.uid < MAX_IDS and 0 <= info.gid < MAX_IDS):
             raise _Refused(f"member {name!r} is owned by {info.uid}:{info.gid}, outside the ids 0 to "
@@ -417,7 +421,7 @@ class _Layer:
 
 
 def _extract_blob(outer: tarfile.TarFile, index: int, entry: Mapping[str, object], dest: Path,
-                  owner: tuple[int, int] | None, budget: _Budget) -> None:
+                  owner: tuple[int, int] | None, budget: _Budget, top_files: frozenset[str]) -> None:
     member = outer.next()
     if member is None:
         raise _Refused(f"it is truncated: {entry['blob']} is missing")
@@ -427,7 +431,7 @@ def _extract_blob(outer: tarfile.TarFile, index: int, entry: Mapping[str, object
     if raw is None:
         raise _Refused(f"{entry['blob']} cannot be read")
     hashing = _Hashing(raw)
-    layer = _Layer(dest, owner, budget)
+    layer = _Layer(dest, owner, budget, top_files)
     with tarfile.open(fileobj=hashing, mode="r|gz", tarinfo=_BoundedInfo, encoding=_ENCODING, errors=_ERRORS) as tar:
         for info in tar:
             layer.add(tar, info)
@@ -471,6 +475,8 @@ def import_(storage: Storage, src: BinaryIO, name: str | None, *, max_bytes: int
                     raise _Refused(f"its base is not valid: {e.message}") from None
                 final = name if name is not None else parse_name(str(untrusted_spec.get("name", "")))
                 spec = WorkspaceSpec.from_dict({**untrusted_spec, "name": final, "root": base}).to_dict()
+                # a vm workspace's layers are one disk image each (silo.backends.vm.disk)
+                top_files = frozenset({VM_DISK}) if spec["isolation"] == "vm" else frozenset()
                 if storage.exists(final) or os.path.lexists(storage.root / "workspaces" / final / "record.json"):
                     raise WorkspaceExists(f"a workspace named {final!r} already exists: import it under another name")
                 dirs = []
@@ -479,7 +485,7 @@ def import_(storage: Storage, src: BinaryIO, name: str | None, *, max_bytes: int
                     os.mkdir(dest, 0o700)
                     if owner is not None:
                         os.chown(dest, *owner)
-                    _extract_blob(outer, index, entry, dest, owner, budget)
+                    _extract_blob(outer, index, entry, dest, owner, budget, top_files)
                     dirs.append(dest)
                 if outer.next() is not None:
                     raise _Refused("it has members after its last layer")

@@ -5,8 +5,11 @@ layers, shared by id, under an upper that is the workspace's own. At the vm leve
 of those directories holds one file, :data:`DISK` (a qcow2 image with no backing file
 in its header), and the guest sees the chain stacked::
 
-    empty ext4 base  <-  template layers  <-  own frozen layers  <-  upper/disk.qcow2
-    (read-only)          (read-only)          (read-only)            (the guest writes here)
+    template layers  <-  own frozen layers  <-  upper/disk.qcow2
+    (read-only)          (read-only)            (the guest writes here)
+
+The bottom layer of every chain starts as a copy of an empty ext4 image (:func:`empty_base`,
+~8 MiB), so a chain never depends on a file outside its layers.
 
 So snapshot, restore, reset, fork and templates are the storage's renames, unchanged:
 freezing the upper makes its disk a read-only layer, and the new upper's disk starts
@@ -16,8 +19,8 @@ the shared backing files.
 The chain is handed to QEMU as open file descriptors and an explicit ``backing`` per
 node (:func:`blockdev_args`): QEMU never opens a path, and no backing-file name in an
 image header is ever followed -- a header is written by QEMU, which the guest may have
-taken over (SECURITY.md #19, #20). The ext4 inside is made by the host's ``mkfs.ext4``
-once per state directory (:func:`empty_base`) and never mounted on the host: only the
+taken over (SECURITY.md #19, #20). The empty ext4 image is made by the host's
+``mkfs.ext4`` once per state directory; no disk is ever mounted on the host: only the
 guest's kernel parses what the guest wrote.
 """
 
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 from collections.abc import Sequence
@@ -86,15 +90,25 @@ def empty_base(directory: str) -> str:
     return path
 
 
-def ensure_top(upper: str) -> str:
-    """``upper``'s disk, made empty (no backing file named in it) when missing."""
+def ensure_top(upper: str, base: str | None, owner: tuple[int, int] | None = None) -> str:
+    """``upper``'s disk, made when missing: empty (no backing file named in it) over
+    layers, or a copy of ``base`` (the empty ext4 image) when it is the bottom of its
+    chain. So every chain carries its own file system from its bottom layer up, and a
+    layer never depends on a base that another machine (an import) or a new base
+    would make differently (mkfs picks a new UUID and hash seed each time). Owned by
+    ``owner`` (the storage's), whose ids an export records."""
     path = os.path.join(upper, DISK)
     if os.path.lexists(path):
         return path
     temp = os.path.join(upper, f".{DISK}.{os.getpid()}.tmp")
     try:
-        _run([QEMU_IMG, "create", "-q", "-f", "qcow2", temp, str(SIZE)], "make the workspace's disk")
+        if base is None:
+            _run([QEMU_IMG, "create", "-q", "-f", "qcow2", temp, str(SIZE)], "make the workspace's disk")
+        else:
+            shutil.copyfile(base, temp)
         os.chmod(temp, 0o600)
+        if owner is not None:
+            os.chown(temp, *owner)
         os.rename(temp, path)
     finally:
         if os.path.exists(temp):
