@@ -378,3 +378,24 @@ def test_export_and_import_carry_the_disk_and_its_file_system(client: silo.Clien
     finally:
         for base in tmp_path.glob("empty-ext4-*"):
             base.rename(vm_dir / base.name)
+
+
+def test_inspect_reports_the_guests_memory_and_its_vms_on_the_host(client: silo.Client, names: list[str]) -> None:
+    name = started(names, "--memory", "256M")
+    deadline = time.monotonic() + 30
+    info = client.get(name).info()
+    while not (info.memory or {}).get("guest", {}).get("total") and time.monotonic() < deadline:
+        time.sleep(0.5)
+        info = client.get(name).info()
+    memory = info.memory
+    assert memory is not None, info
+    guest = memory["guest"]
+    assert memory["ram_bytes"] == 256 << 20
+    assert 128 << 20 < guest["total"] <= 256 << 20  # the guest's kernel reserves some of its RAM
+    assert 0 < guest["free"] <= guest["available"] <= guest["total"]
+    assert guest["balloon"] == 256 << 20  # nothing inflated: the guest may use all of it
+    assert 0 < memory["host_bytes"]
+    shown = json.loads(ok("inspect", name))
+    assert shown["memory"]["ram_bytes"] == 256 << 20
+    ok("stop", name)
+    assert client.get(name).info().memory is None

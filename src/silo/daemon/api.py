@@ -109,6 +109,7 @@ class WorkspaceOut(BaseModel):
     snapshots: list[SnapshotOut]
     private_bytes: int | None
     network: dict[str, Any] | None = None  # a running workspace's addresses, counters and refusals
+    memory: dict[str, Any] | None = None  # a running vm workspace's guest and host memory
 
 
 class TemplateOut(BaseModel):

@@ -180,7 +180,20 @@ class Manager:
                 "owner": record.owner, "created": record.created, "updated": record.updated,
                 "error": record.error, "pid": run.proc.pid if run else None, "template": record.template,
                 "snapshots": snaps, "private_bytes": private,
-                "network": self.network_stats(record.name) if usage else None}
+                "network": self.network_stats(record.name) if usage else None,
+                "memory": self.memory_stats(run) if run is not None else None}
+
+    @staticmethod
+    def memory_stats(run: Running) -> dict[str, Any] | None:
+        """A running vm workspace's memory: the guest's RAM, what its balloon driver last
+        reported (``guest``: the guest's own figures), and what its machine -- QEMU,
+        virtiofsd and the supervisor -- uses on the host (``host_bytes``, from its cgroup)."""
+        machine = run.proc.machine
+        if machine is None or run.plan.vm is None:
+            return None
+        cgroup = run.proc.cgroup
+        return {"ram_bytes": run.plan.vm.memory << 20, "guest": dict(machine.memory),
+                "host_bytes": cgroup.memory_bytes() if cgroup is not None else None}
 
     def _check_sources(self, peer: int, spec: WorkspaceSpec) -> None:
         """A non-root caller of a root daemon maps only what it owns (the daemon reads as root);

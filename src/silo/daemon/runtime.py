@@ -87,6 +87,7 @@ class Machine:
         self.ids = itertools.count(1)
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.down: tuple[bool, str] | None = None  # (broken, reason), once the machine said so
+        self.memory: dict[str, int] = {}  # the guest's last memory report (silo.backends.vm.workspace)
 
     def send(self, message: tuple[Any, ...], fds: list[int] | None = None) -> None:
         with contextlib.suppress(OSError):
@@ -144,6 +145,8 @@ class Machine:
             self.ready.exception()
         elif kind == "down":
             self.down = (bool(message[1]), str(message[2]))
+        elif kind == "memory" and isinstance(message[1], dict):
+            self.memory = {str(k): int(v) for k, v in message[1].items() if isinstance(v, int)}
         elif kind in ("started", "exit", "error"):
             command = self.commands.get(message[1])
             if command is not None:

@@ -108,13 +108,17 @@ class WorkspaceInfo:
     # A running workspace's network: addresses, bytes_in/bytes_out, refused_attempts and
     # the refused destinations (None when it has no network or was not measured).
     network: dict[str, Any] | None = None
+    # A running vm workspace's memory: ram_bytes (the guest's RAM), guest (what its balloon
+    # driver reports: total, available, free, caches, and balloon, in bytes) and host_bytes
+    # (what its VM uses on the host). None at other levels or when not running.
+    memory: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, object]:
         """The API's ``Workspace`` object (what ``silo inspect`` prints)."""
         return {"name": self.name, "state": self.state.value, "spec": self.spec.to_dict(), "owner": self.owner,
                 "created": self.created, "updated": self.updated, "error": self.error, "pid": self.pid,
                 "template": self.template, "snapshots": [_snapshot_dict(s) for s in self.snapshots],
-                "private_bytes": self.private_bytes, "network": self.network}
+                "private_bytes": self.private_bytes, "network": self.network, "memory": self.memory}
 
 
 @dataclass(frozen=True)
@@ -220,7 +224,8 @@ def _parse_info(untrusted: object) -> WorkspaceInfo:
         error=_opt(table, "error", str), pid=_opt(table, "pid", int),
         template=_opt(table, "template", str),
         snapshots=tuple(_parse_snapshot(s) for s in _items(table.get("snapshots", []), "snapshots")),
-        private_bytes=_opt(table, "private_bytes", int), network=_opt(table, "network", dict))
+        private_bytes=_opt(table, "private_bytes", int), network=_opt(table, "network", dict),
+        memory=_opt(table, "memory", dict))
 
 
 def _parse_template(untrusted: object) -> Template:

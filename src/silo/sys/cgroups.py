@@ -75,6 +75,10 @@ class Cgroup(Protocol):
     def kill(self) -> None:
         """SIGKILL every process in the cgroup; does not wait for them to exit."""
 
+    def memory_bytes(self) -> int | None:
+        """The memory its processes use now (page cache included), or None when unknown."""
+        ...
+
     def destroy(self) -> None:
         """Close fds and remove the cgroup; idempotent; never raises for ENOENT."""
 

@@ -84,6 +84,15 @@ class V1Cgroup:
             return "pids"
         return None
 
+    def memory_bytes(self) -> int | None:
+        mem = self.dirs.get("memory")
+        if mem is None:
+            return None
+        try:
+            return int(c.read_file(f"{mem}/memory.usage_in_bytes"))
+        except (OSError, ValueError):
+            return None
+
     def kill(self) -> None:
         """SIGKILL every process (v1 has no ``cgroup.kill``: procs loop, pidfd-checked)."""
         for path in self.dirs.values():

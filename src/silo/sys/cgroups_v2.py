@@ -68,6 +68,14 @@ class V2Cgroup:
                 return "pids"
         return None
 
+    def memory_bytes(self) -> int | None:
+        if self._gone:
+            return None
+        try:
+            return int(c.read_file(f"{self.path}/memory.current"))
+        except (OSError, ValueError):
+            return None
+
     def kill(self) -> None:
         """SIGKILL every process: ``cgroup.kill`` (Linux 5.14+), else the procs loop."""
         if self._gone:

@@ -100,7 +100,7 @@ def qemu_argv(vm: p.Vm, *, agent_fd: int, qmp_fd: int, vfs_fd: int, console_fd: 
         "-chardev", f"socket,id=agent,fd={agent_fd}",
         "-device", "virtserialport,chardev=agent,name=silo.agent",
         "-device", "virtio-rng-device",
-        "-device", "virtio-balloon-device,free-page-reporting=on",
+        "-device", "virtio-balloon-device,id=balloon,free-page-reporting=on",
         "-chardev", f"socket,id=qmp,fd={qmp_fd}", "-mon", "chardev=qmp,mode=control",
         *disk.blockdev_args(disk_fds, vm.disk_writable),
     ]

@@ -139,6 +139,7 @@ class Run:
         self.shutdown_reasons: list[str] = []  # QEMU's SHUTDOWN events: why the machine ended
         self.early_signals: list[int] = []  # forwarded before the run's command was sent
         self.events: asyncio.Task[None] | None = None  # watch_events
+        self.qmp_client: QMPClient | None = None
 
     # lifecycle ------------------------------------------------------------------
 
@@ -368,6 +369,7 @@ class Run:
         except (TimeoutError, OSError, QMPError) as e:
             self._fail(f"QEMU did not start ({e or 'no QMP greeting'})")
             return False
+        self.qmp_client = qmp
         self.events = loop.create_task(self.watch_events(qmp))
         try:
             await asyncio.wait_for(asyncio.shield(self.hello), BOOT_TIMEOUT)

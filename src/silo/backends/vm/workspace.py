@@ -10,6 +10,7 @@ tuple (silod is the same trusted uid; the guest never reaches this socket)::
      tty, rows, cols) + stdin/out/err fds       ("started", ID, PID) [+ pty master fd]
     ("signal", ID, SIG)                         ("error", ID, CLASS, MESSAGE)  not started
     ("stop", GRACE_MS)                          ("exit", ID, CODE)
+                                                ("memory", {...})  every MEMORY_POLL s
                                                 ("down", BROKEN, REASON)  then it exits
 
 It boots the machine as a one-shot run does (silo.backends.vm.supervisor), gives the
@@ -40,11 +41,18 @@ import termios
 import tty as ttymod
 from typing import Any
 
+from qemu.qmp import QMPError
+
 from silo.agent import protocol as P
 from silo.backends.vm import supervisor as sup
 from silo.model import plan as p
 
 CONTROL_FD = 3
+MEMORY_POLL = 2  # seconds between the guest's memory statistics (virtio-balloon)
+BALLOON = "/machine/peripheral/balloon"
+# virtio-balloon's statistics as QEMU names them -> as silo reports them
+GUEST_STATS = {"stat-total-memory": "total", "stat-available-memory": "available", "stat-free-memory": "free",
+               "stat-disk-caches": "caches"}
 STOP_EXTRA = 20.0  # seconds past the grace for the guest to sync and power off
 WINSIZE_POLL = 0.25
 _WINSIZE = struct.Struct("HHHH")
@@ -148,6 +156,24 @@ class Workspace(sup.Run):
                     if (rows, cols) != job.winsize:
                         job.winsize = (rows, cols)
                         self.send(P.winsize(job.channel, rows, cols))
+
+    async def report_memory(self) -> None:
+        """The guest's memory as its balloon driver reports it (the guest's word: numbers,
+        checked as such) and the balloon's size, sent to silod every MEMORY_POLL seconds."""
+        qmp = self.qmp_client
+        if qmp is None:
+            return
+        with contextlib.suppress(QMPError, OSError):
+            await qmp.execute("qom-set", {"path": BALLOON, "property": "guest-stats-polling-interval",
+                                          "value": MEMORY_POLL})
+        while True:
+            try:
+                stats = await qmp.execute("qom-get", {"path": BALLOON, "property": "guest-stats"})
+                balloon = await qmp.execute("query-balloon")
+            except (QMPError, OSError):
+                return
+            _send(self.ctl, ("memory", memory_report(stats, balloon)))
+            await asyncio.sleep(MEMORY_POLL)
 
     # control ------------------------------------------------------------------------
 
@@ -256,12 +282,29 @@ class Workspace(sup.Run):
         _send(self.ctl, ("ready",))
         self.ctl.setblocking(False)
         loop.add_reader(self.ctl.fileno(), self.on_control)
-        poller = loop.create_task(self.poll_winsizes())
+        tasks = [loop.create_task(self.poll_winsizes()), loop.create_task(self.report_memory())]
         assert self.exit_code is not None
         try:
             return await self.exit_code
         finally:
-            poller.cancel()
+            for task in tasks:
+                task.cancel()
+
+
+def memory_report(stats: object, balloon: object) -> dict[str, int]:
+    """Bytes: the guest's ``total``/``available``/``free``/``caches`` (left out when the
+    guest has not reported them) and ``balloon``, the RAM the guest may use now."""
+    out: dict[str, int] = {}
+    values = stats.get("stats") if isinstance(stats, dict) else None
+    if isinstance(values, dict):
+        for qemu_name, name in GUEST_STATS.items():
+            value = values.get(qemu_name)
+            if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 50:
+                out[name] = value
+    actual = balloon.get("actual") if isinstance(balloon, dict) else None
+    if isinstance(actual, int) and not isinstance(actual, bool) and actual >= 0:
+        out["balloon"] = actual
+    return out
 
 
 def main() -> int:
