@@ -89,15 +89,20 @@ class Machine:
         self.down: tuple[bool, str] | None = None  # (broken, reason), once the machine said so
         self.memory: dict[str, int] = {}  # the guest's last memory report (silo.backends.vm.workspace)
 
-    def send(self, message: tuple[Any, ...], fds: list[int] | None = None) -> None:
-        with contextlib.suppress(OSError):
+    def send(self, message: tuple[Any, ...], fds: list[int] | None = None, *, strict: bool = False) -> None:
+        """Send one message (waiting up to 5 s for room); a failure raises when ``strict``,
+        else the message is dropped (a signal or stop for a machine that is going anyway)."""
+        try:
             if fds:
                 socket.send_fds(self.sock, [marshal.dumps(message)], fds)
             else:
                 self.sock.send(marshal.dumps(message))
+        except OSError as e:
+            if strict:
+                raise InternalError(f"cannot reach the VM's supervisor: {e.strerror or e}") from None
 
     def listen(self) -> None:
-        self.sock.setblocking(False)
+        self.sock.settimeout(5)  # sends wait for room; reads happen only when readable
         asyncio.get_running_loop().add_reader(self.sock.fileno(), self._on_message)
 
     def close(self) -> None:
@@ -125,7 +130,7 @@ class Machine:
     def _on_message(self) -> None:
         try:
             data, fds, _, _ = socket.recv_fds(self.sock, 1 << 20, 1)
-        except BlockingIOError:
+        except (BlockingIOError, TimeoutError):
             return
         except OSError:
             data, fds = b"", []
@@ -171,11 +176,12 @@ class Machine:
         command = Command(self, next(self.ids))
         self.commands[command.ident] = command
         rows, cols = proc.winsize
-        self.send(("exec", command.ident, list(proc.argv), list(proc.env), proc.cwd, proc.uid, proc.gid,
-                   proc.tty, rows, cols), list(stdio))
         try:
+            self.send(("exec", command.ident, list(proc.argv), list(proc.env), proc.cwd, proc.uid, proc.gid,
+                       proc.tty, rows, cols), list(stdio), strict=True)
             await command.running
         except BaseException:
+            self.commands.pop(command.ident, None)
             if not command.exited.done():
                 command.signal(signal.SIGKILL)
             raise
