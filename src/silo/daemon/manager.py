@@ -307,7 +307,9 @@ class Manager:
 
     async def _start(self, record: WorkspaceRecord) -> WorkspaceRecord:
         name = record.name
-        plan = self._plan(record)
+        # off the loop: a vm workspace's plan makes its disk (qemu-img, and mkfs.ext4 the
+        # first time in a state directory)
+        plan = await asyncio.to_thread(self._plan, record)
         path = self.log_path(record)
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         with contextlib.suppress(OSError):

@@ -114,6 +114,8 @@ class Job:
         self.pending_signals: list[int] = []
         self.reading = False
         self.stdin_task: asyncio.Task[None] | None = None
+        self.ident: int | None = None  # a workspace's exec: silod's id for it
+        self.master: int | None = None  # a workspace's tty exec: the pty master, until sent to silod
 
 
 class Run:

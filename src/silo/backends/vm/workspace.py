@@ -61,7 +61,6 @@ _CLASSES = {127: "CommandNotFound", 126: "CommandNotExecutable"}
 
 def _send(ctl: socket.socket, message: tuple[Any, ...], fds: list[int] | None = None) -> None:
     with contextlib.suppress(OSError):
-        ctl.setblocking(True)
         if fds:
             socket.send_fds(ctl, [marshal.dumps(message)], fds)
         else:
@@ -74,9 +73,7 @@ class Workspace(sup.Run):
         self.ctl = ctl
         self.ready = False
         self.stopping = False
-        self.by_id: dict[int, sup.Job] = {}
-        self.ids: dict[int, int] = {}  # channel -> the exec's id
-        self.masters: dict[int, int] = {}  # channel -> pty master, until sent with "started"
+        self.by_id: dict[int, sup.Job] = {}  # silod's exec ids -> their jobs
         self.down_sent = False
         self.agent_gone = False
 
@@ -97,34 +94,30 @@ class Workspace(sup.Run):
 
     def end_job(self, job: sup.Job, code: int) -> None:
         super().end_job(job, code)
-        ident = self.ids.pop(job.channel, None)
-        if ident is not None:
-            self.by_id.pop(ident, None)
+        if job.ident is not None and self.by_id.pop(job.ident, None) is not None:
             if job.error is not None and not job.started.done():
                 code, text = job.error
-                _send(self.ctl, ("error", ident, _CLASSES.get(code, "InternalError"), text))
+                _send(self.ctl, ("error", job.ident, _CLASSES.get(code, "InternalError"), text))
             else:
-                _send(self.ctl, ("exit", ident, code))
-        master = self.masters.pop(job.channel, None)
-        for fd in {*job.stdio, *((master,) if master is not None else ())}:
+                _send(self.ctl, ("exit", job.ident, code))
+        for fd in {*job.stdio, *((job.master,) if job.master is not None else ())}:
             with contextlib.suppress(OSError):
                 os.close(fd)
+        job.master = None
 
     def on_started(self, job: sup.Job) -> None:
-        ident = self.ids.get(job.channel)
-        if ident is None or job.started.cancelled():
+        if job.ident not in self.by_id or job.started.cancelled():
             return
-        master = self.masters.pop(job.channel, None)
-        _send(self.ctl, ("started", ident, job.started.result()), [master] if master is not None else None)
+        master, job.master = job.master, None
+        _send(self.ctl, ("started", job.ident, job.started.result()), [master] if master is not None else None)
         if master is not None:
             os.close(master)
 
     def start_exec(self, message: tuple[Any, ...], fds: list[int]) -> None:
         _, ident, argv, env, cwd, uid, gid, tty, rows, cols = message
-        ident = int(ident)
         channel = self.next_channel
         self.next_channel += 1
-        slave = None
+        slave = master = None
         if tty:
             master, slave = os.openpty()
             ttymod.setraw(slave)  # the guest's pty does the line discipline
@@ -132,11 +125,10 @@ class Workspace(sup.Run):
             for fd in fds:
                 os.close(fd)
             fds = []
-            self.masters[channel] = master
         job = sup.Job(channel, (fds[0], fds[1], fds[2]) if fds else (-1, -1, -1), slave)
         job.winsize = (int(rows), int(cols))
-        self.ids[channel] = ident
-        self.by_id[ident] = job
+        job.ident, job.master = int(ident), master
+        self.by_id[job.ident] = job
         job.started.add_done_callback(lambda _: self.on_started(job))
         try:
             command = sup.Command(argv, env, cwd, uid, gid, self.vm.hostname)
@@ -280,7 +272,8 @@ class Workspace(sup.Run):
         self.next_channel = sup.CHANNEL
         self.ready = True
         _send(self.ctl, ("ready",))
-        self.ctl.setblocking(False)
+        # The socket stays blocking: reads happen only once it is readable, and sends
+        # wait for room rather than drop a message.
         loop.add_reader(self.ctl.fileno(), self.on_control)
         tasks = [loop.create_task(self.poll_winsizes()), loop.create_task(self.report_memory())]
         assert self.exit_code is not None
