@@ -366,6 +366,24 @@ class World:
 # -- the probe, as tests run it
 
 
+def net_leftovers() -> dict[str, Any]:
+    """What networks leave on the host: silo-N links, silo_N tables, keepers, leases."""
+    links = subprocess.run(["ip", "-br", "link"], capture_output=True, text=True).stdout
+    tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
+    keepers = subprocess.run(["pgrep", "-f", "silo.net.keeper"], capture_output=True, text=True).stdout
+    leases = os.listdir("/run/silo/net/leases") if os.path.isdir("/run/silo/net/leases") else []
+    return {"links": [ln.split()[0] for ln in links.splitlines() if ln.startswith("silo-")],
+            "tables": [t for t in tables.splitlines() if "silo_" in t],
+            "keepers": keepers.split(), "leases": leases}
+
+
+NOTHING = {"links": [], "tables": [], "keepers": [], "leases": []}
+
+
+def blocked(result: str) -> bool:
+    return result in ("refused", "timeout") or result.startswith("unreachable")
+
+
 def host_address() -> str:
     """An IPv4 address of the host's own (not loopback, not the world's, not a sandbox's);
     the calling test is skipped when the host has none."""

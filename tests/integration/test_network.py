@@ -31,11 +31,14 @@ from networld import (
     LAN4,
     LAN6,
     META4,
+    NOTHING,
     PUBLIC4,
     PUBLIC4_B,
     PUBLIC6,
     World,
+    blocked,
     host_address,
+    net_leftovers,
     netprobe_argv,
     parse_netprobe,
 )
@@ -51,23 +54,6 @@ def run_probe(mode: str, *checks: str, options: tuple[str, ...] = (), timeout: f
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     return parse_netprobe(r.stdout)
-
-
-def net_leftovers() -> dict[str, Any]:
-    links = subprocess.run(["ip", "-br", "link"], capture_output=True, text=True).stdout
-    tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
-    keepers = subprocess.run(["pgrep", "-f", "silo.net.keeper"], capture_output=True, text=True).stdout
-    leases = os.listdir("/run/silo/net/leases") if os.path.isdir("/run/silo/net/leases") else []
-    return {"links": [ln.split()[0] for ln in links.splitlines() if ln.startswith("silo-")],
-            "tables": [t for t in tables.splitlines() if "silo_" in t],
-            "keepers": keepers.split(), "leases": leases}
-
-
-NOTHING = {"links": [], "tables": [], "keepers": [], "leases": []}
-
-
-def blocked(result: str) -> bool:
-    return result in ("refused", "timeout") or result.startswith("unreachable")
 
 
 MATRIX = [f"tcp:{PUBLIC4}:80", f"tcp:[{PUBLIC6}]:80", f"udp:{PUBLIC4}:7", f"udp:[{PUBLIC6}]:7",

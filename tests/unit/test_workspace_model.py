@@ -205,7 +205,6 @@ def test_from_dict_names_the_bad_key(data: dict[str, object], path: tuple[object
 
 
 @pytest.mark.parametrize(("extra", "what"), [
-    ({"network": {"mode": "internet"}}, "a network"),
     ({"mount": ["/a:/x"]}, "mounts"),
     ({"root": "/srv/img"}, "root /srv/img"),
     ({"limits": {"pids": 100}}, "a pids limit"),
@@ -216,7 +215,8 @@ def test_vm_workspaces_refuse_what_the_vm_level_lacks(extra: dict[str, object], 
     assert info.value.message.endswith(
         f"a workspace at isolation 'vm' cannot have {what} yet: drop it, or use isolation 'process'")
     _one_line(info.value)
-    assert WorkspaceSpec.from_dict({"name": "web", "isolation": "vm", "limits": {"memory": "1G", "cpus": 2}})
+    assert WorkspaceSpec.from_dict({"name": "web", "isolation": "vm", "limits": {"memory": "1G", "cpus": 2},
+                                    "network": {"mode": "internet"}})
 
 
 def test_from_dict_refuses_non_tables() -> None:

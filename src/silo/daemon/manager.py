@@ -323,7 +323,7 @@ class Manager:
         log_fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             if plan.vm is not None:
-                proc = await self.runtime.start_vm(name, plan, log_fd)
+                proc = await self.runtime.start_vm(name, plan, log_fd, keeper)
             else:
                 proc = await self.runtime.start_init(name, plan, log_fd, keeper)
         except BaseException as e:
@@ -442,7 +442,8 @@ class Manager:
 
         policy = record.spec.network
         links = self._links(record, policy)
-        return await asyncio.to_thread(KeeperClient.start, policy, f"ws-{self.runtime.tag}-{record.name}", links)
+        return await asyncio.to_thread(KeeperClient.start, policy, f"ws-{self.runtime.tag}-{record.name}", links,
+                                       vm=record.spec.isolation is Isolation.VM)
 
     async def _network_down(self, run: Running) -> None:
         if run.network is not None:

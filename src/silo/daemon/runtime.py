@@ -272,9 +272,11 @@ class Runtime:
             os.close(null)
         return await self._running(started, cgroup)
 
-    async def start_vm(self, name: str, plan: p.Plan, log_fd: int) -> Process:
+    async def start_vm(self, name: str, plan: p.Plan, log_fd: int, network: Any = None) -> Process:
         """Start a vm workspace's machine (its supervisor, in the workspace's cgroup with
-        the guest's memory and QEMU's own) and wait until its guest is up (or failed)."""
+        the guest's memory and QEMU's own) and wait until its guest is up (or failed).
+        ``network``: its keeper's :class:`silo.net.keeper.KeeperClient`, whose tap the
+        guest's NIC is."""
         from silo.backends.vm import machine
 
         assert plan.vm is not None
@@ -300,7 +302,7 @@ class Runtime:
         proc.machine = Machine(mine)
         try:
             cgroup.add(pid)
-            proc.machine.send(("plan", plan.to_wire()))
+            proc.machine.send(("plan", plan.to_wire()), [network.tap_fd] if network is not None else None)
             proc.machine.listen()
             either: list[asyncio.Future[Any]] = [proc.machine.ready, proc.exited]
             await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)

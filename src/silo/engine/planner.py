@@ -161,7 +161,7 @@ def _plan_vm(spec: Spec, argv: Sequence[str], term: str | None, tty: bool) -> p.
     process = p.Process(argv=tuple(argv), env=_environment(spec, uid, term), cwd=spec.workdir or "/",
                         uid=uid, gid=gid, rlimits=spec.rlimits)
     return p.Plan(isolation="vm", namespaces=(), uid_map=(), gid_map=(), ops=(), process=process,
-                  timeout=spec.timeout, vm=vm)
+                  timeout=spec.timeout, vm=vm, network=_network(spec))
 
 
 def plan_vm_workspace(spec: Spec, disks: Sequence[str], writable: bool, machine_id: str) -> p.Plan:
@@ -174,12 +174,13 @@ def plan_vm_workspace(spec: Spec, disks: Sequence[str], writable: bool, machine_
     uid, gid = spec.user.uid, spec.user.gid
     process = p.Process(argv=("/bin/sh",), env=_environment(spec, uid, None), cwd=spec.workdir or "/",
                         uid=uid, gid=gid, rlimits=spec.rlimits)
-    return p.Plan(isolation="vm", namespaces=(), uid_map=(), gid_map=(), ops=(), process=process, vm=vm)
+    return p.Plan(isolation="vm", namespaces=(), uid_map=(), gid_map=(), ops=(), process=process, vm=vm,
+                  network=_network(spec))
 
 
 def _check_vm(spec: Spec, tty: bool) -> None:
     missing = [what for what, asked in (
-        ("-t (a terminal)", tty), ("--network", spec.network.enabled), ("-v (volumes)", bool(spec.mounts)),
+        ("-t (a terminal)", tty), ("-v (volumes)", bool(spec.mounts)),
         (f"--root {spec.root}", spec.root != "host"), ("--cap", bool(spec.caps)), ("--pids", spec.limits.pids),
     ) if asked]
     if missing:
@@ -379,8 +380,13 @@ def _plan_process(spec: Spec, argv: Sequence[str], term: str | None, tty: bool, 
         isolation=spec.isolation.value, namespaces=p.NAMESPACES, uid_map=uid_map, gid_map=gid_map,
         ops=tuple(ops), process=process, memory=spec.limits.memory, cpus=spec.limits.cpus,
         pids=spec.limits.pids, timeout=spec.timeout,
-        network=json.dumps(spec.network.to_dict(), sort_keys=True) if spec.network.enabled else None,
+        network=_network(spec),
     )
+
+
+def _network(spec: Spec) -> str | None:
+    """A plan's network: the policy, for the keeper (silo.net.keeper), if it has one."""
+    return json.dumps(spec.network.to_dict(), sort_keys=True) if spec.network.enabled else None
 
 
 def keep_layout(keep: str, path: str) -> tuple[str, str]:

@@ -233,7 +233,7 @@ class WorkspaceSpec:
 
     def _check_vm(self) -> None:
         missing = [what for what, asked in (
-            ("a network", self.network.enabled), ("mounts", bool(self.mounts)),
+            ("mounts", bool(self.mounts)),
             (f"root {self.root}", self.root.startswith("/")), ("a pids limit", self.limits.pids is not None),
         ) if asked]
         if missing:

@@ -42,6 +42,11 @@
 #include <termios.h>
 #include <unistd.h>
 #include <pty.h>
+#include <arpa/inet.h>
+#include <net/if.h>
+#include <net/route.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 
 #define VERSION 3
 #define SEED_MIN 16
@@ -716,6 +721,111 @@ static int remove_entry(const char *path, const struct stat *st, int flag, struc
     return 0;
 }
 
+static void set_up(int sock, const char *name)
+{
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    snprintf(ifr.ifr_name, sizeof ifr.ifr_name, "%s", name);
+    if (ioctl(sock, SIOCGIFFLAGS, &ifr) < 0)
+        init_fail("cannot read a network interface's flags");
+    ifr.ifr_flags |= IFF_UP;
+    if (ioctl(sock, SIOCSIFFLAGS, &ifr) < 0)
+        init_fail("cannot bring a network interface up");
+}
+
+/* The kernel's in6_ifreq (linux/ipv6.h, which clashes with netinet/in.h). */
+struct silo_in6_ifreq {
+    struct in6_addr addr;
+    uint32_t prefixlen;
+    int ifindex;
+};
+
+/* silo.net=ADDR4/LEN,GATEWAY4,ADDR6/LEN,GATEWAY6: eth0 (virtio-net, on a tap in the
+ * workspace's network namespace, whose policy applies to everything it carries), its
+ * addresses and default routes, and silo's resolver at GATEWAY4 (the namespace's end)
+ * in the new root's /etc/resolv.conf. The guest may change all of it: what leaves the
+ * tap is checked on the host side, never trusted from here. */
+static void setup_net(const char *spec)
+{
+    char buf[256], *field[4], *save = NULL;
+    snprintf(buf, sizeof buf, "%s", spec);
+    int n = 0;
+    for (char *f = strtok_r(buf, ",", &save); f && n < 4; f = strtok_r(NULL, ",", &save))
+        field[n++] = f;
+    char *len4 = n == 4 ? strchr(field[0], '/') : NULL, *len6 = n == 4 ? strchr(field[2], '/') : NULL;
+    struct in_addr a4, g4;
+    struct in6_addr a6, g6;
+    errno = EINVAL;
+    if (!len4 || !len6)
+        init_fail("bad silo.net");
+    *len4++ = 0;
+    *len6++ = 0;
+    int p4 = atoi(len4), p6 = atoi(len6);
+    if (inet_pton(AF_INET, field[0], &a4) != 1 || inet_pton(AF_INET, field[1], &g4) != 1
+        || inet_pton(AF_INET6, field[2], &a6) != 1 || inet_pton(AF_INET6, field[3], &g6) != 1
+        || p4 < 1 || p4 > 32 || p6 < 1 || p6 > 128)
+        init_fail("bad silo.net");
+    unsigned idx = 0;
+    for (int i = 0; !(idx = if_nametoindex("eth0")); i++) {
+        if (i == 200)
+            init_fail("the network interface (eth0) did not appear");
+        poll(NULL, 0, 10);
+    }
+    write_file("/proc/sys/net/ipv6/conf/eth0/accept_dad", "0\n", 2);
+    write_file("/proc/sys/net/ipv6/conf/eth0/accept_ra", "0\n", 2);
+    write_file("/proc/sys/net/ipv6/conf/eth0/autoconf", "0\n", 2);
+    /* unprivileged ping, as the process level allows */
+    write_file("/proc/sys/net/ipv4/ping_group_range", "0 2147483647\n", 13);
+    int s4 = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (s4 < 0)
+        init_fail("cannot make a socket");
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    snprintf(ifr.ifr_name, sizeof ifr.ifr_name, "eth0");
+    struct sockaddr_in *sin = (struct sockaddr_in *)&ifr.ifr_addr;
+    sin->sin_family = AF_INET;
+    sin->sin_addr = a4;
+    if (ioctl(s4, SIOCSIFADDR, &ifr) < 0)
+        init_fail("cannot set eth0's address");
+    sin->sin_addr.s_addr = htonl(~0u << (32 - p4));
+    if (ioctl(s4, SIOCSIFNETMASK, &ifr) < 0)
+        init_fail("cannot set eth0's netmask");
+    set_up(s4, "eth0");
+    struct rtentry rt;
+    memset(&rt, 0, sizeof rt);
+    ((struct sockaddr_in *)&rt.rt_dst)->sin_family = AF_INET;
+    ((struct sockaddr_in *)&rt.rt_genmask)->sin_family = AF_INET;
+    sin = (struct sockaddr_in *)&rt.rt_gateway;
+    sin->sin_family = AF_INET;
+    sin->sin_addr = g4;
+    rt.rt_flags = RTF_UP | RTF_GATEWAY;
+    if (ioctl(s4, SIOCADDRT, &rt) < 0)
+        init_fail("cannot add the default route");
+    close(s4);
+    int s6 = socket(AF_INET6, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (s6 >= 0) {  /* a kernel without IPv6 gets IPv4 only */
+        struct silo_in6_ifreq r6 = { .addr = a6, .prefixlen = p6, .ifindex = (int)idx };
+        if (ioctl(s6, SIOCSIFADDR, &r6) < 0)
+            init_fail("cannot set eth0's IPv6 address");
+        struct in6_rtmsg rt6;
+        memset(&rt6, 0, sizeof rt6);
+        rt6.rtmsg_gateway = g6;
+        rt6.rtmsg_flags = RTF_UP | RTF_GATEWAY;
+        rt6.rtmsg_metric = 1;
+        rt6.rtmsg_ifindex = (int)idx;
+        if (ioctl(s6, SIOCADDRT, &rt6) < 0)
+            init_fail("cannot add the IPv6 default route");
+        close(s6);
+    }
+    char text[128];
+    int len = snprintf(text, sizeof text, "# silo's resolver: it answers by the workspace's network policy\n"
+                       "nameserver %s\noptions edns0\n", field[1]);
+    unlink("/newroot/etc/resolv.conf");  /* the host's may be a link into its /run */
+    must_mkdir("/newroot/etc", 0755);
+    if (write_file("/newroot/etc/resolv.conf", text, len) < 0)
+        init_fail("cannot write /etc/resolv.conf");
+}
+
 static void guest_init(void)
 {
     if (mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0
@@ -725,9 +835,9 @@ static void guest_init(void)
      * under a RAM overlay), silo.probe (answer the accelerator probe and power off),
      * silo.rwsize=BYTES (the RAM overlay's size), silo.disk=rw (the overlay's upper on
      * the workspace's disk instead of RAM) or silo.disk=ro (the disk's files a read-only
-     * layer under the RAM overlay: a disposable workspace on layers), silo.debug (time
-     * each step). */
-    char cmdline[4096] = "", root[32] = "host", disk[8] = "";
+     * layer under the RAM overlay: a disposable workspace on layers), silo.net=... (eth0:
+     * setup_net), silo.debug (time each step). */
+    char cmdline[4096] = "", root[32] = "host", disk[8] = "", net[256] = "";
     unsigned long long rwsize = 1ull << 30;
     int fd = open("/proc/cmdline", O_RDONLY | O_CLOEXEC);
     ssize_t n = fd >= 0 ? read(fd, cmdline, sizeof cmdline - 1) : -1;
@@ -747,6 +857,8 @@ static void guest_init(void)
             snprintf(root, sizeof root, "%s", arg + 10);
         else if (!strncmp(arg, "silo.disk=", 10))
             snprintf(disk, sizeof disk, "%s", arg + 10);
+        else if (!strncmp(arg, "silo.net=", 9))
+            snprintf(net, sizeof net, "%s", arg + 9);
         else if (!strncmp(arg, "silo.rwsize=", 12))
             rwsize = strtoull(arg + 12, NULL, 10);
         else if (!strcmp(arg, "silo.debug"))
@@ -759,6 +871,8 @@ static void guest_init(void)
     load_modules("/lib/silo/modules");
     if (disk[0])
         load_modules("/lib/silo/modules.disk");
+    if (net[0])
+        load_modules("/lib/silo/modules.net");
     mark("modules loaded");
     must_mkdir("/lower", 0755);
     must_mkdir("/rw", 0755);
@@ -808,6 +922,15 @@ static void guest_init(void)
     must_mount("run", "/newroot/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755");
     must_mount("silo", "/newroot/.silo", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=4m");
     copy_self("/newroot/.silo/silo-agent");
+    int lo = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (lo < 0)
+        init_fail("cannot make a socket");
+    set_up(lo, "lo");
+    close(lo);
+    if (net[0]) {
+        setup_net(net);
+        mark("network up");
+    }
     must_mount(NULL, "/newroot/.silo", NULL, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, NULL);
     mark("root ready");
     umount2("/proc", MNT_DETACH);

@@ -67,19 +67,23 @@ class KeeperClient:
     """The owner's handle on a running keeper."""
 
     def __init__(self, proc: subprocess.Popen[bytes], sock: socket.socket, netns_fd: int | None,
-                 lease: Lease) -> None:
+                 lease: Lease, tap_fd: int | None = None) -> None:
         self.proc = proc
         self.sock = sock
         self.netns_fd = netns_fd
+        self.tap_fd = tap_fd  # vm: the guest's tap in the namespace, for QEMU
         self.lease = lease
         self.pasta = -1  # rootless: a pidfd of the keeper's pasta, killed at close if still there
 
     @classmethod
     def start(cls, policy: NetworkPolicy, key: str, links: Mapping[str, Sequence[str]] | None = None,
-              timeout: float = 20.0) -> KeeperClient:
+              timeout: float = 20.0, vm: bool = False) -> KeeperClient:
         """Start a keeper and wait until the network is up (as root) or ready to attach
-        (rootless: :meth:`attach` once the sandbox is cloned); SiloError with its reason if not."""
+        (rootless: :meth:`attach` once the sandbox is cloned); SiloError with its reason if not.
+        ``vm``: for a vm level's guest, which joins through a tap (:attr:`tap_fd`; root only)."""
         rootless = os.geteuid() != 0
+        if rootless and vm:
+            raise SiloError("a network for --isolation vm needs root: run silod as root")
         if rootless and links:
             raise SiloError("links between workspaces need root: run silod as root, or drop --link")
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
@@ -90,12 +94,14 @@ class KeeperClient:
                                  str(theirs.fileno())], pass_fds=[theirs.fileno()], env=env,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
         theirs.close()
+        fds: list[int] = []
         try:
-            ours.sendall(json.dumps({"policy": policy.to_dict(), "key": key, "rootless": rootless,
+            ours.sendall(json.dumps({"policy": policy.to_dict(), "key": key, "rootless": rootless, "vm": vm,
                                      "links": {k: list(v) for k, v in (links or {}).items()}}).encode())
             ours.settimeout(timeout)
-            msg, fds, _, _ = socket.recv_fds(ours, wire.MAX_MSG, 1)
+            msg, fds, _, _ = socket.recv_fds(ours, wire.MAX_MSG, 2)
             netns_fd = fds[0] if fds else None
+            tap_fd = fds[1] if len(fds) > 1 else None
             ours.settimeout(None)
             reply: dict[str, Any] = json.loads(msg) if msg else {
                 "error": "the network keeper exited before its network was up"}
@@ -103,8 +109,12 @@ class KeeperClient:
                 raise SiloError(reply["error"])
             if netns_fd is None and not rootless:
                 raise SiloError("the network keeper sent no namespace")
+            if vm and tap_fd is None:
+                raise SiloError("the network keeper sent no tap for the VM")
             lease = Lease(**reply["ok"]["lease"])
         except BaseException as e:
+            for fd in fds:
+                os.close(fd)
             ours.close()  # EOF: a keeper still setting up tears down and exits
             try:
                 proc.wait(timeout=10)
@@ -114,7 +124,7 @@ class KeeperClient:
             if isinstance(e, (OSError, ValueError, KeyError, TypeError)) and not isinstance(e, SiloError):
                 raise SiloError(f"the network keeper failed: {e}") from None
             raise
-        return cls(proc, ours, netns_fd, lease)
+        return cls(proc, ours, netns_fd, lease, tap_fd)
 
     def attach(self, pid: int) -> None:
         """Rootless: set up the network in the namespaces of the cloned, not yet released
@@ -143,9 +153,10 @@ class KeeperClient:
 
     def close(self) -> None:
         """Stop the keeper and wait until everything it made is gone."""
-        if self.netns_fd is not None:
-            os.close(self.netns_fd)
-            self.netns_fd = None
+        for fd in (self.netns_fd, self.tap_fd):
+            if fd is not None:
+                os.close(fd)
+        self.netns_fd = self.tap_fd = None
         with contextlib.suppress(OSError, SiloError, ValueError):
             self.call({"op": "stop"})
         self.sock.close()
@@ -178,6 +189,8 @@ class Keeper:
         self.key = str(config["key"])
         self.links: dict[str, list[str]] = {str(k): list(v) for k, v in config.get("links", {}).items()}
         self.rootless = bool(config.get("rootless"))
+        self.vm = bool(config.get("vm"))  # a vm level's guest behind a tap (root only)
+        self.tap = -1
         self.host_addrs: list[str] = []  # blocked in the sandbox's table (rootless)
         self.inner: Any = None  # rootless: silo.net.rootless.Inner
         self.pasta: subprocess.Popen[bytes] | None = None
@@ -217,10 +230,15 @@ class Keeper:
         self.host_nft.run(rules.host_rules(lease, self.policy, self._link_addrs()))
         with links.in_netns(self.guest_ns):
             links.configure_guest(lease, self.policy.bandwidth)
+            if self.vm:
+                self.tap = links.create_tap()
             self.guest_nft = Nft()
-            self.guest_nft.run(rules.guest_base() + self._guest_policy())
+            self.guest_nft.run(rules.guest_base() + self._guest_policy() + (rules.vm_nat() if self.vm else []))
         self.dns_socks = [self._guest_socket(socket.SOCK_DGRAM, bind=(RESOLVER, 53)),
                           self._guest_socket(socket.SOCK_STREAM, bind=(RESOLVER, 53), listen=32)]
+        if self.vm:  # the guest asks the namespace's end of its tap
+            self.dns_socks += [self._guest_socket(socket.SOCK_DGRAM, bind=(rules.VM_HOST4, 53)),
+                               self._guest_socket(socket.SOCK_STREAM, bind=(rules.VM_HOST4, 53), listen=32)]
 
     def attach(self, userns_fd: int, netns_fd: int) -> None:
         """Rootless: the network in the sandbox's own namespaces (:mod:`silo.net.rootless`)."""
@@ -303,6 +321,9 @@ class Keeper:
         if self.guest_ns >= 0:
             os.close(self.guest_ns)
             self.guest_ns = -1
+        if self.tap >= 0:
+            os.close(self.tap)
+            self.tap = -1
 
     # -- the policy ---------------------------------------------------------------------
 
@@ -446,8 +467,9 @@ class Keeper:
                     await task
 
     def _start_dns(self) -> None:
-        self.tasks += [asyncio.create_task(self.resolver.serve_udp(self.dns_socks[0])),
-                       asyncio.create_task(self.resolver.serve_tcp(self.dns_socks[1]))]
+        for udp, tcp in zip(self.dns_socks[::2], self.dns_socks[1::2], strict=True):
+            self.tasks += [asyncio.create_task(self.resolver.serve_udp(udp)),
+                           asyncio.create_task(self.resolver.serve_tcp(tcp))]
 
     def _on_ctrl(self) -> None:
         assert self.stopping is not None
@@ -504,6 +526,13 @@ class Keeper:
                                 f"not available ({e.strerror}): choose another host port") from None
             self.proxies.append(server)
 
+    @property
+    def target(self) -> str:
+        """Where a published port is connected to inside: the sandbox's loopback, or a
+        vm level's guest."""
+        from silo.net import rules
+        return rules.VM_GUEST4 if self.vm else "127.0.0.1"
+
     def _proxy_handler(self, port: int) -> Any:
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             loop = asyncio.get_running_loop()
@@ -513,7 +542,7 @@ class Keeper:
                 writer.close()
                 return
             try:
-                await asyncio.wait_for(loop.sock_connect(inner, ("127.0.0.1", port)), 5)
+                await asyncio.wait_for(loop.sock_connect(inner, (self.target, port)), 5)
                 r2, w2 = await asyncio.open_connection(sock=inner)
             except (TimeoutError, OSError):
                 inner.close()
@@ -569,7 +598,7 @@ def main(argv: list[str]) -> int:
             assert keeper is not None and keeper.lease is not None
             await keeper.start_proxies()
             socket.send_fds(ctrl, [json.dumps({"ok": {"lease": keeper.lease.to_dict()}}).encode()],
-                            [keeper.guest_ns] if keeper.guest_ns >= 0 else [])
+                            [fd for fd in (keeper.guest_ns, keeper.tap) if fd >= 0])
             await keeper.serve()
 
         asyncio.run(run())

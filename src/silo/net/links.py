@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import ipaddress
 import os
+import struct
 from collections.abc import Iterator
 from typing import Any
 
@@ -212,3 +214,30 @@ def configure_guest(lease: Lease, bandwidth: int | None) -> None:
         ipr.route("add", dst="::/0", gateway=lease.host6, family=10)
         if bandwidth:
             add_tbf(ipr, eth, bandwidth)
+
+
+TUNSETIFF = 0x400454CA
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
+
+
+def create_tap() -> int:
+    """Inside the sandbox's namespace (the calling thread is in it): the vm level's tap
+    (rules.VM_TAP) with its host side's addresses, the forwarding its guest needs; the
+    tap's fd, which QEMU is given. The tap goes when the last fd of it is closed."""
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", rules.VM_TAP.encode(), IFF_TAP | IFF_NO_PI))
+        write_sysctl("net.ipv4.ip_forward", "1")
+        write_sysctl("net.ipv6.conf.all.forwarding", "1")
+        with contextlib.suppress(OSError):
+            write_sysctl(f"net.ipv6.conf.{rules.VM_TAP}.accept_dad", "0")
+        with IPRoute() as ipr:
+            tap = ipr.link_lookup(ifname=rules.VM_TAP)[0]
+            ipr.addr("add", index=tap, address=rules.VM_HOST4, prefixlen=rules.VM_PREFIX4)
+            ipr.addr("add", index=tap, address=rules.VM_HOST6, prefixlen=rules.VM_PREFIX6, flags=0x02)
+            ipr.link("set", index=tap, state="up")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd

@@ -28,6 +28,14 @@ Cmd = dict[str, Any]
 TABLE = "silo"
 IFPREFIX = "silo-"
 
+# A vm level's guest sits one hop behind the sandbox's namespace, on a tap: the same
+# addresses in every namespace, from the one /30 and /64 no lease gets (silo.net.links).
+# The namespace forwards the guest's packets through the policy and masquerades them to
+# its lease address; connections to the lease address are passed on to the guest.
+VM_TAP = "tap0"
+VM_HOST4, VM_GUEST4, VM_PREFIX4 = "10.213.255.253", "10.213.255.254", 30
+VM_HOST6, VM_GUEST6, VM_PREFIX6 = "fd51:5110:0:3fff::1", "fd51:5110:0:3fff::2", 64
+
 # Destinations `internet` and `allow` never reach (the names resolved in `allow` mode
 # included: DNS rebinding). Documentation ranges (192.0.2.0/24, 198.51.100.0/24,
 # 203.0.113.0/24, 2001:db8::/32) count as public: the tests' "internet" lives there.
@@ -111,12 +119,34 @@ def guest_base() -> list[Cmd]:
         cmds.append(_set(f"links{f}", _addr_type(f)))
         cmds.append(_set(f"pinned{f}", _addr_type(f), ["timeout"]))
         cmds.append(_set(f"pinnedp{f}", [_addr_type(f), "inet_proto", "inet_service"], ["timeout"]))
-    hooks = (("out", "output"), ("in", "input"))
+    hooks = (("out", "output"), ("in", "input"), ("fwd", "forward"))
     for chain, hook in hooks:
         cmds.append({"add": {"chain": {"family": "inet", "table": TABLE, "name": chain, "type": "filter",
                                        "hook": hook, "prio": 0, "policy": "accept"}}})
-    for chain in ("pass", "refuse"):
+    for chain in ("check", "pass", "refuse"):
         cmds.append({"add": {"chain": {"family": "inet", "table": TABLE, "name": chain}}})
+    return cmds
+
+
+def vm_nat() -> list[Cmd]:
+    """The sandbox's table's NAT for a vm level's guest (kept across policy changes):
+    what the guest sends leaves from the lease address; new connections to it (a link's,
+    a published port's come from the keeper on the tap) are passed to the guest."""
+    cmds: list[Cmd] = []
+    for chain, hook, prio in (("pre", "prerouting", -100), ("post", "postrouting", 100)):
+        cmds.append({"add": {"chain": {"family": "inet", "table": TABLE, "name": chain, "type": "nat",
+                                       "hook": hook, "prio": prio, "policy": "accept"}}})
+    from_outside = _match({"meta": {"key": "iifname"}}, "eth0")
+    for f, guest in (("4", VM_GUEST4), ("6", VM_GUEST6)):
+        family = "ip" if f == "4" else "ip6"
+        icmp = "icmp" if f == "4" else "icmpv6"
+        nfproto = _match({"meta": {"key": "nfproto"}}, "ipv4" if f == "4" else "ipv6")
+        dnat = {"dnat": {"family": family, "addr": guest}}
+        cmds.append(_rule("pre", from_outside, nfproto, _match(_L4, {"set": ["tcp", "udp"]}), dnat))
+        cmds.append(_rule("pre", from_outside, _match({"payload": {"protocol": icmp, "field": "type"}},
+                                                      "echo-request"), dnat))
+        cmds.append(_rule("post", _match(_saddr(f), guest), _match({"meta": {"key": "oifname"}}, "eth0"),
+                          {"masquerade": None}))
     return cmds
 
 
@@ -134,7 +164,7 @@ def guest_policy(policy: NetworkPolicy, links: Iterable[str] = (),
     the host's own addresses, blocked here too when nothing on the host guards them
     (rootless: :mod:`silo.net.rootless`)."""
     cmds: list[Cmd] = [{"flush": {"chain": {"family": "inet", "table": TABLE, "name": c}}}
-                       for c in ("out", "in", "pass", "refuse")]
+                       for c in ("out", "in", "fwd", "check", "pass", "refuse")]
     for f in ("4", "6"):
         for name in ("block", "allow", "allowp", "links", "pinned", "pinnedp"):
             cmds.append({"flush": {"set": {"family": "inet", "table": TABLE, "name": f"{name}{f}"}}})
@@ -152,24 +182,31 @@ def guest_policy(policy: NetworkPolicy, links: Iterable[str] = (),
                                          for e in entries if e.port is not None for p in _protos(e)])
     cmds += pin_elements(pins)
 
+    # What the sandbox sends: from its own processes (output), or from a vm level's
+    # guest through the tap (forward); the keeper's own traffic to the guest passes.
+    tap = _match({"meta": {"key": "iifname"}}, VM_TAP)
     out: list[Cmd] = [
         _rule("out", _match({"meta": {"key": "oif"}}, "lo"), {"accept": None}),
-        _rule("out", _match({"ct": {"key": "direction"}}, "reply"), {"jump": {"target": "pass"}}),
-        _rule("out", _match({"payload": {"protocol": "icmpv6", "field": "type"}}, {"set": _ND}),
+        _rule("out", _match({"meta": {"key": "oifname"}}, VM_TAP), {"accept": None}),
+        _rule("out", {"jump": {"target": "check"}}),
+        _rule("fwd", tap, {"jump": {"target": "check"}}),
+        _rule("fwd", {"counter": "rx"}),
+        _rule("check", _match({"ct": {"key": "direction"}}, "reply"), {"jump": {"target": "pass"}}),
+        _rule("check", _match({"payload": {"protocol": "icmpv6", "field": "type"}}, {"set": _ND}),
               {"accept": None}),
     ]
     if mode in (Network.INTERNET, Network.ALLOW):
         for f in ("4", "6"):
-            out.append(_rule("out", _match(_daddr(f), f"@links{f}"), {"jump": {"target": "pass"}}))
+            out.append(_rule("check", _match(_daddr(f), f"@links{f}"), {"jump": {"target": "pass"}}))
     if mode is Network.ALLOW:
         out += _pass_listed("allow")
     if mode in (Network.INTERNET, Network.ALLOW):
         for f in ("4", "6"):
-            out.append(_rule("out", _match(_daddr(f), f"@block{f}"), {"jump": {"target": "refuse"}}))
+            out.append(_rule("check", _match(_daddr(f), f"@block{f}"), {"jump": {"target": "refuse"}}))
     if mode is Network.ALLOW:
         out += _pass_listed("pinned")  # after the blocked ranges: a resolved name never reaches them
     last = "pass" if mode in (Network.INTERNET, Network.FULL) else "refuse"
-    out.append(_rule("out", {"jump": {"target": last}}))
+    out.append(_rule("check", {"jump": {"target": last}}))
 
     refuse: list[Cmd] = []
     for f, proto in (("4", "ipv4"), ("6", "ipv6")):
@@ -196,8 +233,8 @@ def _pass_listed(sets: str) -> list[Cmd]:
     protocol, port) hold."""
     out = []
     for f in ("4", "6"):
-        out.append(_rule("out", _match(_daddr(f), f"@{sets}{f}"), {"jump": {"target": "pass"}}))
-        out.append(_rule("out", _match({"concat": [_daddr(f), _L4, _DPORT]}, f"@{sets}p{f}"),
+        out.append(_rule("check", _match(_daddr(f), f"@{sets}{f}"), {"jump": {"target": "pass"}}))
+        out.append(_rule("check", _match({"concat": [_daddr(f), _L4, _DPORT]}, f"@{sets}p{f}"),
                          {"jump": {"target": "pass"}}))
     return out
 

@@ -345,9 +345,21 @@ class Spawner:
         from silo.backends.vm import machine
 
         assert plan.vm is not None
-        cgroup = self._cgroup_manager().create(f"vm-{os.getpid()}-{next(self._seq)}",
-                                               (plan.vm.memory << 20) + machine.VM_OVERHEAD, None,
-                                               machine.VM_PIDS)
+        keeper = None
+        if plan.network is not None:  # its guest's NIC: a tap in the keeper's namespace
+            from silo.model.network import policy_from_dict
+            from silo.net.keeper import KeeperClient
+
+            keeper = KeeperClient.start(policy_from_dict(json.loads(plan.network)),
+                                        f"run-{os.getpid()}-{next(self._seq)}", vm=True)
+        try:
+            cgroup = self._cgroup_manager().create(f"vm-{os.getpid()}-{next(self._seq)}",
+                                                   (plan.vm.memory << 20) + machine.VM_OVERHEAD, None,
+                                                   machine.VM_PIDS)
+        except BaseException:
+            if keeper is not None:
+                keeper.close()
+            raise
         go_r, go_w = os.pipe2(os.O_CLOEXEC)  # the child waits until it is in the cgroup
         err_r, err_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
@@ -356,6 +368,8 @@ class Spawner:
             cgroup.destroy()
             os.close(go_r)
             os.close(go_w)
+            if keeper is not None:
+                keeper.close()
             raise InternalError(f"cannot start the VM: {e}") from None
         if pid == 0:  # pragma: no cover - the child
             code = 125
@@ -365,14 +379,20 @@ class Spawner:
                     os._exit(125)
                 for target, fd in enumerate(stdio):
                     os.dup2(fd, target)
+                # the tap out of the way of the dup2s first
+                tap = -1 if keeper is None or keeper.tap_fd is None else fcntl.fcntl(keeper.tap_fd, fcntl.F_DUPFD, 100)
                 err = err_w.detach()
                 os.dup2(err, 3)
-                os.closerange(4, 65536)
+                net = -1
+                if tap >= 0:
+                    os.dup2(tap, 4)
+                    net = 4
+                os.closerange(5 if net >= 0 else 4, 65536)
                 for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM, signal.SIGPIPE):
                     signal.signal(sig, signal.SIG_DFL)
                 from silo.backends.vm import supervisor
 
-                code = supervisor.run(plan, (0, 1, 2), 3, warm)
+                code = supervisor.run(plan, (0, 1, 2), 3, warm, net)
             finally:
                 os._exit(code)
         os.close(go_r)
@@ -385,9 +405,13 @@ class Spawner:
             os.waitpid(pid, 0)
             cgroup.destroy()
             err_r.close()
+            if keeper is not None:
+                keeper.close()
             raise InternalError(f"cannot put the VM in its cgroup: {e}") from None
         finally:
             os.close(go_w)
+        if keeper is not None:
+            self._keepers[pid] = keeper
         return launcher.Started(pid, os.pidfd_open(pid), err_r.detach()), cgroup
 
     def run_job(self, conn: Connection, job_id: int, plan: p.Plan, fds: list[int],
@@ -771,7 +795,7 @@ class Spawner:
         """Hand a run to a pooled VM of its machine (a booted one first); None when the
         pool is empty or the hand-over failed (the run then boots its own VM)."""
         pool = self.pools.get(vm_key(plan))
-        if pool is None or not pool.vms:
+        if pool is None or not pool.vms or plan.network is not None:  # a pooled VM has no NIC
             return None
         proc = plan.process
         if any("\0" in s for s in (*proc.argv, proc.cwd)) or any("\0" in k + v for k, v in proc.env):

@@ -28,7 +28,8 @@ BUSYBOX = ("/bin/busybox", "/usr/bin/busybox")
 # (``silo.disk=``); ext4 is built into Debian's kernels (a module kernel lists it here).
 MODULES = ("virtio_mmio", "virtio_console", "virtio_balloon", "virtio_rng", "virtiofs", "overlay")
 DISK_MODULES = ("virtio_blk", "ext4")
-FORMAT = "5"  # bump when the layout changes
+NET_MODULES = ("virtio_net",)  # a guest with a network (``silo.net=``)
+FORMAT = "6"  # bump when the layout changes
 SIG_MAGIC = b"~Module signature appended~\n"
 
 
@@ -122,8 +123,9 @@ def build(modules_dir: Path, cache_dir: str, release: str) -> str:
     built if missing or if any input changed."""
     mods = module_order(modules_dir, MODULES)
     disk_mods = [m for m in module_order(modules_dir, (*MODULES, *DISK_MODULES)) if m not in mods]
+    net_mods = [m for m in module_order(modules_dir, (*MODULES, *NET_MODULES)) if m not in mods]
     agent = Path(native.built("silo-agent"))
-    inputs: list[Path] = [agent, *mods, *disk_mods]
+    inputs: list[Path] = [agent, *mods, *disk_mods, *net_mods]
     h = hashlib.sha256(FORMAT.encode() + release.encode())
     for path in inputs:
         st = path.stat()
@@ -139,7 +141,7 @@ def build(modules_dir: Path, cache_dir: str, release: str) -> str:
         cpio.add(d, stat.S_IFDIR | 0o755)
     cpio.add("dev/console", stat.S_IFCHR | 0o600)  # rdev set below is not needed: devtmpfs replaces it
     cpio.add("init", stat.S_IFREG | 0o755, agent.read_bytes())  # the init, then the agent
-    for listing, group in (("modules", mods), ("modules.disk", disk_mods)):
+    for listing, group in (("modules", mods), ("modules.disk", disk_mods), ("modules.net", net_mods)):
         names = []
         for path in group:
             name = path.name[: -len(".ko")]

@@ -24,7 +24,7 @@ from silo.model.errors import SiloError, SpecError
 
 PACKAGE = "linux-image-cloud-amd64"
 # Kept from a fetched kernel: what the guest loads now, and what networks and vsock need.
-KEEP = (*initramfs.MODULES, "virtio_net", "vmw_vsock_virtio_transport")
+KEEP = (*initramfs.MODULES, *initramfs.DISK_MODULES, *initramfs.NET_MODULES, "vmw_vsock_virtio_transport")
 SYSTEM_CACHE = "/var/cache/silo"
 # bzImage payloads and the tools that unpack them (Debian's kernels use lz4 or zstd).
 DECOMPRESSORS = ((b"\x02\x21\x4c\x18", ("lz4", "-dc")), (b"\x28\xb5\x2f\xfd", ("zstd", "-dcq")),

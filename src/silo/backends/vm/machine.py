@@ -66,11 +66,13 @@ def tsc_khz() -> int | None:
 
 
 def qemu_argv(vm: p.Vm, *, agent_fd: int, qmp_fd: int, vfs_fd: int, console_fd: int,
-              extra_cmdline: str = "", disk_fds: Sequence[int] = ()) -> list[str]:
+              extra_cmdline: str = "", disk_fds: Sequence[int] = (), net_fd: int = -1) -> list[str]:
     """QEMU's command line, naming the kernel and initramfs as QEMU sees them in its jail
     (:data:`JAIL_KERNEL`, :data:`JAIL_INITRAMFS`); ``disk_fds`` are ``vm.disks`` opened
-    (silo.backends.vm.disk.blockdev_args)."""
+    (silo.backends.vm.disk.blockdev_args); ``net_fd`` the tap of the sandbox's network,
+    if it has one (the guest's eth0, configured by the agent from ``silo.net=``)."""
     from silo.backends.vm import disk
+    from silo.net import rules
     mem = f"{vm.memory}M"
     cmdline = CMDLINE
     if os.environ.get("SILO_VM_DEBUG"):
@@ -80,6 +82,14 @@ def qemu_argv(vm: p.Vm, *, agent_fd: int, qmp_fd: int, vfs_fd: int, console_fd: 
         cmdline += f" tsc_early_khz={khz}"
     if disk_fds:
         cmdline += " silo.disk=" + ("rw" if vm.disk_writable else "ro")
+    nic: list[str] = []
+    if net_fd >= 0:
+        cmdline += (f" silo.net={rules.VM_GUEST4}/{rules.VM_PREFIX4},{rules.VM_HOST4},"
+                    f"{rules.VM_GUEST6}/{rules.VM_PREFIX6},{rules.VM_HOST6}")
+        # a locally administered MAC, the same for a workspace at each boot
+        mac = ":".join(["02", *(f"{b:02x}" for b in bytes.fromhex((vm.machine_id or "0" * 32)[:10]))])
+        nic = ["-netdev", f"tap,id=net0,fd={net_fd},vhost=off",
+               "-device", f"virtio-net-device,netdev=net0,mac={mac}"]
     accel = "kvm" if vm.accel == "kvm" else "tcg,thread=multi"
     return [
         QEMU, "-nodefaults", "-no-user-config", "-nographic",
@@ -103,6 +113,7 @@ def qemu_argv(vm: p.Vm, *, agent_fd: int, qmp_fd: int, vfs_fd: int, console_fd: 
         "-device", "virtio-balloon-device,id=balloon,free-page-reporting=on",
         "-chardev", f"socket,id=qmp,fd={qmp_fd}", "-mon", "chardev=qmp,mode=control",
         *disk.blockdev_args(disk_fds, vm.disk_writable),
+        *nic,
     ]
 
 

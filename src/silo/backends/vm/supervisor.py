@@ -119,7 +119,8 @@ class Job:
 
 
 class Run:
-    def __init__(self, plan: p.Plan, stdio: tuple[int, int, int], err_fd: int, warm: bool = False) -> None:
+    def __init__(self, plan: p.Plan, stdio: tuple[int, int, int], err_fd: int, warm: bool = False,
+                 net_fd: int = -1) -> None:
         assert plan.vm is not None
         self.plan = plan
         self.vm = plan.vm
@@ -137,6 +138,7 @@ class Run:
         self.vfs_log = -1
         self.fds: list[int] = []
         self.disk_fds: list[int] = []
+        self.net_fd = net_fd  # the tap of the sandbox's network (silo.net.keeper), -1: no NIC
         self.warmed: asyncio.Future[None] | None = None
         self.shutdown_reasons: list[str] = []  # QEMU's SHUTDOWN events: why the machine ended
         self.early_signals: list[int] = []  # forwarded before the run's command was sent
@@ -165,15 +167,19 @@ class Run:
         host_agent, guest_agent = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         host_qmp, guest_qmp = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.agent, self.qmp = host_agent, host_qmp
-        keep = (guest_agent.fileno(), guest_qmp.fileno(), vfs.fileno(), self.console, *self.disk_fds)
+        net = (self.net_fd,) if self.net_fd >= 0 else ()
+        keep = (guest_agent.fileno(), guest_qmp.fileno(), vfs.fileno(), self.console, *self.disk_fds, *net)
         argv = machine.qemu_argv(self.vm, agent_fd=keep[0], qmp_fd=keep[1], vfs_fd=keep[2], console_fd=keep[3],
-                                 disk_fds=self.disk_fds)
+                                 disk_fds=self.disk_fds, net_fd=self.net_fd)
         self.procs.append(machine.start_qemu(self.vm, argv, keep, self.console))
         for s in (guest_agent, guest_qmp, vfs):
             s.close()
         for fd in self.disk_fds:
             os.close(fd)
         self.disk_fds.clear()
+        if self.net_fd >= 0:  # QEMU holds the tap now
+            os.close(self.net_fd)
+            self.net_fd = -1
 
     def cleanup(self) -> None:
         if os.environ.get("SILO_VM_DEBUG") and self.console >= 0:
@@ -184,7 +190,7 @@ class Run:
                 proc.kill()
             with contextlib.suppress(Exception):
                 proc.wait(timeout=5)
-        for fd in self.fds + self.disk_fds:
+        for fd in self.fds + self.disk_fds + ([self.net_fd] if self.net_fd >= 0 else []):
             os.close(fd)
 
     # the agent ----------------------------------------------------------------------
@@ -482,11 +488,12 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[n:]
 
 
-def run(plan: p.Plan, stdio: tuple[int, int, int], err_fd: int, warm: bool = False) -> int:
+def run(plan: p.Plan, stdio: tuple[int, int, int], err_fd: int, warm: bool = False, net_fd: int = -1) -> int:
     """Run ``plan``'s command in a fresh VM; the exit code (125: silo failed, reported on ``err_fd``).
     ``warm``: boot first, then wait for the command on ``err_fd`` (a pooled VM); stdio
-    must then be 0, 1 and 2, which the hand-over replaces."""
-    r = Run(plan, stdio, err_fd, warm)
+    must then be 0, 1 and 2, which the hand-over replaces. ``net_fd``: the tap of the
+    run's network (its keeper's), the guest's NIC."""
+    r = Run(plan, stdio, err_fd, warm, net_fd)
     try:
         return asyncio.run(r.main())
     except SiloError as e:

@@ -5,7 +5,8 @@ socket as fd 3 (silo.daemon.runtime). Over it, each message is one ``marshal``-e
 tuple (silod is the same trusted uid; the guest never reaches this socket)::
 
     silod -> here                               here -> silod
-    ("plan", WIRE)  first: the machine to boot  ("ready",)  booted, identity given
+    ("plan", WIRE) [+ tap fd]  first: the      ("ready",)  booted, identity given
+    machine to boot, its network's tap
     ("exec", ID, argv, env, cwd, uid, gid,      ("failed", CLASS, MESSAGE)  it did not boot
      tty, rows, cols) + stdin/out/err fds       ("started", ID, PID) [+ pty master fd]
     ("signal", ID, SIG)                         ("error", ID, CLASS, MESSAGE)  not started
@@ -68,8 +69,8 @@ def _send(ctl: socket.socket, message: tuple[Any, ...], fds: list[int] | None = 
 
 
 class Workspace(sup.Run):
-    def __init__(self, plan: p.Plan, ctl: socket.socket) -> None:
-        super().__init__(plan, (0, 1, 2), ctl.fileno())
+    def __init__(self, plan: p.Plan, ctl: socket.socket, net_fd: int = -1) -> None:
+        super().__init__(plan, (0, 1, 2), ctl.fileno(), net_fd=net_fd)
         self.ctl = ctl
         self.ready = False
         self.stopping = False
@@ -307,7 +308,7 @@ def main() -> int:
     if os.getppid() == 1:
         return 125
     ctl = socket.socket(fileno=CONTROL_FD)
-    data = ctl.recv(1 << 20)
+    data, fds, _, _ = socket.recv_fds(ctl, 1 << 20, 1)
     if not data:
         return 125
     try:
@@ -316,7 +317,7 @@ def main() -> int:
     except (ValueError, TypeError, EOFError) as e:
         _send(ctl, ("failed", "InternalError", f"bad plan from silod: {e}"))
         return 125
-    w = Workspace(plan, ctl)
+    w = Workspace(plan, ctl, fds[0] if fds else -1)
     try:
         return asyncio.run(w.main())
     except Exception as e:
