@@ -365,7 +365,7 @@ def test_export_and_import_carry_the_disk_and_its_file_system(client: silo.Clien
     ok("export", name, str(archive))
     # The empty base the chain started from is not needed: its copy is the bottom layer.
     vm_dir = Path(os.environ["SILO_STATE_DIR"], "vm")
-    for base in vm_dir.iterdir():
+    for base in vm_dir.glob("empty-ext4-*"):
         base.rename(tmp_path / base.name)
     try:
         copy = new(names)
@@ -397,3 +397,44 @@ def test_inspect_reports_the_guests_memory_and_its_vms_on_the_host(client: silo.
     assert shown["memory"]["ram_bytes"] == 256 << 20
     ok("stop", name)
     assert client.get(name).info().memory is None
+
+
+def test_an_encrypted_workspace_keeps_its_disks_unreadable_at_rest(client: silo.Client, names: list[str],
+                                                                    tmp_path: Path) -> None:
+    state = Path(os.environ["SILO_STATE_DIR"])
+    plain, secret, fork = new(names), new(names), new(names)
+    marker = f"silo-marker-{uuid.uuid4().hex}"
+    for name, extra in ((plain, ()), (secret, ("--encrypt",))):
+        ok("create", name, "--isolation", "vm", *extra)
+        ok("start", name)
+        ok("exec", name, "--", "sh", "-c", f"for i in $(seq 64); do echo {marker}; done > /root/m; sync")
+        ok("stop", name)
+    assert client.get(secret).info().spec.encrypted
+    disks = {name: state / "workspaces" / name / "upper" / "disk.qcow2" for name in (plain, secret)}
+    assert marker.encode() in disks[plain].read_bytes()  # the control: ext4 data lies in the clear
+    assert marker.encode() not in disks[secret].read_bytes()
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(disks[secret])],
+                                     capture_output=True, text=True, check=True).stdout)
+    assert info["encrypted"] is True and info["format-specific"]["data"]["encrypt"]["format"] == "luks", info
+    key = state / "vm" / "disk.key"
+    st = key.stat()
+    assert (oct(st.st_mode & 0o777), st.st_uid, len(key.read_text())) == ("0o600", 0, 64)
+    # a snapshot freezes the encrypted disk into a layer; a fork stacks on it, and both open
+    ok("snapshot", secret)
+    ok("fork", secret, fork)
+    ok("start", fork)
+    assert ok("exec", fork, "--", "sort", "-u", "/root/m") == f"{marker}\n"
+    qemu = program_in(fork, "qemu-system")
+    assert key.read_bytes() not in Path(f"/proc/{qemu}/cmdline").read_bytes()  # a memfd, never argv
+    ok("stop", fork)
+    r = cli("export", secret, str(tmp_path / "x.silo"))
+    assert (r.returncode, r.stdout) == (11, ""), r
+    assert r.stderr == (f"silo: workspace {secret!r} has disks encrypted with this daemon's key, which never "
+                        "leaves it, so an export could not be read anywhere else: export a workspace created "
+                        "without --encrypt\n"), r
+    assert not (tmp_path / "x.silo").exists()
+    for args, message in ((["--encrypt"], "an encrypted workspace needs isolation 'vm'"),
+                          (["--isolation", "vm", "--encrypt", "--disposable"],
+                           "a disposable workspace keeps nothing on a disk, so there is nothing to encrypt")):
+        r = cli("create", new(names), *args)
+        assert r.returncode == BAD_INPUT and r.stderr.startswith(f"silo: {message}"), r

@@ -80,3 +80,26 @@ def test_shutdown_carries_the_grace_for_a_workspace_stop() -> None:
     assert P.shutdown() == P.HEADER.pack(0, P.SHUTDOWN, 0)
     assert P.shutdown(1500) == P.HEADER.pack(4, P.SHUTDOWN, 0) + (1500).to_bytes(4, "big")
     assert P.shutdown(-5)[-4:] == b"\0\0\0\0"
+
+
+def test_an_encrypted_top_is_luks_opened_by_the_key_through_an_fd(tmp_path: Path) -> None:
+    key = disk.disk_key(str(tmp_path / "vm"))
+    assert disk.disk_key(str(tmp_path / "vm")) == key  # made once
+    assert os.stat(key).st_mode & 0o777 == 0o600 and len(Path(key).read_text()) == 64
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "secret").mkdir()
+    plain = disk.ensure_top(str(tmp_path / "plain"), None)
+    secret = disk.ensure_top(str(tmp_path / "secret"), None, key=key)
+    assert info(secret)["encrypted"] is True
+    fds = [os.open(p, os.O_RDONLY) for p in (plain, secret)]
+    try:
+        flags = [disk.is_encrypted(fd) for fd in fds]
+        assert flags == [False, True]
+        args = disk.blockdev_args(fds, True, flags, key_fd=9)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    assert args[:2] == ["-object", f"secret,id={disk.KEY_SECRET},file=/dev/fd/9"]
+    nodes = [json.loads(a) for a in args if a.startswith("{")]
+    assert [n.get("encrypt") for n in nodes] == [None, {"format": "luks", "key-secret": disk.KEY_SECRET}]
+    assert "-object" not in disk.blockdev_args([3], True, [False])  # no key for a plain chain

@@ -482,3 +482,16 @@ def test_workspace_errors_cross_the_wire_as_themselves(cls: type[Exception]) -> 
         err = c("cannot exec in 'web': it is stopped; run 'silo start web'")
         back = error_from_wire(err.to_wire())  # type: ignore[attr-defined]
         assert type(back) is c and str(back) == str(err)
+
+
+def test_encrypted_is_a_vm_workspaces_and_survives_a_round_trip() -> None:
+    spec = WorkspaceSpec.from_dict({"name": "safe", "isolation": "vm", "encrypted": True})
+    assert spec.encrypted and spec.to_dict()["encrypted"] is True
+    assert WorkspaceSpec.from_dict(spec.to_dict()) == spec
+    assert "encrypted" not in WorkspaceSpec(name="plain", isolation=Isolation.VM).to_dict()
+    with pytest.raises(SpecError, match=r"an encrypted workspace needs isolation 'vm'.*not 'process'"):
+        WorkspaceSpec.from_dict({"name": "safe", "encrypted": True})
+    with pytest.raises(SpecError, match="a disposable workspace keeps nothing on a disk"):
+        WorkspaceSpec.from_dict({"name": "safe", "isolation": "vm", "encrypted": True, "disposable": True})
+    with pytest.raises(FieldError, match="encrypted"):
+        WorkspaceSpec.from_dict({"name": "safe", "isolation": "vm", "encrypted": "yes"})

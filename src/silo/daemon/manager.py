@@ -289,15 +289,21 @@ class Manager:
         the layers when it has any)."""
         from silo.backends.vm import disk
 
+        vm_dir = os.path.join(self.state_dir, "vm")
+        key = os.path.join(vm_dir, disk.KEY)
         try:
+            if record.spec.encrypted:
+                key = disk.disk_key(vm_dir)
             disks = disk.layer_disks(stack.lowers)
             if not record.spec.disposable:
-                base = None if disks else disk.empty_base(os.path.join(self.state_dir, "vm"))
-                disks.append(disk.ensure_top(stack.upper, base, self.storage.owner))
+                base = None if disks else disk.empty_base(vm_dir)
+                disks.append(disk.ensure_top(stack.upper, base, self.storage.owner,
+                                             key if record.spec.encrypted else None))
         except SiloError as e:
             raise UserError(f"workspace {record.name!r}: {e.message}") from None
         machine_id = hashlib.sha256(f"{record.name}\0{record.created!r}".encode()).hexdigest()[:32]
-        return planner.plan_vm_workspace(spec, disks, not record.spec.disposable, machine_id)
+        return planner.plan_vm_workspace(spec, disks, not record.spec.disposable, machine_id,
+                                         key if os.path.exists(key) else "")
 
     async def start(self, peer: int, name: str) -> WorkspaceRecord:
         async with self.lock(name):
@@ -820,6 +826,10 @@ class Manager:
         from silo.store import archive
 
         record = await self._quiet(peer, name, "export")
+        if record.spec.isolation is Isolation.VM and self._encrypted_disks(name):
+            raise UserError(f"workspace {name!r} has disks encrypted with this daemon's key, which never "
+                            "leaves it, so an export could not be read anywhere else: export a workspace "
+                            "created without --encrypt")
         r, w = os.pipe2(os.O_CLOEXEC)
         spec = record.spec.to_dict()
 
@@ -840,6 +850,22 @@ class Manager:
             await producer
 
         return stream()
+
+    def _encrypted_disks(self, name: str) -> bool:
+        from silo.backends.vm import disk
+
+        stack = self.storage.stack(name)
+        for layer in (stack.upper, *stack.lowers):
+            try:
+                fd = os.open(os.path.join(layer, disk.DISK), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            except FileNotFoundError:
+                continue
+            try:
+                if disk.is_encrypted(fd):
+                    return True
+            finally:
+                os.close(fd)
+        return False
 
     async def import_(self, peer: int, path: str, name: str | None) -> WorkspaceRecord:
         from silo.store import archive

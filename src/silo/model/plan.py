@@ -249,14 +249,15 @@ class Vm:
     disks: tuple[str, ...] = ()
     disk_writable: bool = False
     machine_id: str = ""  # 32 hex digits a workspace keeps across boots; empty: a new one each run
+    disk_key: str = ""  # the daemon's disk key file, when a disk of the chain may be encrypted (LUKS)
 
 
 def _vm_from_wire(untrusted: Any) -> Vm:
     (kernel, initramfs, accel, memory, cpus, skeleton, binds, rwsize, jail_id, hostname, disks, disk_writable,
-     machine_id) = untrusted
+     machine_id, disk_key) = untrusted
     return Vm(str(kernel), str(initramfs), str(accel), int(memory), int(cpus), str(skeleton),
               tuple((str(name), str(source)) for name, source in binds), int(rwsize), int(jail_id),
-              str(hostname), tuple(str(d) for d in disks), bool(disk_writable), str(machine_id))
+              str(hostname), tuple(str(d) for d in disks), bool(disk_writable), str(machine_id), str(disk_key))
 
 
 @dataclass(frozen=True)

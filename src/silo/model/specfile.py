@@ -3,9 +3,10 @@
 Like Windows Sandbox's ``.wsb``, but it says everything ``silo create`` can say::
 
     name = "web"                 # required here or as NAME on the command line
-    isolation = "process"        # process (default) | app (NOT a security boundary)
+    isolation = "process"        # process (default) | vm | app (NOT a security boundary)
     root = "host"                # host (default) | /abs/image/dir | a template name
     disposable = false           # true: the private layer lives in RAM, gone on stop
+    encrypted = false            # true (vm only): its disks encrypted at rest with the daemon's key
     workdir = "/work"
     user = "1000:1000"           # or a number
     hostname = "web"

@@ -182,6 +182,7 @@ class WorkspaceSpec:
     ``root`` is ``"host"``, an absolute image directory or a template name (see
     :attr:`template`). ``hostname`` None means the engine picks one (the name when it is
     a valid hostname). ``disposable`` keeps the private layer in RAM: gone on stop.
+    ``encrypted`` (isolation vm) keeps the workspace's disks encrypted at rest.
     """
 
     name: str
@@ -197,11 +198,18 @@ class WorkspaceSpec:
     on_start: tuple[str, ...] | None = None
     restart: RestartPolicy = RestartPolicy.NO
     network: NetworkPolicy = field(default_factory=NetworkPolicy)
+    encrypted: bool = False
 
     def __post_init__(self) -> None:
         parse_name(self.name)
         if self.isolation is Isolation.VM:
             self._check_vm()
+        if self.encrypted and self.isolation is not Isolation.VM:
+            raise SpecError(f"an encrypted workspace needs isolation 'vm' (its files on a disk of its own), "
+                            f"not {self.isolation.value!r}: drop encrypted, or use isolation 'vm'")
+        if self.encrypted and self.disposable:
+            raise SpecError("a disposable workspace keeps nothing on a disk, so there is nothing to encrypt: "
+                            "drop encrypted or disposable")
         for link in self.network.links:
             parse_name(link, "linked workspace")
         if self.name in self.network.links:
@@ -274,6 +282,8 @@ class WorkspaceSpec:
             "restart": self.restart.value,
             "network": self.network.to_dict(),
         }
+        if self.encrypted:
+            out["encrypted"] = True
         if self.mounts:
             out["mount"] = [{"source": m.source, "target": m.target, "readonly": m.readonly} for m in self.mounts]
         if self.env:
@@ -304,7 +314,7 @@ class WorkspaceSpec:
 
 # -- reading untrusted data ----------------------------------------------------------------
 
-SPEC_KEYS = ("name", "isolation", "root", "disposable", "mount", "env", "workdir", "user", "hostname",
+SPEC_KEYS = ("name", "isolation", "root", "disposable", "encrypted", "mount", "env", "workdir", "user", "hostname",
              "limits", "on_start", "restart", "network")
 MOUNT_KEYS = ("source", "target", "readonly")
 LIMIT_KEYS = ("memory", "cpus", "pids")
@@ -402,6 +412,7 @@ def _spec_from_dict(untrusted: object, name: str | None) -> WorkspaceSpec:
     network = _network(net)
     try:
         return WorkspaceSpec(name=name, isolation=isolation, root=root, disposable=_bool(top, "disposable", ()),
+                             encrypted=_bool(top, "encrypted", ()),
                              mounts=_mounts(top.get("mount", [])), env=_env(top.get("env", {})),
                              workdir=workdir, user=user, hostname=hostname, limits=_limits(top.get("limits", {})),
                              on_start=on_start, restart=restart, network=network)
@@ -522,6 +533,7 @@ class Overrides:
     isolation: str | Isolation | None = None
     root: str | None = None
     disposable: bool | None = None
+    encrypted: bool | None = None
     mounts: Sequence[str | Mount] = ()
     env: Mapping[str, str] = field(default_factory=dict)
     workdir: str | None = None
@@ -542,7 +554,7 @@ class Overrides:
     def to_dict(self) -> dict[str, object]:
         """The given values in :meth:`WorkspaceSpec.to_dict`'s shape."""
         out: dict[str, object] = {}
-        for key in ("name", "root", "disposable", "workdir", "hostname"):
+        for key in ("name", "root", "disposable", "encrypted", "workdir", "hostname"):
             if (value := getattr(self, key)) is not None:
                 out[key] = value
         for key, value in (("isolation", self.isolation), ("restart", self.restart)):

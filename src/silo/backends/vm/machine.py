@@ -66,11 +66,12 @@ def tsc_khz() -> int | None:
 
 
 def qemu_argv(vm: p.Vm, *, agent_fd: int, qmp_fd: int, vfs_fd: int, console_fd: int,
-              extra_cmdline: str = "", disk_fds: Sequence[int] = (), net_fd: int = -1) -> list[str]:
+              extra_cmdline: str = "", disk_fds: Sequence[int] = (), net_fd: int = -1,
+              encrypted: Sequence[bool] = (), key_fd: int = -1) -> list[str]:
     """QEMU's command line, naming the kernel and initramfs as QEMU sees them in its jail
     (:data:`JAIL_KERNEL`, :data:`JAIL_INITRAMFS`); ``disk_fds`` are ``vm.disks`` opened
-    (silo.backends.vm.disk.blockdev_args); ``net_fd`` the tap of the sandbox's network,
-    if it has one (the guest's eth0, configured by the agent from ``silo.net=``)."""
+    (silo.backends.vm.disk.blockdev_args, with ``encrypted`` and ``key_fd``); ``net_fd``
+    the tap of the sandbox's network, if it has one (the guest's eth0, configured by the agent from ``silo.net=``)."""
     from silo.backends.vm import disk
     from silo.net import rules
     mem = f"{vm.memory}M"
@@ -112,7 +113,7 @@ def qemu_argv(vm: p.Vm, *, agent_fd: int, qmp_fd: int, vfs_fd: int, console_fd: 
         "-device", "virtio-rng-device",
         "-device", "virtio-balloon-device,id=balloon,free-page-reporting=on",
         "-chardev", f"socket,id=qmp,fd={qmp_fd}", "-mon", "chardev=qmp,mode=control",
-        *disk.blockdev_args(disk_fds, vm.disk_writable),
+        *disk.blockdev_args(disk_fds, vm.disk_writable, encrypted, key_fd),
         *nic,
     ]
 

@@ -33,7 +33,7 @@ from typing import Any
 from qemu.qmp import QMPClient, QMPError
 
 from silo.agent import protocol as P
-from silo.backends.vm import machine
+from silo.backends.vm import disk, machine
 from silo.model import plan as p
 from silo.model.errors import SiloError
 
@@ -155,6 +155,10 @@ class Run:
             top = i == len(self.vm.disks) - 1
             flags = os.O_RDWR if top and self.vm.disk_writable else os.O_RDONLY
             self.disk_fds.append(os.open(path, flags | os.O_CLOEXEC | os.O_NOFOLLOW))
+        encrypted = [disk.is_encrypted(fd) for fd in self.disk_fds]
+        key_fd = self._disk_key() if any(encrypted) else -1
+        if key_fd >= 0:
+            self.disk_fds.append(key_fd)  # closed with them once QEMU has it
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(f"\0silo-vm-{os.getpid()}-{os.urandom(6).hex()}")
         listener.listen(1)
@@ -170,7 +174,8 @@ class Run:
         net = (self.net_fd,) if self.net_fd >= 0 else ()
         keep = (guest_agent.fileno(), guest_qmp.fileno(), vfs.fileno(), self.console, *self.disk_fds, *net)
         argv = machine.qemu_argv(self.vm, agent_fd=keep[0], qmp_fd=keep[1], vfs_fd=keep[2], console_fd=keep[3],
-                                 disk_fds=self.disk_fds, net_fd=self.net_fd)
+                                 disk_fds=self.disk_fds[:len(encrypted)], net_fd=self.net_fd,
+                                 encrypted=encrypted, key_fd=key_fd)
         self.procs.append(machine.start_qemu(self.vm, argv, keep, self.console))
         for s in (guest_agent, guest_qmp, vfs):
             s.close()
@@ -180,6 +185,21 @@ class Run:
         if self.net_fd >= 0:  # QEMU holds the tap now
             os.close(self.net_fd)
             self.net_fd = -1
+
+    def _disk_key(self) -> int:
+        """The daemon's disk key in a memfd for QEMU (whose jail has no path to it)."""
+        if not self.vm.disk_key:
+            raise SiloError("the workspace's disk is encrypted, and no key was given for it: "
+                            "it was made by another daemon (its key stays there)")
+        try:
+            with open(self.vm.disk_key, "rb") as f:
+                key = f.read(4096)
+        except OSError as e:
+            raise SiloError(f"cannot read the disk key {self.vm.disk_key}: {e.strerror}: "
+                            "an encrypted disk cannot be opened without it") from None
+        fd = os.memfd_create("silo-disk-key", os.MFD_CLOEXEC)
+        os.write(fd, key)
+        return fd
 
     def cleanup(self) -> None:
         if os.environ.get("SILO_VM_DEBUG") and self.console >= 0:
