@@ -40,7 +40,7 @@ from networld import (
     netprobe_argv,
     parse_netprobe,
 )
-from silo.net.rules import VM_HOST4
+from silo.model.network import VM_HOST4
 from vmtools import nothing_left, vm_processes
 
 pytestmark = [pytest.mark.root,

@@ -44,6 +44,15 @@ def _port(untrusted: str, entry: str, what: str) -> tuple[int, str | None]:
     return int(number), proto or None
 
 
+# A vm level's guest sits one hop behind the sandbox's namespace, on a tap: the same
+# addresses in every namespace, from the one /30 and /64 no lease gets (silo.net.links);
+# the vm level's guest (silo.backends.vm) and the sandbox's table (silo.net.rules) use them.
+# The namespace forwards the guest's packets through the policy and masquerades them to
+# its lease address; connections to the lease address are passed on to the guest.
+VM_TAP = "tap0"
+VM_HOST4, VM_GUEST4, VM_PREFIX4 = "10.213.255.253", "10.213.255.254", 30
+VM_HOST6, VM_GUEST6, VM_PREFIX6 = "fd51:5110:0:3fff::1", "fd51:5110:0:3fff::2", 64
+
 @dataclass(frozen=True)
 class AllowEntry:
     """One ``allow`` entry: a domain name (``*.`` for its subdomains) or a network,

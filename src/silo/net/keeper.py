@@ -42,6 +42,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from silo.model import network
 from silo.model.errors import SiloError
 from silo.model.network import Lease, Network, NetworkPolicy, policy_from_dict
 from silo.net import wire
@@ -237,8 +238,8 @@ class Keeper:
         self.dns_socks = [self._guest_socket(socket.SOCK_DGRAM, bind=(RESOLVER, 53)),
                           self._guest_socket(socket.SOCK_STREAM, bind=(RESOLVER, 53), listen=32)]
         if self.vm:  # the guest asks the namespace's end of its tap
-            self.dns_socks += [self._guest_socket(socket.SOCK_DGRAM, bind=(rules.VM_HOST4, 53)),
-                               self._guest_socket(socket.SOCK_STREAM, bind=(rules.VM_HOST4, 53), listen=32)]
+            self.dns_socks += [self._guest_socket(socket.SOCK_DGRAM, bind=(network.VM_HOST4, 53)),
+                               self._guest_socket(socket.SOCK_STREAM, bind=(network.VM_HOST4, 53), listen=32)]
 
     def attach(self, userns_fd: int, netns_fd: int) -> None:
         """Rootless: the network in the sandbox's own namespaces (:mod:`silo.net.rootless`)."""
@@ -530,8 +531,7 @@ class Keeper:
     def target(self) -> str:
         """Where a published port is connected to inside: the sandbox's loopback, or a
         vm level's guest."""
-        from silo.net import rules
-        return rules.VM_GUEST4 if self.vm else "127.0.0.1"
+        return network.VM_GUEST4 if self.vm else "127.0.0.1"
 
     def _proxy_handler(self, port: int) -> Any:
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 
 from pyroute2 import IPRoute
 
+from silo.model import network
 from silo.model.errors import SiloError
 from silo.model.network import Lease
 from silo.net import rules
@@ -223,19 +224,19 @@ IFF_NO_PI = 0x1000
 
 def create_tap() -> int:
     """Inside the sandbox's namespace (the calling thread is in it): the vm level's tap
-    (rules.VM_TAP) with its host side's addresses, the forwarding its guest needs; the
+    (network.VM_TAP) with its host side's addresses, the forwarding its guest needs; the
     tap's fd, which QEMU is given. The tap goes when the last fd of it is closed."""
     fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
     try:
-        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", rules.VM_TAP.encode(), IFF_TAP | IFF_NO_PI))
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", network.VM_TAP.encode(), IFF_TAP | IFF_NO_PI))
         write_sysctl("net.ipv4.ip_forward", "1")
         write_sysctl("net.ipv6.conf.all.forwarding", "1")
         with contextlib.suppress(OSError):
-            write_sysctl(f"net.ipv6.conf.{rules.VM_TAP}.accept_dad", "0")
+            write_sysctl(f"net.ipv6.conf.{network.VM_TAP}.accept_dad", "0")
         with IPRoute() as ipr:
-            tap = ipr.link_lookup(ifname=rules.VM_TAP)[0]
-            ipr.addr("add", index=tap, address=rules.VM_HOST4, prefixlen=rules.VM_PREFIX4)
-            ipr.addr("add", index=tap, address=rules.VM_HOST6, prefixlen=rules.VM_PREFIX6, flags=0x02)
+            tap = ipr.link_lookup(ifname=network.VM_TAP)[0]
+            ipr.addr("add", index=tap, address=network.VM_HOST4, prefixlen=network.VM_PREFIX4)
+            ipr.addr("add", index=tap, address=network.VM_HOST6, prefixlen=network.VM_PREFIX6, flags=0x02)
             ipr.link("set", index=tap, state="up")
     except BaseException:
         os.close(fd)

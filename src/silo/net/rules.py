@@ -21,20 +21,22 @@ import ipaddress
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from silo.model.network import AllowEntry, IPNetwork, Lease, Network, NetworkPolicy
+from silo.model.network import (
+    VM_GUEST4,
+    VM_GUEST6,
+    VM_TAP,
+    AllowEntry,
+    IPNetwork,
+    Lease,
+    Network,
+    NetworkPolicy,
+)
 
 Cmd = dict[str, Any]
 
 TABLE = "silo"
 IFPREFIX = "silo-"
 
-# A vm level's guest sits one hop behind the sandbox's namespace, on a tap: the same
-# addresses in every namespace, from the one /30 and /64 no lease gets (silo.net.links).
-# The namespace forwards the guest's packets through the policy and masquerades them to
-# its lease address; connections to the lease address are passed on to the guest.
-VM_TAP = "tap0"
-VM_HOST4, VM_GUEST4, VM_PREFIX4 = "10.213.255.253", "10.213.255.254", 30
-VM_HOST6, VM_GUEST6, VM_PREFIX6 = "fd51:5110:0:3fff::1", "fd51:5110:0:3fff::2", 64
 
 # Destinations `internet` and `allow` never reach (the names resolved in `allow` mode
 # included: DNS rebinding). Documentation ranges (192.0.2.0/24, 198.51.100.0/24,

@@ -73,7 +73,7 @@ def qemu_argv(vm: p.Vm, *, agent_fd: int, qmp_fd: int, vfs_fd: int, console_fd: 
     (silo.backends.vm.disk.blockdev_args, with ``encrypted`` and ``key_fd``); ``net_fd``
     the tap of the sandbox's network, if it has one (the guest's eth0, configured by the agent from ``silo.net=``)."""
     from silo.backends.vm import disk
-    from silo.net import rules
+    from silo.model import network as net
     mem = f"{vm.memory}M"
     cmdline = CMDLINE
     if os.environ.get("SILO_VM_DEBUG"):
@@ -85,8 +85,8 @@ def qemu_argv(vm: p.Vm, *, agent_fd: int, qmp_fd: int, vfs_fd: int, console_fd: 
         cmdline += " silo.disk=" + ("rw" if vm.disk_writable else "ro")
     nic: list[str] = []
     if net_fd >= 0:
-        cmdline += (f" silo.net={rules.VM_GUEST4}/{rules.VM_PREFIX4},{rules.VM_HOST4},"
-                    f"{rules.VM_GUEST6}/{rules.VM_PREFIX6},{rules.VM_HOST6}")
+        cmdline += (f" silo.net={net.VM_GUEST4}/{net.VM_PREFIX4},{net.VM_HOST4},"
+                    f"{net.VM_GUEST6}/{net.VM_PREFIX6},{net.VM_HOST6}")
         # a locally administered MAC, the same for a workspace at each boot
         mac = ":".join(["02", *(f"{b:02x}" for b in bytes.fromhex((vm.machine_id or "0" * 32)[:10]))])
         nic = ["-netdev", f"tap,id=net0,fd={net_fd},vhost=off",
