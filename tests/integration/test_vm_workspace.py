@@ -438,3 +438,33 @@ def test_an_encrypted_workspace_keeps_its_disks_unreadable_at_rest(client: silo.
                            "a disposable workspace keeps nothing on a disk, so there is nothing to encrypt")):
         r = cli("create", new(names), *args)
         assert r.returncode == BAD_INPUT and r.stderr.startswith(f"silo: {message}"), r
+
+
+def locked_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmLck:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmLck in /proc/{pid}/status")
+
+
+def test_a_diskless_workspace_lives_in_locked_ram_only(client: silo.Client, names: list[str]) -> None:
+    state = Path(os.environ["SILO_STATE_DIR"])
+    name = new(names)
+    ok("create", name, "--isolation", "vm", "--diskless", "--memory", "256M")
+    spec = client.get(name).info().spec
+    assert (spec.diskless, spec.disposable) == (True, True)  # diskless implies disposable
+    ok("start", name)
+    ok("exec", name, "--", "sh", "-c", "echo only-in-ram > /root/r; sync")
+    assert ok("exec", name, "--", "cat", "/root/r") == "only-in-ram\n"
+    supervisor = program_in(name, "python")
+    assert locked_kib(supervisor) >= 256 << 10  # the guest's whole RAM: never swapped out
+    assert list((state / "workspaces" / name / "upper").iterdir()) == []  # no disk was made
+    ok("stop", name)
+    ok("start", name)
+    assert ok("exec", name, "--", "ls", "/root") == ""
+    ok("stop", name)
+    for args, message in ((["--diskless"], "a diskless workspace needs isolation 'vm'"),
+                          (["--isolation", "vm", "--diskless", "--encrypt"],
+                           "a diskless workspace has no disk to encrypt")):
+        r = cli("create", new(names), *args)
+        assert r.returncode == BAD_INPUT and r.stderr.startswith(f"silo: {message}"), r

@@ -495,3 +495,13 @@ def test_encrypted_is_a_vm_workspaces_and_survives_a_round_trip() -> None:
         WorkspaceSpec.from_dict({"name": "safe", "isolation": "vm", "encrypted": True, "disposable": True})
     with pytest.raises(FieldError, match="encrypted"):
         WorkspaceSpec.from_dict({"name": "safe", "isolation": "vm", "encrypted": "yes"})
+
+
+def test_diskless_is_a_vm_workspaces_and_implies_disposable() -> None:
+    spec = WorkspaceSpec.from_dict({"name": "ram", "isolation": "vm", "diskless": True})
+    assert (spec.diskless, spec.disposable) == (True, True)
+    assert WorkspaceSpec.from_dict(spec.to_dict()) == spec
+    with pytest.raises(SpecError, match="a diskless workspace needs isolation 'vm'"):
+        WorkspaceSpec.from_dict({"name": "ram", "diskless": True})
+    with pytest.raises(SpecError, match="a diskless workspace has no disk to encrypt"):
+        WorkspaceSpec.from_dict({"name": "ram", "isolation": "vm", "diskless": True, "encrypted": True})

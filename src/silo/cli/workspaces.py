@@ -149,6 +149,8 @@ def _create_parser() -> _Parser:
     ps.add_argument("--disposable", action="store_true", default=None, help="keep changes in RAM: gone on stop")
     ps.add_argument("--encrypt", action="store_true", default=None,
                     help="with --isolation vm: keep its disks encrypted at rest (LUKS, the daemon's key)")
+    ps.add_argument("--diskless", action="store_true", default=None,
+                    help="with --isolation vm: keep it in its VM's locked RAM only (disposable; never on disk or swap)")
     ps.add_argument("-v", "--volume", action="append", default=[], metavar="HOST:GUEST[:ro]")
     ps.add_argument("-e", "--env", action="append", default=[], metavar="K=V")
     ps.add_argument("--env-file", action="append", default=[], metavar="FILE")
@@ -197,7 +199,8 @@ def cmd_create(ns: argparse.Namespace) -> None:
         raise SpecError("give the workspace a name, like 'silo create web', or a spec file with -f")
     with make_client() as client:
         ws = client.create(ns.name, file=ns.file, isolation=ns.isolation, root=_root(ns.root),
-                           disposable=ns.disposable, encrypted=ns.encrypt, mounts=[_abs_volume(v) for v in ns.volume],
+                           disposable=ns.disposable, encrypted=ns.encrypt, diskless=ns.diskless,
+                           mounts=[_abs_volume(v) for v in ns.volume],
                            env=_env(ns.env, ns.env_file), memory=ns.memory, cpus=ns.cpus, pids=ns.pids,
                            on_start=None if ns.on_start is None else ["sh", "-c", ns.on_start],
                            restart=ns.restart, workdir=ns.workdir, user=ns.user, hostname=ns.hostname,

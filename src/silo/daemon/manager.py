@@ -303,7 +303,7 @@ class Manager:
             raise UserError(f"workspace {record.name!r}: {e.message}") from None
         machine_id = hashlib.sha256(f"{record.name}\0{record.created!r}".encode()).hexdigest()[:32]
         return planner.plan_vm_workspace(spec, disks, not record.spec.disposable, machine_id,
-                                         key if os.path.exists(key) else "")
+                                         key if os.path.exists(key) else "", mem_lock=record.spec.diskless)
 
     async def start(self, peer: int, name: str) -> WorkspaceRecord:
         async with self.lock(name):

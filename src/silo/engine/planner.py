@@ -165,15 +165,15 @@ def _plan_vm(spec: Spec, argv: Sequence[str], term: str | None, tty: bool) -> p.
 
 
 def plan_vm_workspace(spec: Spec, disks: Sequence[str], writable: bool, machine_id: str,
-                      disk_key: str = "") -> p.Plan:
+                      disk_key: str = "", *, mem_lock: bool = False) -> p.Plan:
     """The plan of a vm workspace's machine: a one-shot VM's, with the workspace's disk
     chain (``disks``, bottom first; see silo.backends.vm.disk), ``writable`` when its top
     is the guest's upper, the machine-id it keeps, and the daemon's disk key file (for
-    the encrypted disks of the chain). The process is what commands joining it start
-    from (env, cwd, user)."""
+    the encrypted disks of the chain); ``mem_lock``: QEMU locks its memory (a diskless
+    workspace). The process is what commands joining it start from (env, cwd, user)."""
     _check_vm(spec, False)
     vm = replace(_vm_machine(spec), disks=tuple(disks), disk_writable=writable, machine_id=machine_id,
-                 disk_key=disk_key)
+                 disk_key=disk_key, mem_lock=mem_lock)
     uid, gid = spec.user.uid, spec.user.gid
     process = p.Process(argv=("/bin/sh",), env=_environment(spec, uid, None), cwd=spec.workdir or "/",
                         uid=uid, gid=gid, rlimits=spec.rlimits)

@@ -250,14 +250,16 @@ class Vm:
     disk_writable: bool = False
     machine_id: str = ""  # 32 hex digits a workspace keeps across boots; empty: a new one each run
     disk_key: str = ""  # the daemon's disk key file, when a disk of the chain may be encrypted (LUKS)
+    mem_lock: bool = False  # QEMU's memory locked (a diskless workspace: none of it may reach swap)
 
 
 def _vm_from_wire(untrusted: Any) -> Vm:
     (kernel, initramfs, accel, memory, cpus, skeleton, binds, rwsize, jail_id, hostname, disks, disk_writable,
-     machine_id, disk_key) = untrusted
+     machine_id, disk_key, mem_lock) = untrusted
     return Vm(str(kernel), str(initramfs), str(accel), int(memory), int(cpus), str(skeleton),
               tuple((str(name), str(source)) for name, source in binds), int(rwsize), int(jail_id),
-              str(hostname), tuple(str(d) for d in disks), bool(disk_writable), str(machine_id), str(disk_key))
+              str(hostname), tuple(str(d) for d in disks), bool(disk_writable), str(machine_id), str(disk_key),
+              bool(mem_lock))
 
 
 @dataclass(frozen=True)

@@ -182,7 +182,8 @@ class WorkspaceSpec:
     ``root`` is ``"host"``, an absolute image directory or a template name (see
     :attr:`template`). ``hostname`` None means the engine picks one (the name when it is
     a valid hostname). ``disposable`` keeps the private layer in RAM: gone on stop.
-    ``encrypted`` (isolation vm) keeps the workspace's disks encrypted at rest.
+    ``encrypted`` (isolation vm) keeps the workspace's disks encrypted at rest;
+    ``diskless`` (isolation vm, disposable implied) keeps it in its VM's locked RAM only.
     """
 
     name: str
@@ -199,14 +200,21 @@ class WorkspaceSpec:
     restart: RestartPolicy = RestartPolicy.NO
     network: NetworkPolicy = field(default_factory=NetworkPolicy)
     encrypted: bool = False
+    diskless: bool = False
 
     def __post_init__(self) -> None:
         parse_name(self.name)
         if self.isolation is Isolation.VM:
             self._check_vm()
-        if self.encrypted and self.isolation is not Isolation.VM:
-            raise SpecError(f"an encrypted workspace needs isolation 'vm' (its files on a disk of its own), "
-                            f"not {self.isolation.value!r}: drop encrypted, or use isolation 'vm'")
+        for flag, what in (("encrypted", "an encrypted workspace needs isolation 'vm' (its files on a disk "
+                                         "of its own)"),
+                           ("diskless", "a diskless workspace needs isolation 'vm' (its files in its VM's RAM)")):
+            if getattr(self, flag) and self.isolation is not Isolation.VM:
+                raise SpecError(f"{what}, not {self.isolation.value!r}: drop {flag}, or use isolation 'vm'")
+        if self.encrypted and self.diskless:
+            raise SpecError("a diskless workspace has no disk to encrypt: drop encrypted or diskless")
+        if self.diskless:  # nothing kept past a stop: a disposable workspace
+            object.__setattr__(self, "disposable", True)
         if self.encrypted and self.disposable:
             raise SpecError("a disposable workspace keeps nothing on a disk, so there is nothing to encrypt: "
                             "drop encrypted or disposable")
@@ -284,6 +292,8 @@ class WorkspaceSpec:
         }
         if self.encrypted:
             out["encrypted"] = True
+        if self.diskless:
+            out["diskless"] = True
         if self.mounts:
             out["mount"] = [{"source": m.source, "target": m.target, "readonly": m.readonly} for m in self.mounts]
         if self.env:
@@ -314,8 +324,8 @@ class WorkspaceSpec:
 
 # -- reading untrusted data ----------------------------------------------------------------
 
-SPEC_KEYS = ("name", "isolation", "root", "disposable", "encrypted", "mount", "env", "workdir", "user", "hostname",
-             "limits", "on_start", "restart", "network")
+SPEC_KEYS = ("name", "isolation", "root", "disposable", "encrypted", "diskless", "mount", "env", "workdir", "user",
+             "hostname", "limits", "on_start", "restart", "network")
 MOUNT_KEYS = ("source", "target", "readonly")
 LIMIT_KEYS = ("memory", "cpus", "pids")
 
@@ -412,7 +422,7 @@ def _spec_from_dict(untrusted: object, name: str | None) -> WorkspaceSpec:
     network = _network(net)
     try:
         return WorkspaceSpec(name=name, isolation=isolation, root=root, disposable=_bool(top, "disposable", ()),
-                             encrypted=_bool(top, "encrypted", ()),
+                             encrypted=_bool(top, "encrypted", ()), diskless=_bool(top, "diskless", ()),
                              mounts=_mounts(top.get("mount", [])), env=_env(top.get("env", {})),
                              workdir=workdir, user=user, hostname=hostname, limits=_limits(top.get("limits", {})),
                              on_start=on_start, restart=restart, network=network)
@@ -534,6 +544,7 @@ class Overrides:
     root: str | None = None
     disposable: bool | None = None
     encrypted: bool | None = None
+    diskless: bool | None = None
     mounts: Sequence[str | Mount] = ()
     env: Mapping[str, str] = field(default_factory=dict)
     workdir: str | None = None
@@ -554,7 +565,7 @@ class Overrides:
     def to_dict(self) -> dict[str, object]:
         """The given values in :meth:`WorkspaceSpec.to_dict`'s shape."""
         out: dict[str, object] = {}
-        for key in ("name", "root", "disposable", "encrypted", "workdir", "hostname"):
+        for key in ("name", "root", "disposable", "encrypted", "diskless", "workdir", "hostname"):
             if (value := getattr(self, key)) is not None:
                 out[key] = value
         for key, value in (("isolation", self.isolation), ("restart", self.restart)):

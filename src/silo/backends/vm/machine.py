@@ -67,11 +67,12 @@ def tsc_khz() -> int | None:
 
 def qemu_argv(vm: p.Vm, *, agent_fd: int, qmp_fd: int, vfs_fd: int, console_fd: int,
               extra_cmdline: str = "", disk_fds: Sequence[int] = (), net_fd: int = -1,
-              encrypted: Sequence[bool] = (), key_fd: int = -1) -> list[str]:
+              encrypted: Sequence[bool] = (), key_fd: int = -1, ram_fd: int = -1) -> list[str]:
     """QEMU's command line, naming the kernel and initramfs as QEMU sees them in its jail
     (:data:`JAIL_KERNEL`, :data:`JAIL_INITRAMFS`); ``disk_fds`` are ``vm.disks`` opened
     (silo.backends.vm.disk.blockdev_args, with ``encrypted`` and ``key_fd``); ``net_fd``
-    the tap of the sandbox's network, if it has one (the guest's eth0, configured by the agent from ``silo.net=``)."""
+    the tap of the sandbox's network, if it has one (the guest's eth0, configured by the
+    agent from ``silo.net=``); ``ram_fd`` a memfd for the guest's RAM (a locked one)."""
     from silo.backends.vm import disk
     from silo.model import network as net
     mem = f"{vm.memory}M"
@@ -92,14 +93,22 @@ def qemu_argv(vm: p.Vm, *, agent_fd: int, qmp_fd: int, vfs_fd: int, console_fd: 
         nic = ["-netdev", f"tap,id=net0,fd={net_fd},vhost=off",
                "-device", f"virtio-net-device,netdev=net0,mac={mac}"]
     accel = "kvm" if vm.accel == "kvm" else "tcg,thread=multi"
+    # virtio-fs needs the guest's RAM shareable with virtiofsd. A locked guest's RAM is a
+    # memfd of the supervisor's, which it keeps mapped and mlock()ed (QEMU holds no
+    # capability to lock memory); its pages are then never reported free (that would
+    # punch holes the lock does not cover).
+    if ram_fd >= 0:
+        ram = f"memory-backend-file,id=mem,size={mem},mem-path=/dev/fd/{ram_fd},share=on"
+    else:
+        ram = f"memory-backend-memfd,id=mem,size={mem},share=on"
+    reporting = "off" if ram_fd >= 0 else "on"
     return [
         QEMU, "-nodefaults", "-no-user-config", "-nographic",
         "-M", "microvm",
         "-accel", accel,
         "-cpu", "host" if vm.accel == "kvm" else "max",
         "-smp", str(vm.cpus), "-m", mem,
-        # virtio-fs needs the guest's RAM shareable with virtiofsd
-        "-object", f"memory-backend-memfd,id=mem,size={mem},share=on", "-numa", "node,memdev=mem",
+        "-object", ram, "-numa", "node,memdev=mem",
         "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
         "-global", "virtio-mmio.force-legacy=false",
         "-kernel", JAIL_KERNEL, "-initrd", JAIL_INITRAMFS,
@@ -111,7 +120,7 @@ def qemu_argv(vm: p.Vm, *, agent_fd: int, qmp_fd: int, vfs_fd: int, console_fd: 
         "-chardev", f"socket,id=agent,fd={agent_fd}",
         "-device", "virtserialport,chardev=agent,name=silo.agent",
         "-device", "virtio-rng-device",
-        "-device", "virtio-balloon-device,id=balloon,free-page-reporting=on",
+        "-device", f"virtio-balloon-device,id=balloon,free-page-reporting={reporting}",
         "-chardev", f"socket,id=qmp,fd={qmp_fd}", "-mon", "chardev=qmp,mode=control",
         *disk.blockdev_args(disk_fds, vm.disk_writable, encrypted, key_fd),
         *nic,

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import marshal
+import mmap
 import os
 import signal
 import socket
@@ -36,6 +38,8 @@ from silo.agent import protocol as P
 from silo.backends.vm import disk, machine
 from silo.model import plan as p
 from silo.model.errors import SiloError
+
+_libc = ctypes.CDLL(None, use_errno=True)
 
 FORWARD = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 BOOT_TIMEOUT = float(os.environ.get("SILO_VM_BOOT_TIMEOUT", "60"))  # to the agent's hello; TCG under load is slow
@@ -144,6 +148,7 @@ class Run:
         self.early_signals: list[int] = []  # forwarded before the run's command was sent
         self.events: asyncio.Task[None] | None = None  # watch_events
         self.qmp_client: QMPClient | None = None
+        self.ram: mmap.mmap | None = None  # a diskless guest's RAM, locked (_locked_ram)
 
     # lifecycle ------------------------------------------------------------------
 
@@ -159,6 +164,9 @@ class Run:
         key_fd = self._disk_key() if any(encrypted) else -1
         if key_fd >= 0:
             self.disk_fds.append(key_fd)  # closed with them once QEMU has it
+        ram_fd = self._locked_ram() if self.vm.mem_lock else -1
+        if ram_fd >= 0:
+            self.disk_fds.append(ram_fd)  # the mapping stays; the fd goes once QEMU has it
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(f"\0silo-vm-{os.getpid()}-{os.urandom(6).hex()}")
         listener.listen(1)
@@ -175,7 +183,7 @@ class Run:
         keep = (guest_agent.fileno(), guest_qmp.fileno(), vfs.fileno(), self.console, *self.disk_fds, *net)
         argv = machine.qemu_argv(self.vm, agent_fd=keep[0], qmp_fd=keep[1], vfs_fd=keep[2], console_fd=keep[3],
                                  disk_fds=self.disk_fds[:len(encrypted)], net_fd=self.net_fd,
-                                 encrypted=encrypted, key_fd=key_fd)
+                                 encrypted=encrypted, key_fd=key_fd, ram_fd=ram_fd)
         self.procs.append(machine.start_qemu(self.vm, argv, keep, self.console))
         for s in (guest_agent, guest_qmp, vfs):
             s.close()
@@ -199,6 +207,24 @@ class Run:
                             "an encrypted disk cannot be opened without it") from None
         fd = os.memfd_create("silo-disk-key", os.MFD_CLOEXEC)
         os.write(fd, key)
+        return fd
+
+    def _locked_ram(self) -> int:
+        """The guest's RAM as a memfd, mapped here and locked (root may lock any amount):
+        a page locked through one mapping is never swapped out, whoever else maps it."""
+        size = self.vm.memory << 20
+        fd = os.memfd_create("silo-vm-ram", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+            self.ram = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            address = ctypes.addressof(ctypes.c_char.from_buffer(self.ram))
+            if _libc.mlock(ctypes.c_void_p(address), ctypes.c_size_t(size)) != 0:
+                err = ctypes.get_errno()
+                raise SiloError(f"cannot lock the guest's {self.vm.memory} MiB of RAM: {os.strerror(err)}: "
+                                "give it less --memory, or drop diskless")
+        except BaseException:
+            os.close(fd)
+            raise
         return fd
 
     def cleanup(self) -> None:
