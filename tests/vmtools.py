@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import glob
+import shutil
 import subprocess
 import time
+from pathlib import Path
 
 
 def vm_processes() -> list[str]:
@@ -32,3 +34,15 @@ def pid_of(program: str) -> int:
     top = [pid for pid, ppid, args in rows if program in args.split()[0] and int(ppid) not in pids]
     assert len(top) == 1, rows
     return int(top[0])
+
+
+def tiny_image(root: Path) -> Path:
+    """An image root of busybox-static alone: nothing of the host's system."""
+    busybox = Path("/bin/busybox")
+    (root / "bin").mkdir(parents=True)
+    (root / "etc").mkdir()
+    shutil.copy2(busybox, root / "bin" / "busybox")
+    for applet in ("sh", "ls", "cat", "echo", "id", "sync"):
+        (root / "bin" / applet).symlink_to("busybox")
+    (root / "etc" / "image-release").write_text("tiny\n")
+    return root

@@ -26,7 +26,7 @@ from daemons import REPO, Daemon
 
 import silo
 from silo import NotFoundError
-from vmtools import vm_processes
+from vmtools import tiny_image, vm_processes
 
 pytestmark = pytest.mark.root
 
@@ -468,3 +468,35 @@ def test_a_diskless_workspace_lives_in_locked_ram_only(client: silo.Client, name
                            "a diskless workspace has no disk to encrypt")):
         r = cli("create", new(names), *args)
         assert r.returncode == BAD_INPUT and r.stderr.startswith(f"silo: {message}"), r
+
+
+def test_an_image_root_sees_nothing_of_the_host(client: silo.Client, names: list[str], tmp_path: Path) -> None:
+    image = tiny_image(tmp_path / "image")
+    name, fork, scratch = new(names), new(names), new(names)
+    ok("create", name, "--isolation", "vm", "--root", str(image))
+    ok("start", name)
+    exes = {os.path.basename(os.readlink(f"/proc/{pid}/exe")) for pid in machine_pids(name)}
+    assert not any(e.startswith("virtiofsd") for e in exes), exes  # no host view to serve
+    out = ok("exec", name, "--", "sh", "-c", "cat /etc/image-release; ls /; ls /usr /etc/shadow 2>&1; "
+                                             "echo mine > /root/x").splitlines()
+    assert out[0] == "tiny", out
+    assert set(out[1:-2]) == {"bin", "dev", "etc", "lost+found", "proc", "root", "run", "sys", "tmp"}, out
+    assert out[-2:] == ["ls: /usr: No such file or directory", "ls: /etc/shadow: No such file or directory"], out
+    # cp works with the agent's own tools: the image has no tar
+    (tmp_path / "pl").write_text("payload\n")
+    ok("cp", str(tmp_path / "pl"), f"{name}:/root/renamed")
+    ok("cp", f"{name}:/root/renamed", str(tmp_path / "back"))
+    assert (tmp_path / "back").read_text() == "payload\n"
+    ok("stop", name)
+    ok("snapshot", name)
+    ok("fork", name, fork)
+    ok("start", fork)
+    assert ok("exec", fork, "--", "cat", "/root/x", "/root/renamed") == "mine\npayload\n"
+    ok("stop", fork)
+    ok("create", scratch, "--isolation", "vm", "--root", str(image), "--disposable")
+    ok("start", scratch)
+    ok("exec", scratch, "--", "sh", "-c", "echo gone > /root/y")
+    ok("stop", scratch)
+    ok("start", scratch)
+    assert ok("exec", scratch, "--", "ls", "/root") == ""
+    ok("stop", scratch)

@@ -206,7 +206,6 @@ def test_from_dict_names_the_bad_key(data: dict[str, object], path: tuple[object
 
 @pytest.mark.parametrize(("extra", "what"), [
     ({"mount": ["/a:/x"]}, "mounts"),
-    ({"root": "/srv/img"}, "root /srv/img"),
     ({"limits": {"pids": 100}}, "a pids limit"),
 ])
 def test_vm_workspaces_refuse_what_the_vm_level_lacks(extra: dict[str, object], what: str) -> None:

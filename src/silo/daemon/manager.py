@@ -286,7 +286,8 @@ class Manager:
     def _plan_vm(self, record: WorkspaceRecord, spec: Spec, stack: Any) -> p.Plan:
         """A vm workspace's machine: its layers' disks (silo.backends.vm.disk), its own
         upper's disk on top unless it is disposable (then the guest writes to RAM, over
-        the layers when it has any)."""
+        the layers when it has any). An image root's chain starts with a copy of the
+        image in the upper's disk (read-only under RAM when disposable)."""
         from silo.backends.vm import disk
 
         vm_dir = os.path.join(self.state_dir, "vm")
@@ -294,11 +295,14 @@ class Manager:
         try:
             if record.spec.encrypted:
                 key = disk.disk_key(vm_dir)
+            own_key = key if record.spec.encrypted else None
+            image = stack.base if stack.base != "host" else None  # an image root's directory
             disks = disk.layer_disks(stack.lowers)
-            if not record.spec.disposable:
+            if image is not None and not disks:  # the chain's bottom: a copy of the image
+                disks.append(disk.image_top(stack.upper, image, self.storage.owner, own_key))
+            elif not record.spec.disposable:
                 base = None if disks else disk.empty_base(vm_dir)
-                disks.append(disk.ensure_top(stack.upper, base, self.storage.owner,
-                                             key if record.spec.encrypted else None))
+                disks.append(disk.ensure_top(stack.upper, base, self.storage.owner, own_key))
         except SiloError as e:
             raise UserError(f"workspace {record.name!r}: {e.message}") from None
         machine_id = hashlib.sha256(f"{record.name}\0{record.created!r}".encode()).hexdigest()[:32]

@@ -171,9 +171,9 @@ def plan_vm_workspace(spec: Spec, disks: Sequence[str], writable: bool, machine_
     is the guest's upper, the machine-id it keeps, and the daemon's disk key file (for
     the encrypted disks of the chain); ``mem_lock``: QEMU locks its memory (a diskless
     workspace). The process is what commands joining it start from (env, cwd, user)."""
-    _check_vm(spec, False)
+    _check_vm(spec, False, image_ok=True)
     vm = replace(_vm_machine(spec), disks=tuple(disks), disk_writable=writable, machine_id=machine_id,
-                 disk_key=disk_key, mem_lock=mem_lock)
+                 disk_key=disk_key, mem_lock=mem_lock, image=spec.root != "host")
     uid, gid = spec.user.uid, spec.user.gid
     process = p.Process(argv=("/bin/sh",), env=_environment(spec, uid, None), cwd=spec.workdir or "/",
                         uid=uid, gid=gid, rlimits=spec.rlimits)
@@ -181,10 +181,11 @@ def plan_vm_workspace(spec: Spec, disks: Sequence[str], writable: bool, machine_
                   network=_network(spec))
 
 
-def _check_vm(spec: Spec, tty: bool) -> None:
+def _check_vm(spec: Spec, tty: bool, image_ok: bool = False) -> None:
     missing = [what for what, asked in (
         ("-t (a terminal)", tty), ("-v (volumes)", bool(spec.mounts)),
-        (f"--root {spec.root}", spec.root != "host"), ("--cap", bool(spec.caps)), ("--pids", spec.limits.pids),
+        (f"--root {spec.root}", spec.root != "host" and not image_ok), ("--cap", bool(spec.caps)),
+        ("--pids", spec.limits.pids),
     ) if asked]
     if missing:
         raise SpecError(f"{', '.join(missing)} with --isolation vm is not available yet: drop it, "

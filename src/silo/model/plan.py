@@ -251,15 +251,17 @@ class Vm:
     machine_id: str = ""  # 32 hex digits a workspace keeps across boots; empty: a new one each run
     disk_key: str = ""  # the daemon's disk key file, when a disk of the chain may be encrypted (LUKS)
     mem_lock: bool = False  # QEMU's memory locked (a diskless workspace: none of it may reach swap)
+    # The root is the disk chain itself (an image root: Xenon): no host view, no virtiofsd.
+    image: bool = False
 
 
 def _vm_from_wire(untrusted: Any) -> Vm:
     (kernel, initramfs, accel, memory, cpus, skeleton, binds, rwsize, jail_id, hostname, disks, disk_writable,
-     machine_id, disk_key, mem_lock) = untrusted
+     machine_id, disk_key, mem_lock, image) = untrusted
     return Vm(str(kernel), str(initramfs), str(accel), int(memory), int(cpus), str(skeleton),
               tuple((str(name), str(source)) for name, source in binds), int(rwsize), int(jail_id),
               str(hostname), tuple(str(d) for d in disks), bool(disk_writable), str(machine_id), str(disk_key),
-              bool(mem_lock))
+              bool(mem_lock), bool(image))
 
 
 @dataclass(frozen=True)

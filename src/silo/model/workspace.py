@@ -249,8 +249,7 @@ class WorkspaceSpec:
 
     def _check_vm(self) -> None:
         missing = [what for what, asked in (
-            ("mounts", bool(self.mounts)),
-            (f"root {self.root}", self.root.startswith("/")), ("a pids limit", self.limits.pids is not None),
+            ("mounts", bool(self.mounts)), ("a pids limit", self.limits.pids is not None),
         ) if asked]
         if missing:
             raise SpecError(f"a workspace at isolation 'vm' cannot have {', '.join(missing)} yet: "

@@ -669,9 +669,10 @@ static void load_modules(const char *list_path)
     fclose(list);
 }
 
-/* The workspace's disk (the first virtio-blk device): ext4 made by the host, holding
- * upper/ and work/ of the root's overlay. Its node appears once virtio_blk has probed. */
-static void mount_disk(int writable)
+/* The workspace's disk (the first virtio-blk device): ext4 made by the host, on
+ * `at`. Over the host's view it holds upper/ and work/ of the root's overlay; an
+ * image root's disk is the root itself. Its node appears once virtio_blk has probed. */
+static void mount_disk(const char *at, int writable, int overlay)
 {
     struct stat st;
     for (int i = 0; stat("/dev/vda", &st) < 0; i++) {
@@ -679,30 +680,31 @@ static void mount_disk(int writable)
             init_fail("the workspace's disk (/dev/vda) did not appear");
         poll(NULL, 0, 10);
     }
-    must_mkdir("/disk", 0755);
+    must_mkdir(at, 0755);
     if (writable)
-        must_mount("/dev/vda", "/disk", "ext4", MS_NOATIME, "errors=remount-ro");
+        must_mount("/dev/vda", at, "ext4", MS_NOATIME, "errors=remount-ro");
     else  /* shared layers: read as they are, no journal replay */
-        must_mount("/dev/vda", "/disk", "ext4", MS_RDONLY | MS_NOATIME, "noload");
-    if (writable) {
+        must_mount("/dev/vda", at, "ext4", MS_RDONLY | MS_NOATIME, "noload");
+    if (writable && overlay) {
         must_mkdir("/disk/upper", 0755);
         must_mkdir("/disk/work", 0755);
     }
 }
 
-static void copy_self(const char *to)
+/* A file of the initramfs into the new root's /.silo (which is remounted read-only). */
+static void copy_file(const char *from, const char *to)
 {
-    int in = open("/init", O_RDONLY | O_CLOEXEC);
+    int in = open(from, O_RDONLY | O_CLOEXEC);
     int out = open(to, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0755);
     if (in < 0 || out < 0)
-        init_fail("cannot copy the agent into the new root");
+        init_fail("cannot copy the agent's files into the new root");
     char data[65536];
     ssize_t n;
     while ((n = read(in, data, sizeof data)) > 0)
         if (write(out, data, n) != n)
-            init_fail("cannot copy the agent into the new root");
+            init_fail("cannot copy the agent's files into the new root");
     if (n < 0)
-        init_fail("cannot copy the agent into the new root");
+        init_fail("cannot copy the agent's files into the new root");
     close(in);
     close(out);
 }
@@ -832,7 +834,8 @@ static void guest_init(void)
         || mount("dev", "/dev", "devtmpfs", MS_NOSUID, NULL) < 0)
         init_fail("cannot mount /proc and /dev");
     /* Kernel command line: silo.root=host (the host's view over virtio-fs, read-only,
-     * under a RAM overlay), silo.probe (answer the accelerator probe and power off),
+     * under a RAM overlay) or silo.root=disk (an image root: the disk is the root,
+     * read-write, or read-only under a RAM overlay; no virtio-fs), silo.probe (answer the accelerator probe and power off),
      * silo.rwsize=BYTES (the RAM overlay's size), silo.disk=rw (the overlay's upper on
      * the workspace's disk instead of RAM) or silo.disk=ro (the disk's files a read-only
      * layer under the RAM overlay: a disposable workspace on layers), silo.net=... (eth0:
@@ -877,17 +880,23 @@ static void guest_init(void)
     must_mkdir("/lower", 0755);
     must_mkdir("/rw", 0755);
     must_mkdir("/newroot", 0755);
-    if (strcmp(root, "host")) {
+    int image = !strcmp(root, "disk");  /* an image root: the disk is the root, no host view */
+    if ((strcmp(root, "host") && !image) || (image && !disk[0])) {
         errno = EINVAL;
-        init_fail("unknown silo.root");
+        init_fail("unknown silo.root, or silo.root=disk without silo.disk");
     }
-    must_mount("host", "/lower", "virtiofs", MS_RDONLY, NULL);
-    mark("virtio-fs mounted");
+    if (!image) {
+        must_mount("host", "/lower", "virtiofs", MS_RDONLY, NULL);
+        mark("virtio-fs mounted");
+    }
     if (disk[0]) {
-        mount_disk(!strcmp(disk, "rw"));
+        int rw = !strcmp(disk, "rw");
+        mount_disk(image ? (rw ? "/newroot" : "/lower") : "/disk", rw, !image);
         mark("disk mounted");
     }
-    if (!strcmp(disk, "rw")) {
+    if (image && !strcmp(disk, "rw")) {
+        /* the disk is mounted as the new root already */
+    } else if (!strcmp(disk, "rw")) {
         must_mount("root", "/newroot", "overlay", 0, "lowerdir=/lower,upperdir=/disk/upper,workdir=/disk/work");
     } else {
         char opts[128];
@@ -896,13 +905,13 @@ static void guest_init(void)
         must_mkdir("/rw/upper", 0755);
         must_mkdir("/rw/work", 0755);
         struct stat st;
-        if (disk[0] && stat("/disk/upper", &st) == 0)
+        if (!image && disk[0] && stat("/disk/upper", &st) == 0)
             must_mount("root", "/newroot", "overlay", 0,
                        "lowerdir=/disk/upper:/lower,upperdir=/rw/upper,workdir=/rw/work");
         else
             must_mount("root", "/newroot", "overlay", 0, "lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work");
     }
-    static const char *const dirs[] = { "proc", "sys", "dev", "tmp", "run", ".silo" };
+    static const char *const dirs[] = { "proc", "sys", "dev", "tmp", "run", "etc", "root", ".silo" };
     char path[128];
     for (size_t i = 0; i < sizeof dirs / sizeof *dirs; i++) {
         snprintf(path, sizeof path, "/newroot/%s", dirs[i]);
@@ -920,8 +929,10 @@ static void guest_init(void)
     must_mount("shm", "/newroot/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
     must_mount("tmp", "/newroot/tmp", "tmpfs", 0, "mode=1777");
     must_mount("run", "/newroot/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755");
-    must_mount("silo", "/newroot/.silo", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=4m");
-    copy_self("/newroot/.silo/silo-agent");
+    must_mount("silo", "/newroot/.silo", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=8m");
+    copy_file("/init", "/newroot/.silo/silo-agent");
+    /* the agent's tools: cp's shell and tar in a root that may have neither */
+    copy_file("/lib/silo/busybox", "/newroot/.silo/busybox");
     int lo = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
     if (lo < 0)
         init_fail("cannot make a socket");

@@ -118,22 +118,52 @@ def empty_base(directory: str) -> str:
     for old in os.listdir(directory):
         if old.startswith(".empty-"):
             os.unlink(os.path.join(directory, old))
-    raw = tempfile.NamedTemporaryFile(dir=directory, prefix=".empty-", suffix=".raw", delete=False)
+    _make_ext4(directory, ".empty-", path, 0o444, None)
+    return path
+
+
+def _make_ext4(directory: str, prefix: str, path: str, mode: int, source: str | None,
+               key: str | None = None) -> None:
+    """An ext4 file system as a qcow2 image at ``path`` (published by rename), empty or
+    holding a copy of the tree ``source``, encrypted with ``key`` if given; its temp
+    files in ``directory``."""
+    raw = tempfile.NamedTemporaryFile(dir=directory, prefix=prefix, suffix=".raw", delete=False)
     qcow = raw.name[:-4] + ".qcow2"
     try:
         raw.truncate(SIZE)
         raw.close()
         # Inode tables written now (zeroes: free), so the guest's kernel has nothing to
         # initialize in the background; a small journal; no blocks reserved for root.
+        # With a source, mkfs copies its files, owners and modes in (-d).
+        extra = ["-d", source] if source is not None else []
+        owner = "" if source is not None else ",root_owner=0:0"
         _run([_mkfs(), "-q", "-F", "-L", "silo", "-m", "0", "-J", "size=64",
-              "-E", "lazy_itable_init=0,lazy_journal_init=1,root_owner=0:0", raw.name], "make the disk's file system")
-        _run([QEMU_IMG, "convert", "-q", "-f", "raw", "-O", "qcow2", raw.name, qcow], "convert the base disk")
-        os.chmod(qcow, 0o444)
+              "-E", f"lazy_itable_init=0,lazy_journal_init=1{owner}", *extra, raw.name],
+             "make the disk's file system" if source is None else f"copy {source} into a disk")
+        luks = _luks(key) if key is not None else []
+        _run([QEMU_IMG, "convert", "-q", "-f", "raw", "-O", "qcow2", *luks, raw.name, qcow], "convert the disk")
+        os.chmod(qcow, mode)
         os.rename(qcow, path)
     finally:
         for leftover in (raw.name, qcow):
             if os.path.exists(leftover):
                 os.unlink(leftover)
+
+
+def image_top(upper: str, source: str, owner: tuple[int, int] | None = None, key: str | None = None) -> str:
+    """``upper``'s disk made from the image directory ``source`` when missing: an ext4
+    holding a copy of its tree, the root file system of a guest that sees nothing of
+    the host's (an image root). Copied once, at the first start: later changes to
+    ``source`` do not reach the workspace (the process level reads it live). ``key``:
+    encrypted, as :func:`ensure_top`."""
+    path = os.path.join(upper, DISK)
+    if os.path.lexists(path):
+        return path
+    if not os.path.isdir(source):
+        raise SiloError(f"root directory {source} does not exist: unpack an image there or use --root host")
+    _make_ext4(upper, f".{DISK}.", path, 0o600, source, key)
+    if owner is not None:
+        os.chown(path, *owner)
     return path
 
 

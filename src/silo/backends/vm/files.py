@@ -26,7 +26,11 @@ from typing import Any
 from silo.model import plan as p
 
 # $1: get|put, $2: the path. Runs under the guest's /bin/sh; tar is the host's GNU tar
-# from the read-only view.
+# from the read-only view. In an image root (which may have no shell or tar at all), $3
+# is set and it runs under the agent's own busybox (TOOLS), whose shell finds its
+# applets without a PATH; its tar has no --transform, so a renaming put unpacks into a
+# new directory beside the target and moves the entry.
+TOOLS = "/.silo/busybox"
 SCRIPT = r'''
 p=$2
 case $p in /) echo "cannot copy / itself: name a path below it" >&2; exit 2;; esac
@@ -42,6 +46,16 @@ if [ -d "$p" ]; then
 fi
 [ -d "$d" ] || { echo "$d is not a directory in the workspace" >&2; exit 3; }
 cd -- "$d" 2>/dev/null || { echo "$d: permission denied" >&2; exit 4; }
+if [ -n "$3" ]; then
+    t=$(mktemp -d "$d/.silo-cp.XXXXXX") || { echo "$d: permission denied" >&2; exit 4; }
+    tar -x -f - --no-same-owner -C "$t" || { rm -rf -- "$t"; exit 1; }
+    for e in "$t"/* "$t"/.[!.]* "$t"/..?*; do
+        [ -e "$e" ] || [ -L "$e" ] || continue
+        mv -f -- "$e" "$p" || { rm -rf -- "$t"; exit 1; }
+    done
+    rm -rf -- "$t"
+    exit 0
+fi
 e=$(printf '%s\n' "$b" | sed 's/[\\&|]/\\&/g')
 exec tar -x -f - --no-same-owner --transform "s|^[^/]*|$e|S"
 '''
@@ -82,7 +96,10 @@ async def _writer(fd: int) -> asyncio.StreamWriter:
 
 async def start(mode: str, path: str, target: Any, plan: p.Plan, runtime: Any) -> GuestCopy:
     """Run the copy of ``path`` (``get`` or ``put``) in the running vm workspace whose init is ``target``."""
-    process = replace(plan.process, argv=("/bin/sh", "-c", SCRIPT, "silo-cp", mode, path), tty=False)
+    image = plan.vm is not None and plan.vm.image
+    argv = (TOOLS, "sh", "-c", SCRIPT, "silo-cp", mode, path, TOOLS) if image else (
+        "/bin/sh", "-c", SCRIPT, "silo-cp", mode, path)
+    process = replace(plan.process, argv=argv, tty=False)
     ends = [os.pipe2(os.O_CLOEXEC) for _ in range(3)]
     theirs = (ends[0][0], ends[1][1], ends[2][1])
     ours = (ends[0][1], ends[1][0], ends[2][0])

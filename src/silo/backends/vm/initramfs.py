@@ -29,7 +29,7 @@ BUSYBOX = ("/bin/busybox", "/usr/bin/busybox")
 MODULES = ("virtio_mmio", "virtio_console", "virtio_balloon", "virtio_rng", "virtiofs", "overlay")
 DISK_MODULES = ("virtio_blk", "ext4")
 NET_MODULES = ("virtio_net",)  # a guest with a network (``silo.net=``)
-FORMAT = "6"  # bump when the layout changes
+FORMAT = "7"  # bump when the layout changes
 SIG_MAGIC = b"~Module signature appended~\n"
 
 
@@ -90,7 +90,7 @@ def module_order(modules_dir: Path, wanted: Iterable[str]) -> list[Path]:
 
 
 def busybox() -> str:
-    """The host's static busybox (bench/vm.py's raw-QEMU peer boots it)."""
+    """The host's static busybox: the guest's own tools (/.silo/busybox) and bench/vm.py's raw-QEMU peer."""
     for path in BUSYBOX:
         if os.path.isfile(path):
             return path
@@ -125,7 +125,7 @@ def build(modules_dir: Path, cache_dir: str, release: str) -> str:
     disk_mods = [m for m in module_order(modules_dir, (*MODULES, *DISK_MODULES)) if m not in mods]
     net_mods = [m for m in module_order(modules_dir, (*MODULES, *NET_MODULES)) if m not in mods]
     agent = Path(native.built("silo-agent"))
-    inputs: list[Path] = [agent, *mods, *disk_mods, *net_mods]
+    inputs: list[Path] = [agent, Path(busybox()), *mods, *disk_mods, *net_mods]
     h = hashlib.sha256(FORMAT.encode() + release.encode())
     for path in inputs:
         st = path.stat()
@@ -141,6 +141,7 @@ def build(modules_dir: Path, cache_dir: str, release: str) -> str:
         cpio.add(d, stat.S_IFDIR | 0o755)
     cpio.add("dev/console", stat.S_IFCHR | 0o600)  # rdev set below is not needed: devtmpfs replaces it
     cpio.add("init", stat.S_IFREG | 0o755, agent.read_bytes())  # the init, then the agent
+    cpio.add("lib/silo/busybox", stat.S_IFREG | 0o755, Path(busybox()).read_bytes())  # the agent's tools
     for listing, group in (("modules", mods), ("modules.disk", disk_mods), ("modules.net", net_mods)):
         names = []
         for path in group:

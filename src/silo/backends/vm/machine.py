@@ -84,6 +84,11 @@ def qemu_argv(vm: p.Vm, *, agent_fd: int, qmp_fd: int, vfs_fd: int, console_fd: 
         cmdline += f" tsc_early_khz={khz}"
     if disk_fds:
         cmdline += " silo.disk=" + ("rw" if vm.disk_writable else "ro")
+    fs: list[str] = []
+    if vm.image:  # the disk is the root: nothing of the host's is shared
+        cmdline += " silo.root=disk"
+    else:
+        fs = ["-chardev", f"socket,id=vfs,fd={vfs_fd}", "-device", "vhost-user-fs-device,chardev=vfs,tag=host"]
     nic: list[str] = []
     if net_fd >= 0:
         cmdline += (f" silo.net={net.VM_GUEST4}/{net.VM_PREFIX4},{net.VM_HOST4},"
@@ -114,8 +119,7 @@ def qemu_argv(vm: p.Vm, *, agent_fd: int, qmp_fd: int, vfs_fd: int, console_fd: 
         "-kernel", JAIL_KERNEL, "-initrd", JAIL_INITRAMFS,
         "-append", f"{cmdline} silo.rwsize={vm.rwsize} {extra_cmdline}".strip(),
         "-serial", f"file:/dev/fd/{console_fd}", "-no-reboot",
-        "-chardev", f"socket,id=vfs,fd={vfs_fd}",
-        "-device", "vhost-user-fs-device,chardev=vfs,tag=host",
+        *fs,
         "-device", "virtio-serial-device,max_ports=2",
         "-chardev", f"socket,id=agent,fd={agent_fd}",
         "-device", "virtserialport,chardev=agent,name=silo.agent",

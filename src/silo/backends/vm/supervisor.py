@@ -167,14 +167,17 @@ class Run:
         ram_fd = self._locked_ram() if self.vm.mem_lock else -1
         if ram_fd >= 0:
             self.disk_fds.append(ram_fd)  # the mapping stays; the fd goes once QEMU has it
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(f"\0silo-vm-{os.getpid()}-{os.urandom(6).hex()}")
-        listener.listen(1)
-        vfs = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        vfs.connect(listener.getsockname())
-        self.vfs_log = os.memfd_create("silo-vm-virtiofsd", os.MFD_CLOEXEC)
-        self.procs.append(machine.start_virtiofsd(self.vm, listener.fileno(), self.vfs_log))
-        listener.close()
+        if self.vm.image:  # an image root: no host view to serve
+            vfs = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # a placeholder QEMU is not told of
+        else:
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind(f"\0silo-vm-{os.getpid()}-{os.urandom(6).hex()}")
+            listener.listen(1)
+            vfs = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            vfs.connect(listener.getsockname())
+            self.vfs_log = os.memfd_create("silo-vm-virtiofsd", os.MFD_CLOEXEC)
+            self.procs.append(machine.start_virtiofsd(self.vm, listener.fileno(), self.vfs_log))
+            listener.close()
         self.console = os.memfd_create("silo-vm-console", os.MFD_CLOEXEC)
         host_agent, guest_agent = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         host_qmp, guest_qmp = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -413,9 +416,10 @@ class Run:
         loop.add_reader(self.agent.fileno(), self.on_agent)
         # QEMU's end shows as the agent's EOF; virtiofsd's would only show as the
         # guest's file errors: watch it.
-        vfs = os.pidfd_open(self.procs[0].pid)
-        self.fds.append(vfs)
-        loop.add_reader(vfs, self._on_virtiofsd_exit, loop, vfs)
+        if not self.vm.image:
+            vfs = os.pidfd_open(self.procs[0].pid)
+            self.fds.append(vfs)
+            loop.add_reader(vfs, self._on_virtiofsd_exit, loop, vfs)
         # QMP answers once QEMU has built the machine.
         qmp = QMPClient("silo")
         try:
