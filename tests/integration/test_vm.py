@@ -88,7 +88,8 @@ def test_ctrl_c_reaches_the_command_in_the_guest(silo_cli: list[str], vm_runtime
 def test_a_missing_command_is_one_line_and_127(silo_cli: list[str], vm_runtime: str) -> None:
     cp = _run(silo_cli, vm_runtime, "--", "no-such-command-here")
     assert cp.returncode == 127
-    assert cp.stderr.decode().splitlines() == ["silo: no-such-command-here: command not found inside the VM"]
+    assert cp.stderr.decode().splitlines() == [
+        "silo: no-such-command-here: command not found inside the VM; check the name and PATH"]
 
 
 def test_a_timeout_kills_the_machine_and_leaves_nothing(silo_cli: list[str], vm_runtime: str) -> None:
@@ -149,7 +150,7 @@ def test_a_guest_that_powers_off_mid_command_ends_the_run(silo_cli: list[str], v
 
 @pytest.mark.parametrize(("option", "named"), [
     (["-t"], "-t (a terminal)"), (["-v", "/tmp:/mnt"], "-v (volumes)"),
-    (["--root", "/tmp"], "--root /tmp"),
+    (["--root", "/tmp"], "--root /tmp"), (["--seccomp", "unconfined"], "--seccomp"),
 ])
 def test_what_the_vm_level_lacks_yet_is_refused(silo_cli: list[str], vm_runtime: str, option: list[str],
                                                named: str) -> None:

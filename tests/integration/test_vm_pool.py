@@ -108,7 +108,8 @@ def test_stdio_exit_codes_and_errors_from_a_pooled_vm_are_a_cold_runs(
     _wait_ready(silo_cli, env, 1)
     cp2 = _silo(silo_cli, env, "run", "--isolation", "vm", "--", "no-such-command")
     assert cp2.returncode == 127
-    assert cp2.stderr.splitlines() == ["silo: no-such-command: command not found inside the VM"]
+    assert cp2.stderr.splitlines() == [
+        "silo: no-such-command: command not found inside the VM; check the name and PATH"]
     _wait_ready(silo_cli, env, 1)
 
 

@@ -146,7 +146,8 @@ def test_persistent_workspace_keeps_its_files_hostname_and_machine_id_across_a_s
     # exit codes, a missing command, env and cwd
     assert cli("exec", name, "--", "sh", "-c", "exit 7").returncode == 7
     r = cli("exec", name, "--", "no-such-command")
-    assert (r.returncode, r.stderr) == (127, "silo: no-such-command: command not found inside the VM\n")
+    assert (r.returncode, r.stderr) == (
+        127, "silo: no-such-command: command not found inside the VM; check the name and PATH\n")
     assert ok("exec", "-e", "GREETING=hi", "-w", "/usr", name, "--", "sh", "-c", "echo $GREETING; pwd") == "hi\n/usr\n"
     ok("stop", name)
     assert client.get(name).info().state.value == "stopped"

@@ -24,7 +24,7 @@ def test_an_oversized_frame_is_refused_before_its_payload_arrives() -> None:
         reader.feed(struct.pack(">IBI", P.MAX_PAYLOAD + 1, P.STDOUT, 1))
 
 
-@pytest.mark.parametrize("kind", [0, 14, 255])
+@pytest.mark.parametrize("kind", [0, 15, 255])
 def test_an_unknown_kind_is_refused(kind: int) -> None:
     with pytest.raises(P.ProtocolError, match=f"unknown frame kind {kind}"):
         P.Reader().feed(struct.pack(">IBI", 0, kind, 1))
@@ -57,8 +57,23 @@ def test_an_exec_request_carries_byte_strings_and_counts() -> None:
     data = P.exec_request(7, [b"ls", b"caf\xe9"], [b"A=1"], b"/tmp", 1000, 1000, True, 24, 80)
     [(kind, channel, payload)] = P.Reader().feed(data)
     assert (kind, channel) == (P.EXEC, 7)
-    assert struct.unpack_from(">IIHHBII", payload) == (1000, 1000, 24, 80, 1, 2, 1)
-    assert payload[21:] == b"/tmp\0ls\0caf\xe9\0A=1\0"
+    assert struct.unpack_from(">IIHHBIII", payload) == (1000, 1000, 24, 80, 1, 2, 1, 0)
+    assert payload[25:] == b"/tmp\0ls\0caf\xe9\0A=1\0"
+
+
+def test_an_exec_request_carries_its_rlimits_by_linux_number() -> None:
+    data = P.exec_request(1, [b"true"], [], b"/", 0, 0, False, 0, 0, (("nofile", 32, 128), ("core", 0, 0)))
+    [(_, _, payload)] = P.Reader().feed(data)
+    assert struct.unpack_from(">IIHHBIII", payload)[-1] == 2
+    assert struct.unpack_from(">IQQIQQ", payload, 25) == (7, 32, 128, 4, 0, 0)
+    assert payload[65:] == b"/\0true\0"
+
+
+def test_users_carry_passwd_then_group() -> None:
+    [(kind, channel, payload)] = P.Reader().feed(P.users(1000, 100, b"root:x:0:0::/root:/bin/sh\n", b"root:x:0:\n"))
+    assert (kind, channel) == (P.USERS, 0)
+    assert struct.unpack_from(">III", payload) == (1000, 100, 26)
+    assert payload[12:38] == b"root:x:0:0::/root:/bin/sh\n" and payload[38:] == b"root:x:0:\n"
 
 
 @pytest.mark.parametrize(("argv", "env", "cwd"), [

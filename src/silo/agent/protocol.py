@@ -1,4 +1,4 @@
-"""The host-guest agent protocol, version 3: the host's side (silo.backends.vm) of what the
+"""The host-guest agent protocol, version 4: the host's side (silo.backends.vm) of what the
 guest agent (``silo-agent``, src/silo/native/agent.c) speaks.
 
 A byte stream (virtio-serial, or vsock where the host has it) carries frames::
@@ -15,8 +15,10 @@ untrusted (SECURITY.md #19).
     host -> guest                               guest -> host
     EXEC ch  u32 uid, u32 gid, u16 rows,        HELLO 0  u32 version, u32 pid
              u16 cols, u8 tty, u32 argc,        STARTED ch  u32 pid
-             u32 envc, then cwd, argv..., env...  STDOUT/STDERR ch  bytes
-             each ending in NUL                 CLOSE ch  u8 stream (1 or 2)
+             u32 envc, u32 nrlimit, then        STDOUT/STDERR ch  bytes
+             nrlimit x (u32 resource, u64 soft, CLOSE ch  u8 stream (1 or 2)
+             u64 hard), then cwd, argv...,
+             env..., each ending in NUL
     STDIN ch  bytes; CLOSE ch  u8 0             EXIT ch  u32 code (0-255)
     SIGNAL ch  u8 signal                        ERROR ch  u32 code, UTF-8 message
     WINSIZE ch  u16 rows, u16 cols
@@ -26,24 +28,35 @@ untrusted (SECURITY.md #19).
     IDENTITY 0  u8 n, hostname (n bytes), machine-id
                 (32 hex digits), RNG seed (the rest,
                 16-512 bytes): set before a run's EXEC
+    USERS 0  u32 uid, u32 gid, u32 n, /etc/passwd
+             (n bytes), /etc/group (the rest):
+             the guest's user database, and the
+             user's home made (host-root guests)
+
+A working directory that does not exist is made (owned by the command's user), as
+at the process level.
 """
 
 from __future__ import annotations
 
 import struct
 
-VERSION = 3
+VERSION = 4
 MAX_PAYLOAD = 1 << 20  # a frame's payload; stdio is sent in chunks of at most CHUNK
 CHUNK = 64 << 10
 HEADER = struct.Struct(">IBI")
 MAX_ERROR = 2000  # bytes of an ERROR's message the host keeps
 
 (HELLO, EXEC, STARTED, STDIN, STDOUT, STDERR, CLOSE, SIGNAL, WINSIZE, EXIT, ERROR, SHUTDOWN,
- IDENTITY) = range(1, 14)
-KINDS = frozenset(range(1, 14))
+ IDENTITY, USERS) = range(1, 15)
+KINDS = frozenset(range(1, 15))
 SEED_MIN, SEED_MAX = 16, 512
 
-_EXEC = struct.Struct(">IIHHBII")
+_EXEC = struct.Struct(">IIHHBIII")
+_RLIMIT = struct.Struct(">IQQ")
+RLIM_INFINITY = (1 << 64) - 1
+# silo's rlimit names (silo.model.spec.RLIMITS) -> Linux's resource numbers
+RLIMIT_IDS = {"cpu": 0, "fsize": 1, "stack": 3, "core": 4, "nproc": 6, "nofile": 7, "memlock": 8, "as": 9}
 _U32 = struct.Struct(">I")
 _HELLO = struct.Struct(">II")
 _WINSIZE = struct.Struct(">HH")
@@ -87,12 +100,15 @@ class Reader:
 # host -> guest ------------------------------------------------------------------------
 
 def exec_request(channel: int, argv: list[bytes], env: list[bytes], cwd: bytes, uid: int, gid: int,
-                 tty: bool, rows: int, cols: int) -> bytes:
+                 tty: bool, rows: int, cols: int, rlimits: tuple[tuple[str, int, int], ...] = ()) -> bytes:
+    """``rlimits``: (name, soft, hard) as in a plan, a negative value meaning unlimited."""
     strings = [cwd, *argv, *env]
     if not argv or any(b"\0" in s for s in strings) or any(b"=" not in e for e in env):
         raise ValueError("argv must not be empty, no string may hold NUL, every env entry is NAME=VALUE")
-    head = _EXEC.pack(uid, gid, rows, cols, int(tty), len(argv), len(env))
-    return frame(EXEC, channel, head + b"".join(s + b"\0" for s in strings))
+    limits = b"".join(_RLIMIT.pack(RLIMIT_IDS[name], *(RLIM_INFINITY if v < 0 else v for v in (soft, hard)))
+                      for name, soft, hard in rlimits)
+    head = _EXEC.pack(uid, gid, rows, cols, int(tty), len(argv), len(env), len(rlimits))
+    return frame(EXEC, channel, head + limits + b"".join(s + b"\0" for s in strings))
 
 
 def close_stdin(channel: int) -> bytes:
@@ -128,6 +144,12 @@ def identity(hostname: bytes, machine_id: bytes, seed: bytes) -> bytes:
     return frame(IDENTITY, 0, bytes([len(hostname)]) + hostname + machine_id + seed)
 
 
+def users(uid: int, gid: int, passwd: bytes, group: bytes) -> bytes:
+    """The guest's ``/etc/passwd`` and ``/etc/group``, and the home of ``uid`` made."""
+    return frame(USERS, 0, _USERS.pack(uid, gid, len(passwd)) + passwd + group)
+
+
+_USERS = struct.Struct(">III")
 _HOSTNAME = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.")
 
 

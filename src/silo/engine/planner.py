@@ -18,6 +18,7 @@ from pathlib import Path
 
 from silo.engine import host as hostmod
 from silo.model import plan as p
+from silo.model import users
 from silo.model.errors import NotFoundError, PrivilegeError, SpecError, UserError
 from silo.model.spec import Isolation, Spec
 
@@ -32,32 +33,13 @@ DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty")
 
 
 def _passwd(uid: int, gid: int, system: bool = False) -> bytes:
-    """root, the sandbox's user, nobody; with ``system``, the host's system users between
-    them (those whose name or uid the others take left out)."""
-    lines = ["root:x:0:0:root:/root:/bin/bash"]
-    ours = [("user", uid)] if uid != 0 else []
-    if uid != 0:
-        lines.append(f"user:x:{uid}:{gid}:sandbox user:/home/user:/bin/bash")
-    if system:
-        taken = {"root", "nobody", *(n for n, _ in ours)}, {0, 65534, *(i for _, i in ours)}
-        lines += [f"{name}:x:{u}:{g}:{gecos}:{home}:{shell}" for name, u, g, gecos, home, shell
-                  in hostmod.system_accounts()[0] if name not in taken[0] and u not in taken[1]]
-    lines.append("nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin")
-    return ("\n".join(lines) + "\n").encode()
+    """root, the sandbox's user, nobody; with ``system``, the host's system users (silo.model.users)."""
+    return users.passwd(uid, gid, hostmod.system_accounts()[0] if system else ())
 
 
 def _group(uid: int, gid: int, system: bool = False) -> bytes:
-    """root, tty, the sandbox user's group, nogroup; with ``system``, the host's system
-    groups between them (those whose name or gid the others take left out)."""
-    lines = ["root:x:0:", "tty:x:5:"]
-    ours = [("user", gid)] if gid not in (0, 5, 65534) else []
-    lines += [f"{name}:x:{g}:" for name, g in ours]
-    if system:
-        taken = {"root", "tty", "nogroup", *(n for n, _ in ours)}, {0, 5, 65534, *(g for _, g in ours)}
-        lines += [f"{name}:x:{g}:{','.join(members)}" for name, g, members
-                  in hostmod.system_accounts()[1] if name not in taken[0] and g not in taken[1]]
-    lines.append("nogroup:x:65534:")
-    return ("\n".join(lines) + "\n").encode()
+    """root, tty, the sandbox user's group, nogroup; with ``system``, the host's system groups."""
+    return users.group(uid, gid, hostmod.system_accounts()[1] if system else ())
 
 
 RESOLV_CONF = b"# silo's resolver: it answers by the workspace's network policy\nnameserver 127.0.0.53\noptions edns0\n"
@@ -185,7 +167,7 @@ def _check_vm(spec: Spec, tty: bool, image_ok: bool = False) -> None:
     missing = [what for what, asked in (
         ("-t (a terminal)", tty), ("-v (volumes)", bool(spec.mounts)),
         (f"--root {spec.root}", spec.root != "host" and not image_ok), ("--cap", bool(spec.caps)),
-        ("--pids", spec.limits.pids),
+        ("--pids", spec.limits.pids), ("--seccomp", spec.seccomp != "default"),
     ) if asked]
     if missing:
         raise SpecError(f"{', '.join(missing)} with --isolation vm is not available yet: drop it, "

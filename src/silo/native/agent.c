@@ -33,6 +33,7 @@
 #include <sys/ioctl.h>
 #include <linux/random.h>
 #include <sys/mount.h>
+#include <sys/resource.h>
 #include <sys/reboot.h>
 #include <sys/syscall.h>
 #include <time.h>
@@ -48,7 +49,7 @@
 #include <netinet/in.h>
 #include <sys/socket.h>
 
-#define VERSION 3
+#define VERSION 4
 #define SEED_MIN 16
 #define SEED_MAX 512
 #define MAX_PAYLOAD (1u << 20)
@@ -58,7 +59,8 @@
 #define OUTQ_HIGH (4u << 20)   /* stop reading commands' output above this */
 #define STDIN_HIGH (4u << 20)  /* stop reading the port while a command's stdin is this far behind */
 
-enum { HELLO = 1, EXEC, STARTED, STDIN_, STDOUT_, STDERR_, CLOSE, SIGNAL_, WINSIZE, EXIT_, ERROR_, SHUTDOWN, IDENTITY };
+enum { HELLO = 1, EXEC, STARTED, STDIN_, STDOUT_, STDERR_, CLOSE, SIGNAL_, WINSIZE, EXIT_, ERROR_, SHUTDOWN, IDENTITY,
+       USERS };
 
 struct buf {
     unsigned char *data;
@@ -223,11 +225,22 @@ static void write_stdin(struct job *j)
     }
 }
 
-/* The executable for argv[0], looked up in the command's own PATH; NULL if none. */
-static char *resolve(const char *name, char **env, char *out, size_t size)
+/* The executable for argv[0], looked up in the command's own PATH, as the process
+ * level's init does: 0, or 127 (nothing by that name) or 126 (found, not executable:
+ * `denied` names it). */
+static int resolve(const char *name, char **env, char *out, size_t size, char *denied, size_t dsize)
 {
-    if (strchr(name, '/'))
-        return snprintf(out, size, "%s", name) < (int)size ? out : NULL;
+    struct stat st;
+    denied[0] = 0;
+    if (strchr(name, '/')) {
+        if (stat(name, &st) < 0)
+            return 127;
+        if (!S_ISREG(st.st_mode) || access(name, X_OK) < 0) {
+            snprintf(denied, dsize, "%s", name);
+            return 126;
+        }
+        return snprintf(out, size, "%s", name) < (int)size ? 0 : 127;
+    }
     const char *path = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
     for (char **e = env; *e; e++)
         if (!strncmp(*e, "PATH=", 5))
@@ -235,15 +248,45 @@ static char *resolve(const char *name, char **env, char *out, size_t size)
     for (;;) {
         const char *end = strchrnul(path, ':');
         int len = end - path;
-        struct stat st;
         if (snprintf(out, size, "%.*s/%s", len ? len : 1, len ? path : ".", name) < (int)size
-            && access(out, X_OK) == 0 && stat(out, &st) == 0 && !S_ISDIR(st.st_mode))
-            return out;
+            && stat(out, &st) == 0) {
+            if (S_ISREG(st.st_mode) && access(out, X_OK) == 0)
+                return 0;
+            if (!denied[0])
+                snprintf(denied, dsize, "%s", out);
+        }
         if (!*end)
             break;
         path = end + 1;
     }
-    return NULL;
+    return denied[0] ? 126 : 127;
+}
+
+/* The working directory, made when missing (each new directory the command's user's),
+ * as the process level's setup does. */
+static int make_cwd(const char *cwd, uid_t uid, gid_t gid)
+{
+    struct stat st;
+    if (stat(cwd, &st) == 0)
+        return S_ISDIR(st.st_mode) ? 0 : (errno = ENOTDIR, -1);
+    char path[4096];
+    if (snprintf(path, sizeof path, "%s", cwd) >= (int)sizeof path)
+        return errno = ENAMETOOLONG, -1;
+    for (char *slash = path + 1;; slash++) {
+        char c = *slash;
+        if (c != '/' && c != 0)
+            continue;
+        *slash = 0;
+        if (mkdir(path, 0755) == 0) {
+            if (chown(path, uid, gid) < 0)
+                return -1;
+        } else if (errno != EEXIST) {
+            return -1;
+        }
+        *slash = c;
+        if (!c)
+            return 0;
+    }
 }
 
 static void do_exec(uint32_t channel, const unsigned char *p, size_t n)
@@ -260,21 +303,29 @@ static void do_exec(uint32_t channel, const unsigned char *p, size_t n)
         send_error(channel, 125, "too many commands running in the VM (at most %d)", MAX_JOBS);
         return;
     }
-    if (n < 21) {
+    if (n < 25) {
         send_error(channel, 125, "exec: a short request");
         return;
     }
     uint32_t uid = get32(p), gid = get32(p + 4);
     unsigned rows = p[8] << 8 | p[9], cols = p[10] << 8 | p[11];
     int tty = p[12];
-    uint32_t argc = get32(p + 13), envc = get32(p + 17);
-    if (argc < 1 || argc > 65536 || envc > 65536) {
-        send_error(channel, 125, "exec: %u arguments and %u variables", argc, envc);
+    uint32_t argc = get32(p + 13), envc = get32(p + 17), nrl = get32(p + 21);
+    if (argc < 1 || argc > 65536 || envc > 65536 || nrl > 16 || n < 25 + (size_t)nrl * 20) {
+        send_error(channel, 125, "exec: %u arguments, %u variables and %u limits", argc, envc, nrl);
         return;
     }
+    /* rlimits: u32 resource, u64 soft, u64 hard each */
+    struct { int resource; struct rlimit lim; } limits[16];
+    for (uint32_t i = 0; i < nrl; i++) {
+        const unsigned char *l = p + 25 + i * 20;
+        limits[i].resource = (int)get32(l);
+        limits[i].lim.rlim_cur = (rlim_t)get32(l + 4) << 32 | get32(l + 8);
+        limits[i].lim.rlim_max = (rlim_t)get32(l + 12) << 32 | get32(l + 16);
+    }
     /* cwd, argv..., env..., each ending in NUL, and nothing after */
-    const char *strs = (const char *)p + 21;
-    size_t slen = n - 21, at = 0, got = 0;
+    const char *strs = (const char *)p + 25 + nrl * 20;
+    size_t slen = n - 25 - nrl * 20, at = 0, got = 0;
     char *cwd = NULL, **argv = calloc(argc + 1, sizeof *argv), **env = calloc(envc + 1, sizeof *env);
     if (!argv || !env)
         die("out of memory");
@@ -301,9 +352,18 @@ static void do_exec(uint32_t channel, const unsigned char *p, size_t n)
             send_error(channel, 125, "exec: an environment entry without '='");
             goto out;
         }
-    char path[4096];
-    if (!resolve(argv[0], env, path, sizeof path)) {
-        send_error(channel, 127, "%s: command not found inside the VM", argv[0]);
+    char path[4096], denied[4096];
+    int missing = resolve(argv[0], env, path, sizeof path, denied, sizeof denied);
+    if (missing == 127) {
+        send_error(channel, 127, "%s: command not found inside the VM; check the name and PATH", argv[0]);
+        goto out;
+    }
+    if (missing) {
+        send_error(channel, 126, "%s: not executable inside the VM (%s); check its mode", argv[0], denied);
+        goto out;
+    }
+    if (make_cwd(cwd, uid, gid) < 0) {
+        send_error(channel, 125, "cannot create working directory %s: %s", cwd, strerror(errno));
         goto out;
     }
     int report[2], child[3], mine[3];
@@ -341,6 +401,9 @@ static void do_exec(uint32_t channel, const unsigned char *p, size_t n)
                 goto fail;
         if (tty && ioctl(0, TIOCSCTTY, 0) < 0)
             goto fail;
+        for (uint32_t i = 0; i < nrl; i++)
+            if (setrlimit(limits[i].resource, &limits[i].lim) < 0)
+                goto fail;
         if (setgroups(0, NULL) < 0 || setgid(gid) < 0 || setuid(uid) < 0 || chdir(cwd) < 0)
             goto fail;
         execve(path, argv, env);
@@ -367,7 +430,7 @@ static void do_exec(uint32_t channel, const unsigned char *p, size_t n)
             if (mine[k] >= 0 && !(tty && k == 2))
                 close(mine[k]);
         send_error(channel, err == ENOENT ? 127 : 126, "%s: cannot execute inside the VM: %s",
-                   argv[0], strerror(err));
+                   argv[0], strerror(err));  /* e.g. a missing interpreter, or a denied cwd */
         goto out;
     }
     memset(j, 0, sizeof *j);
@@ -457,6 +520,30 @@ static void do_identity(const unsigned char *p, size_t n)
         send_error(0, 125, "identity: /etc/machine-id: %s", strerror(errno));
 }
 
+/* USERS: u32 uid, u32 gid, u32 n, /etc/passwd (n bytes), /etc/group (the rest); the
+ * user's home made when it is not root. */
+static void do_users(const unsigned char *p, size_t n)
+{
+    if (n < 12 || get32(p + 8) > n - 12) {
+        send_error(0, 125, "users: bad layout");
+        return;
+    }
+    uid_t uid = get32(p);
+    gid_t gid = get32(p + 4);
+    size_t pn = get32(p + 8);
+    mkdir("/etc", 0755);
+    if (write_file("/etc/passwd", (const char *)p + 12, pn) < 0
+        || write_file("/etc/group", (const char *)p + 12 + pn, n - 12 - pn) < 0) {
+        send_error(0, 125, "users: cannot write /etc/passwd and /etc/group: %s", strerror(errno));
+        return;
+    }
+    if (uid != 0) {
+        mkdir("/home", 0755);
+        if (mkdir("/home/user", 0755) == 0 && chown("/home/user", uid, gid) < 0)
+            send_error(0, 125, "users: cannot give /home/user to %u: %s", (unsigned)uid, strerror(errno));
+    }
+}
+
 /* A workspace's stop: SIGTERM to every process, up to grace_ms for them to go, then
  * SIGKILL, so what they wrote is on the disk before the sync. */
 static void stop_all(uint32_t grace_ms)
@@ -523,6 +610,9 @@ static void handle(int kind, uint32_t channel, const unsigned char *p, size_t n)
         return;
     case IDENTITY:
         do_identity(p, n);
+        return;
+    case USERS:
+        do_users(p, n);
         return;
     case SHUTDOWN:
         if (n == 4)
@@ -1031,7 +1121,7 @@ int main(int argc, char **argv)
                 while (inq.len >= HEADER) {
                     uint32_t len = get32(inq.data), channel = get32(inq.data + 5);
                     int kind = inq.data[4];
-                    if (kind < HELLO || kind > IDENTITY || len > MAX_PAYLOAD)
+                    if (kind < HELLO || kind > USERS || len > MAX_PAYLOAD)
                         die("the host broke the protocol (kind %d, %u bytes)", kind, len);
                     if (inq.len < HEADER + len)
                         break;

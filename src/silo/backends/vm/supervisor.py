@@ -37,6 +37,7 @@ from qemu.qmp import QMPClient, QMPError
 from silo.agent import protocol as P
 from silo.backends.vm import disk, machine
 from silo.model import plan as p
+from silo.model import users
 from silo.model.errors import SiloError
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -78,17 +79,18 @@ class Command:
     """What one run asks of the guest: from the plan, or from the hand-over of a pooled VM."""
 
     def __init__(self, argv: Sequence[str], env: Sequence[tuple[str, str]], cwd: str, uid: int, gid: int,
-                 hostname: str) -> None:
+                 hostname: str, rlimits: tuple[tuple[str, int, int], ...] = ()) -> None:
         self.argv = [os.fsencode(a) for a in argv]
         self.env = [os.fsencode(f"{k}={v}") for k, v in env]
         self.cwd = os.fsencode(cwd)
         self.uid, self.gid, self.hostname = int(uid), int(gid), str(hostname)
+        self.rlimits = rlimits
 
     @classmethod
     def of(cls, plan: p.Plan) -> Command:
         proc = plan.process
         assert plan.vm is not None
-        return cls(proc.argv, proc.env, proc.cwd, proc.uid, proc.gid, plan.vm.hostname)
+        return cls(proc.argv, proc.env, proc.cwd, proc.uid, proc.gid, plan.vm.hostname, proc.rlimits)
 
     @classmethod
     def from_handover(cls, data: bytes) -> Command:
@@ -347,13 +349,19 @@ class Run:
 
     # a command's stdio --------------------------------------------------------------
 
+    def send_users(self, uid: int, gid: int) -> None:
+        """The guest's user database for ``uid``, and its home (a host-root guest: an image
+        root keeps its own)."""
+        if not self.vm.image:
+            self.send(P.users(uid, gid, users.passwd(uid, gid), users.group(uid, gid)))
+
     def start_job(self, job: Job, command: Command, tty: bool = False) -> None:
         """Ask the agent to run ``command`` on ``job``'s channel and feed it ``job``'s stdin."""
         loop = asyncio.get_running_loop()
         self.jobs[job.channel] = job
         rows, cols = job.winsize
         self.send(P.exec_request(job.channel, command.argv, command.env, command.cwd, command.uid, command.gid,
-                                 tty, rows, cols))
+                                 tty, rows, cols, command.rlimits))
         try:
             loop.add_reader(job.stdio[0], self.on_stdin, job)
             job.reading = True
@@ -472,6 +480,7 @@ class Run:
         else:
             command = Command.of(self.plan)
         self.send(P.identity(command.hostname.encode(), os.urandom(16).hex().encode(), os.urandom(64)))
+        self.send_users(command.uid, command.gid)
         job = Job(CHANNEL, self.stdio)
         job.winsize = self.plan.process.winsize
         job.pending_signals = self.early_signals

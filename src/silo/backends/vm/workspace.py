@@ -270,6 +270,7 @@ class Workspace(sup.Run):
         vm = self.vm
         self.send(P.identity(vm.hostname.encode(), (vm.machine_id or os.urandom(16).hex()).encode(),
                              os.urandom(64)))
+        self.send_users(self.plan.process.uid, self.plan.process.gid)
         self.next_channel = sup.CHANNEL
         self.ready = True
         _send(self.ctl, ("ready",))
