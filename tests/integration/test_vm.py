@@ -149,7 +149,7 @@ def test_a_guest_that_powers_off_mid_command_ends_the_run(silo_cli: list[str], v
 
 
 @pytest.mark.parametrize(("option", "named"), [
-    (["-t"], "-t (a terminal)"), (["-v", "/tmp:/mnt"], "-v (volumes)"),
+    (["-v", "/tmp:/mnt"], "-v (volumes)"),
     (["--root", "/tmp"], "--root /tmp"), (["--seccomp", "unconfined"], "--seccomp"),
 ])
 def test_what_the_vm_level_lacks_yet_is_refused(silo_cli: list[str], vm_runtime: str, option: list[str],

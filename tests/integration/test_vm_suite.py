@@ -4,7 +4,7 @@ The tests below are test_run_cli.py's own functions, collected here a second tim
 ``cli`` that runs every ``silo run`` with ``--isolation vm``: a real TCG boot each. What
 is not re-run, and why:
 
-- ``-v`` volumes, ``--cap``, ``--pids``, ``--seccomp``, ``-t``, and ``--root DIR`` in
+- ``-v`` volumes, ``--cap``, ``--pids``, ``--seccomp``, and ``--root DIR`` in
   one-shot runs are refused at the vm level so far (test_vm.py checks each refusal), so
   the bad-input cases about volumes and seccomp profiles get that refusal instead;
   ``test_not_executable_is_126`` uses a volume, and its other half runs here as
@@ -27,12 +27,16 @@ is not re-run, and why:
 
 from __future__ import annotations
 
+import fcntl
 import os
+import struct
 import subprocess
+import termios
 
 import pytest
 import test_run_cli
 from cli_servers import client_env as _env
+from cli_servers import pty_run
 from test_run_cli import (  # noqa: F401 - the fixtures and tests collected again here
     _assert_silo_error,
     _ok,
@@ -98,3 +102,30 @@ _VM_ERRORS = [(a, w) for a, w in _ERRORS.args[1] if "-v" not in a and "--seccomp
 @pytest.mark.parametrize(_ERRORS.args[0], _VM_ERRORS)
 def test_silo_errors_are_one_line_and_125(cli, args: list[str], words: list[str]) -> None:  # type: ignore[no-untyped-def]
     test_run_cli.test_silo_errors_are_one_line_and_125(cli, args, words)
+
+
+def test_tty_gives_a_pty_with_the_window_size(silo_cli: list[str], runtime_dir: str) -> None:  # noqa: F811
+    out, code = pty_run([*silo_cli, "run", "--isolation", "vm", "-t", "--", "sh", "-c",
+                         "tty; stty size; test -t 0 && echo stdin-tty; exit 4"], _env(runtime_dir), 33, 97, timeout=60)
+    lines = out.decode(errors="replace").replace("\r", "").splitlines()
+    assert code == 4, out
+    assert lines[0].startswith("/dev/pts/"), lines
+    assert lines[1:3] == ["33 97", "stdin-tty"], lines
+
+
+def test_tty_resize_propagates(silo_cli: list[str], runtime_dir: str) -> None:  # noqa: F811
+    script = ('trap "stty size; exit 3" WINCH; echo ready; '
+              'i=0; while [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done; echo no-winch')
+    resized = []
+
+    def resize(pid: int, master: int, buf: bytes) -> None:
+        if b"ready" in buf and not resized:
+            fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 132, 0, 0))
+            resized.append(True)
+
+    out, code = pty_run([*silo_cli, "run", "--isolation", "vm", "-t", "--", "sh", "-c", script],
+                        _env(runtime_dir), 24, 80, on_output=resize, timeout=60)
+    assert resized
+    assert b"50 132" in out, out
+    assert b"no-winch" not in out
+    assert code == 3

@@ -137,11 +137,11 @@ VM_MEMORY = 512 << 20  # guest RAM when no --memory is given
 def _plan_vm(spec: Spec, argv: Sequence[str], term: str | None, tty: bool) -> p.Plan:
     """A one-shot VM: the host's read-only system view over virtio-fs, a RAM overlay on it,
     the command run by the guest agent (silo.backends.vm)."""
-    _check_vm(spec, tty)
+    _check_vm(spec)
     vm = _vm_machine(spec)
     uid, gid = spec.user.uid, spec.user.gid
     process = p.Process(argv=tuple(argv), env=_environment(spec, uid, term), cwd=spec.workdir or "/",
-                        uid=uid, gid=gid, rlimits=spec.rlimits)
+                        uid=uid, gid=gid, rlimits=spec.rlimits, tty=tty)
     return p.Plan(isolation="vm", namespaces=(), uid_map=(), gid_map=(), ops=(), process=process,
                   timeout=spec.timeout, vm=vm, network=_network(spec))
 
@@ -153,7 +153,7 @@ def plan_vm_workspace(spec: Spec, disks: Sequence[str], writable: bool, machine_
     is the guest's upper, the machine-id it keeps, and the daemon's disk key file (for
     the encrypted disks of the chain); ``mem_lock``: QEMU locks its memory (a diskless
     workspace). The process is what commands joining it start from (env, cwd, user)."""
-    _check_vm(spec, False, image_ok=True)
+    _check_vm(spec, image_ok=True)
     vm = replace(_vm_machine(spec), disks=tuple(disks), disk_writable=writable, machine_id=machine_id,
                  disk_key=disk_key, mem_lock=mem_lock, image=spec.root != "host")
     uid, gid = spec.user.uid, spec.user.gid
@@ -163,9 +163,9 @@ def plan_vm_workspace(spec: Spec, disks: Sequence[str], writable: bool, machine_
                   network=_network(spec))
 
 
-def _check_vm(spec: Spec, tty: bool, image_ok: bool = False) -> None:
+def _check_vm(spec: Spec, image_ok: bool = False) -> None:
     missing = [what for what, asked in (
-        ("-t (a terminal)", tty), ("-v (volumes)", bool(spec.mounts)),
+        ("-v (volumes)", bool(spec.mounts)),
         (f"--root {spec.root}", spec.root != "host" and not image_ok), ("--cap", bool(spec.caps)),
         ("--pids", spec.limits.pids), ("--seccomp", spec.seccomp != "default"),
     ) if asked]

@@ -795,8 +795,8 @@ class Spawner:
         """Hand a run to a pooled VM of its machine (a booted one first); None when the
         pool is empty or the hand-over failed (the run then boots its own VM)."""
         pool = self.pools.get(vm_key(plan))
-        # a pooled VM has no NIC; its hand-over carries no rlimits
-        if pool is None or not pool.vms or plan.network is not None or plan.process.rlimits:
+        # a pooled VM has no NIC; its hand-over carries no rlimits and no pty
+        if pool is None or not pool.vms or plan.network is not None or plan.process.rlimits or plan.process.tty:
             return None
         proc = plan.process
         if any("\0" in s for s in (*proc.argv, proc.cwd)) or any("\0" in k + v for k, v in proc.env):

@@ -24,11 +24,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import fcntl
 import marshal
 import mmap
 import os
 import signal
 import socket
+import struct
+import termios
+import tty as ttymod
 from collections.abc import Sequence
 from typing import Any
 
@@ -73,6 +77,19 @@ def _console_tail(fd: int) -> str:
         lines = [line.strip() for line in data.splitlines() if line.strip()]
         return lines[-1][:300] if lines else ""
     return ""
+
+
+WINSIZE_POLL = 0.25  # how often a tty command's window size is looked at
+_WINSIZE = struct.Struct("HHHH")
+
+
+def get_winsize(fd: int) -> tuple[int, int]:
+    rows, cols, _, _ = _WINSIZE.unpack(fcntl.ioctl(fd, termios.TIOCGWINSZ, b"\0" * 8))
+    return rows, cols
+
+
+def set_winsize(fd: int, rows: int, cols: int) -> None:
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, _WINSIZE.pack(rows, cols, 0, 0))
 
 
 class Command:
@@ -349,6 +366,20 @@ class Run:
 
     # a command's stdio --------------------------------------------------------------
 
+    async def poll_winsizes(self) -> None:
+        """Pass a tty command's window size on when its caller changes it (on the pty's
+        master: only a controlling process would get SIGWINCH, so it is polled)."""
+        while True:
+            await asyncio.sleep(WINSIZE_POLL)
+            for job in list(self.jobs.values()):
+                if job.slave is None or not job.started.done():
+                    continue
+                with contextlib.suppress(OSError):
+                    size = get_winsize(job.slave)
+                    if size != job.winsize:
+                        job.winsize = size
+                        self.send(P.winsize(job.channel, *size))
+
     def send_users(self, uid: int, gid: int) -> None:
         """The guest's user database for ``uid``, and its home (a host-root guest: an image
         root keeps its own)."""
@@ -481,18 +512,44 @@ class Run:
             command = Command.of(self.plan)
         self.send(P.identity(command.hostname.encode(), os.urandom(16).hex().encode(), os.urandom(64)))
         self.send_users(command.uid, command.gid)
-        job = Job(CHANNEL, self.stdio)
-        job.winsize = self.plan.process.winsize
+        tty = self.plan.process.tty
+        job = Job(CHANNEL, self.stdio, await self.caller_pty() if tty else None)
+        job.winsize = get_winsize(job.slave) if job.slave is not None else self.plan.process.winsize
         job.pending_signals = self.early_signals
         self.next_channel = CHANNEL + 1
-        self.start_job(job, command)
+        self.start_job(job, command, tty)
+        winsizes = loop.create_task(self.poll_winsizes()) if tty else None
         await asyncio.wait([job.exit, self.exit_code], return_when=asyncio.FIRST_COMPLETED)
+        if winsizes is not None:
+            winsizes.cancel()
         if job.exit.done():
             if job.error is not None:
                 code, text = job.error
                 self.report({127: "CommandNotFound", 126: "CommandNotExecutable"}.get(code, "InternalError"), text)
             return job.exit.result()
         return self.exit_code.result()
+
+    async def caller_pty(self) -> int:
+        """``-t``: a host pty pair whose master goes to the caller (the spawner passes it
+        to the client, as a process-level sandbox's own pty master); the slave, set raw
+        (the guest's pty does the line discipline), is ours. The client copies its
+        window size onto the master as soon as it has it: wait briefly for that."""
+        master, slave = os.openpty()
+        ttymod.setraw(slave)
+        rows, cols = self.plan.process.winsize
+        if rows and cols:
+            set_winsize(slave, rows, cols)
+        try:
+            with socket.socket(fileno=os.dup(self.err_fd)) as err:
+                socket.send_fds(err, [b"pty"], [master])
+        finally:
+            os.close(master)
+        for _ in range(30):
+            if get_winsize(slave) != (0, 0):
+                break
+            await asyncio.sleep(0.01)
+        self.fds.append(slave)
+        return slave
 
     async def wait_for_run(self) -> Command | None:
         """A pooled VM: say ready, take the run the spawner hands over (its stdio becomes

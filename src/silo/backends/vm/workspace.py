@@ -31,14 +31,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import marshal
 import os
 import signal
 import socket
-import struct
 import sys
-import termios
 import tty as ttymod
 from typing import Any
 
@@ -55,8 +52,6 @@ BALLOON = "/machine/peripheral/balloon"
 GUEST_STATS = {"stat-total-memory": "total", "stat-available-memory": "available", "stat-free-memory": "free",
                "stat-disk-caches": "caches"}
 STOP_EXTRA = 20.0  # seconds past the grace for the guest to sync and power off
-WINSIZE_POLL = 0.25
-_WINSIZE = struct.Struct("HHHH")
 _CLASSES = {127: "CommandNotFound", 126: "CommandNotExecutable"}
 
 
@@ -122,7 +117,7 @@ class Workspace(sup.Run):
         if tty:
             master, slave = os.openpty()
             ttymod.setraw(slave)  # the guest's pty does the line discipline
-            fcntl.ioctl(slave, termios.TIOCSWINSZ, _WINSIZE.pack(int(rows), int(cols), 0, 0))
+            sup.set_winsize(slave, int(rows), int(cols))
             for fd in fds:
                 os.close(fd)
             fds = []
@@ -137,18 +132,6 @@ class Workspace(sup.Run):
         except (ValueError, TypeError) as e:
             job.error = (125, f"bad exec request: {e}")
             self.end_job(job, 125)
-
-    async def poll_winsizes(self) -> None:
-        while True:
-            await asyncio.sleep(WINSIZE_POLL)
-            for job in list(self.jobs.values()):
-                if job.slave is None or not job.started.done():
-                    continue
-                with contextlib.suppress(OSError):
-                    rows, cols, _, _ = _WINSIZE.unpack(fcntl.ioctl(job.slave, termios.TIOCGWINSZ, b"\0" * 8))
-                    if (rows, cols) != job.winsize:
-                        job.winsize = (rows, cols)
-                        self.send(P.winsize(job.channel, rows, cols))
 
     async def report_memory(self) -> None:
         """The guest's memory as its balloon driver reports it (the guest's word: numbers,
