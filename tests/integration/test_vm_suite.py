@@ -1,51 +1,53 @@
 """The process level's functional suite re-run at isolation vm (issue 5, requirement 10).
 
-The tests below are test_run_cli.py's own functions, collected here a second time with a
-``cli`` that runs every ``silo run`` with ``--isolation vm``: a real TCG boot each. What
-is not re-run, and why:
+The tests below are test_run_cli.py's own functions, collected here a second time. This
+module's ``silo_cli`` runs the CLI through vm_cli.py, which puts ``--isolation vm`` into
+every ``silo run``, so test_run_cli's ``cli`` and the tests that call the CLI
+themselves (ctrl-C, pipes, ``-t``) boot a real TCG guest each. What is not re-run, and
+why:
 
-- ``-v`` volumes, ``--cap``, ``--pids``, ``--seccomp``, and ``--root DIR`` in
-  one-shot runs are refused at the vm level so far (test_vm.py checks each refusal), so
-  the bad-input cases about volumes and seccomp profiles get that refusal instead;
-  ``test_not_executable_is_126`` uses a volume, and its other half runs here as
+- ``-v`` volumes, ``--cap``, ``--pids``, ``--seccomp``, and ``--root DIR`` in one-shot
+  runs are refused at the vm level so far (test_vm.py checks each refusal). So the
+  bad-input cases about volumes and seccomp profiles get that refusal instead, and
+  ``test_not_executable_is_126`` uses a volume: its other half runs here as
   ``test_a_file_that_is_not_executable_is_126``.
 - ``--memory``/``--cpus`` size the guest (RAM, vCPUs) rather than cap a cgroup, so the
   cgroup and limit tests do not apply. The VM's own cgroup is checked in test_vm.py.
 - ``--seccomp`` does not apply: the guest's kernel is the boundary, and seccomp inside
-  it guards nothing of the host's.
-- test_user's last check reads ``/proc/self/uid_map`` to prove the sandbox's root is
-  not the host's. In a guest, the map is the guest kernel's identity map (``0 0
+  it would guard nothing of the host's.
+- test_user's last check reads ``/proc/self/uid_map`` to prove the sandbox's root is not
+  the host's. In a guest, the map is the guest kernel's identity map (``0 0
   4294967295``): its root is the root of a kernel of its own, which is the point. The
   rest of that test runs here as ``test_user_and_group``.
 - test_runs_a_command_isolated compares the pid namespace with the host's. A guest's
   initial namespaces carry the same fixed inode numbers as any kernel's. test_vm.py
   proves the guest's own kernel instead.
-- ``--isolation app``, ``--help``, ``silo plan``, the unprivileged user and the leak
-  checks are about the CLI and the process level; test_vm.py has the vm level's own
-  ctrl-C, timeout and leftovers tests.
+- ``--isolation app``, ``--help``, ``silo plan``, the unprivileged user and the
+  server's leak checks are about the CLI and the process level. test_vm.py has the vm
+  level's own timeout and leftovers tests.
 """
+
+# ruff: noqa: F811 - the imported fixtures are the tests' parameters by name
 
 from __future__ import annotations
 
-import fcntl
 import os
-import struct
-import subprocess
-import termios
+import sys
+from pathlib import Path
 
 import pytest
 import test_run_cli
-from cli_servers import client_env as _env
-from cli_servers import pty_run
 from test_run_cli import (  # noqa: F401 - the fixtures and tests collected again here
     _assert_silo_error,
     _ok,
+    cli,
     hostdir,
     runtime_dir,
     shared,
     test_bad_env_file_content_names_file_and_line,
     test_command_starts_with_default_signal_dispositions,
     test_command_without_double_dash,
+    test_ctrl_c_reaches_the_command,
     test_env_file,
     test_env_is_clean_plus_e,
     test_exit_code_is_the_commands,
@@ -56,9 +58,12 @@ from test_run_cli import (  # noqa: F401 - the fixtures and tests collected agai
     test_private_writable_tmp_and_home,
     test_rlimit,
     test_root_host_is_read_only_system_and_curated_etc,
+    test_shell_pipeline_into_silo,
     test_stdin_is_empty_without_i,
     test_stdin_streams_with_i,
     test_timeout_kills_and_says_so,
+    test_tty_gives_a_pty_with_the_window_size,
+    test_tty_resize_propagates,
     test_workdir,
 )
 
@@ -69,18 +74,10 @@ if os.geteuid() != 0:
 
 
 @pytest.fixture
-def cli(silo_cli: list[str], runtime_dir: str):  # type: ignore[no-untyped-def]  # noqa: F811
-    """test_run_cli's ``cli``, with ``--isolation vm`` on every ``silo run``."""
-
-    def run(*args: str, input: bytes | None = None, env: dict[str, str] | None = None,
-            cwd: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess[bytes]:
-        if args and args[0] == "run":
-            args = ("run", "--isolation", "vm", *args[1:])
-        return subprocess.run([*silo_cli, *args], input=input, capture_output=True, timeout=max(timeout, 120),
-                              env=_env(runtime_dir, env), cwd=cwd or "/",
-                              stdin=None if input is not None else subprocess.DEVNULL)
-
-    return run
+def silo_cli(silo_cli: list[str]) -> list[str]:
+    """The CLI with ``--isolation vm`` on every ``silo run`` (vm_cli.py); test_run_cli's
+    ``cli`` and the tests that call the CLI themselves run through it."""
+    return [sys.executable, str(Path(__file__).with_name("vm_cli.py")), *silo_cli, "--"]
 
 
 def test_a_file_that_is_not_executable_is_126(cli) -> None:  # type: ignore[no-untyped-def]
@@ -103,29 +100,3 @@ _VM_ERRORS = [(a, w) for a, w in _ERRORS.args[1] if "-v" not in a and "--seccomp
 def test_silo_errors_are_one_line_and_125(cli, args: list[str], words: list[str]) -> None:  # type: ignore[no-untyped-def]
     test_run_cli.test_silo_errors_are_one_line_and_125(cli, args, words)
 
-
-def test_tty_gives_a_pty_with_the_window_size(silo_cli: list[str], runtime_dir: str) -> None:  # noqa: F811
-    out, code = pty_run([*silo_cli, "run", "--isolation", "vm", "-t", "--", "sh", "-c",
-                         "tty; stty size; test -t 0 && echo stdin-tty; exit 4"], _env(runtime_dir), 33, 97, timeout=60)
-    lines = out.decode(errors="replace").replace("\r", "").splitlines()
-    assert code == 4, out
-    assert lines[0].startswith("/dev/pts/"), lines
-    assert lines[1:3] == ["33 97", "stdin-tty"], lines
-
-
-def test_tty_resize_propagates(silo_cli: list[str], runtime_dir: str) -> None:  # noqa: F811
-    script = ('trap "stty size; exit 3" WINCH; echo ready; '
-              'i=0; while [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done; echo no-winch')
-    resized = []
-
-    def resize(pid: int, master: int, buf: bytes) -> None:
-        if b"ready" in buf and not resized:
-            fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 132, 0, 0))
-            resized.append(True)
-
-    out, code = pty_run([*silo_cli, "run", "--isolation", "vm", "-t", "--", "sh", "-c", script],
-                        _env(runtime_dir), 24, 80, on_output=resize, timeout=60)
-    assert resized
-    assert b"50 132" in out, out
-    assert b"no-winch" not in out
-    assert code == 3
