@@ -49,7 +49,7 @@ def _raw_qemu(tmp: str) -> list[str]:
     khz = machine.tsc_khz() if tcg else None
     append = machine.CMDLINE + (f" tsc_early_khz={khz}" if khz else "")
     return [machine.QEMU, "-nodefaults", "-no-user-config", "-nographic", "-M", "microvm",
-            "-accel", "tcg,thread=multi" if tcg else "kvm", "-cpu", "max" if tcg else "host",
+            "-accel", "tcg,thread=multi" if tcg else "kvm", "-cpu", machine.TCG_CPU if tcg else "host",
             "-m", "512M", "-kernel", image, "-initrd", path, "-append", append, "-serial", "none",
             "-no-reboot"]
 
@@ -70,8 +70,9 @@ def _rss(pid: int, field: str = "VmRSS") -> int:
 
 
 def _idle_memory() -> tuple[int, int, dict[str, int]]:
-    """(host RSS of QEMU, virtiofsd and the supervisor; the guest's used memory; QEMU's
-    RSS by kind) of a VM idling in ``sleep`` after its command printed the guest's meminfo."""
+    """(the host's memory beyond the guest's pages, see below; the guest's used memory;
+    QEMU's RSS by kind, the supervisor's, the total RSS) of a VM idling in ``sleep``
+    after its command printed the guest's meminfo."""
     proc = subprocess.Popen([SILO, "run", "--isolation", "vm", "--", "sh", "-c",
                              "sleep 3; cat /proc/meminfo; echo done; exec sleep 60"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
@@ -91,9 +92,15 @@ def _idle_memory() -> tuple[int, int, dict[str, int]]:
         qemu = next(pid for pid in pids if "qemu-system" in open(f"/proc/{pid}/cmdline").read())
         jail = int(open(f"/proc/{qemu}/stat").read().rsplit(")", 1)[1].split()[1])
         supervisor = int(open(f"/proc/{jail}/stat").read().rsplit(")", 1)[1].split()[1])
-        host = sum(_rss(pid) for pid in {*pids, jail, supervisor})
+        ours = {*pids, jail, supervisor}
+        # What the VM costs the host beyond the guest's own pages: the anonymous memory
+        # of QEMU (heap, TCG's code cache), virtiofsd and the supervisor. Left out: the
+        # guest's RAM (QEMU's shmem: the guest's pages) and file pages (QEMU's binary and
+        # libraries, shared with every other VM and the host).
+        host = sum(_rss(pid, "RssAnon") for pid in ours)
         parts = {k: _rss(qemu, k) for k in ("RssAnon", "RssFile", "RssShmem")}
-        parts["supervisor"] = _rss(supervisor)
+        parts["supervisor"] = _rss(supervisor, "RssAnon")
+        parts["rss"] = sum(_rss(pid) for pid in ours)
         return host, guest_used, parts
     finally:
         proc.terminate()
@@ -216,19 +223,22 @@ def run(progress: Callable[[str], None], quick: bool) -> tuple[list[str], list[t
         budgets.append(("vm: first output from the warm pool", "—", "≤ 60 ms", f"not measured: {one_line(e)}"))
     progress("vm: idle memory")
     try:
-        host, guest, parts = _idle_memory()
-        over = host - guest
+        over, guest, parts = _idle_memory()
         budgets.append(("vm: idle VM host memory beyond the guest's used pages", f"{over / (1 << 20):.0f} MiB",
                         "≤ 64 MiB", "PASS" if over <= IDLE_OVERHEAD else "FAIL"))
         sections.append(
             "## VM level: idle memory\n\n"
-            "A VM idling in `sleep` (512 MiB guest): the resident memory of QEMU, virtiofsd and the "
-            "supervisor on the host, and the guest's own used memory (MemTotal - MemFree).\n\n"
-            + table(["host RSS", "guest used", "beyond the guest's pages", "QEMU: guest RAM touched (shmem)",
-                     "QEMU: files (kernel image, binary; page cache)", "QEMU: anonymous (TCG code cache, heap)",
-                     "supervisor (Python)"],
-                    [[f"{host / (1 << 20):.0f} MiB", f"{guest / (1 << 20):.0f} MiB", f"{over / (1 << 20):.0f} MiB",
-                      *(f"{parts[k] / (1 << 20):.0f} MiB" for k in ("RssShmem", "RssFile", "RssAnon", "supervisor"))]]))
+            "A VM idling in `sleep` (512 MiB guest). Beyond the guest's pages: the anonymous memory "
+            "of QEMU, virtiofsd, the jail's waiter and the supervisor. The guest's RAM that QEMU holds "
+            "(its shmem) is the guest's own pages. File pages (QEMU's binary and libraries) are shared "
+            "with every other VM and the host, so they are left out; the total RSS, which counts them, "
+            "is shown beside.\n\n"
+            + table(["beyond the guest's pages", "guest used (MemTotal - MemFree)", "QEMU: guest RAM held (shmem)",
+                     "QEMU: anonymous (TCG code cache, heap)", "supervisor: anonymous (Python)",
+                     "QEMU: files (shared)", "total RSS"],
+                    [[f"{over / (1 << 20):.0f} MiB", f"{guest / (1 << 20):.0f} MiB",
+                      *(f"{parts[k] / (1 << 20):.0f} MiB" for k in ("RssShmem", "RssAnon", "supervisor", "RssFile",
+                                                                     "rss"))]]))
     except Exception as e:
         budgets.append(("vm: idle VM host memory beyond the guest's used pages", "—", "≤ 64 MiB",
                         f"not measured: {one_line(e)}"))

@@ -468,6 +468,27 @@ def test_memory_cpus_pids_land_in_the_cgroup(silo_cli: list[str], runtime_dir: s
     assert proc.returncode == 143
 
 
+def test_a_fresh_server_removes_a_killed_ones_empty_cgroups(silo_cli: list[str]) -> None:
+    # What a server killed mid-run can leave: the empty cgroup of a job (or VM) that is
+    # gone. The next server sweeps empty ones older than a few seconds when it starts.
+    parents = glob.glob("/sys/fs/cgroup/*/silo") or glob.glob("/sys/fs/cgroup/silo")
+    assert parents
+    stale = [os.path.join(parent, f"vm-{(1 << 22) + 4321}-1") for parent in parents
+             if os.path.exists(os.path.join(parent, "cgroup.procs"))]
+    for path in stale:
+        os.mkdir(path)
+        os.utime(path, (time.time() - 60, time.time() - 60))
+    try:
+        with private_runtime_dir() as fresh:
+            _ok(subprocess.run([*silo_cli, "run", "--memory", "64M", "--", "true"], capture_output=True,
+                               env=_env(fresh), timeout=60, stdin=subprocess.DEVNULL))
+        assert [p for p in stale if os.path.exists(p)] == []
+    finally:
+        for path in stale:
+            with contextlib.suppress(OSError):
+                os.rmdir(path)
+
+
 def test_memory_limit_kills_a_balloon(cli) -> None:  # type: ignore[no-untyped-def]
     start = time.monotonic()
     cp = cli("run", "--memory", "32M", "--", "python3", "-c",

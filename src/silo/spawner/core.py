@@ -294,6 +294,10 @@ class Spawner:
             from silo.sys import cgroups
 
             self._cgroups = cgroups.open_manager()
+            # a killed spawner's leftovers (e.g. a VM's cgroup whose QEMU outlived its
+            # shutdown's wait): empty ones only, older than a few seconds
+            with contextlib.suppress(OSError):
+                self._cgroups.sweep()
         return self._cgroups
 
     def _launch(self, plan: p.Plan, stdio: tuple[int, int, int], warm: bool) -> tuple[launcher.Started, Any]:
