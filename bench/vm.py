@@ -69,6 +69,16 @@ def _rss(pid: int, field: str = "VmRSS") -> int:
     return 0
 
 
+def _pss_anon(pid: int) -> int:
+    """``pid``'s anonymous memory, each page shared copy-on-write counted once across
+    its sharers (the jail's waiter is a fork of the supervisor)."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Pss_Anon:"):
+                return int(line.split()[1]) << 10
+    return 0
+
+
 def _idle_memory() -> tuple[int, int, dict[str, int]]:
     """(the host's memory beyond the guest's pages, see below; the guest's used memory;
     QEMU's RSS by kind, the supervisor's, the total RSS) of a VM idling in ``sleep``
@@ -94,10 +104,11 @@ def _idle_memory() -> tuple[int, int, dict[str, int]]:
         supervisor = int(open(f"/proc/{jail}/stat").read().rsplit(")", 1)[1].split()[1])
         ours = {*pids, jail, supervisor}
         # What the VM costs the host beyond the guest's own pages: the anonymous memory
-        # of QEMU (heap, TCG's code cache), virtiofsd and the supervisor. Left out: the
+        # (proportional: pages shared copy-on-write counted once) of QEMU (heap, TCG's
+        # code cache), virtiofsd, the jail's waiter and the supervisor. Left out: the
         # guest's RAM (QEMU's shmem: the guest's pages) and file pages (QEMU's binary and
         # libraries, shared with every other VM and the host).
-        host = sum(_rss(pid, "RssAnon") for pid in ours)
+        host = sum(_pss_anon(pid) for pid in ours)
         parts = {k: _rss(qemu, k) for k in ("RssAnon", "RssFile", "RssShmem")}
         parts["supervisor"] = _rss(supervisor, "RssAnon")
         parts["rss"] = sum(_rss(pid) for pid in ours)
@@ -229,7 +240,8 @@ def run(progress: Callable[[str], None], quick: bool) -> tuple[list[str], list[t
         sections.append(
             "## VM level: idle memory\n\n"
             "A VM idling in `sleep` (512 MiB guest). Beyond the guest's pages: the anonymous memory "
-            "of QEMU, virtiofsd, the jail's waiter and the supervisor. The guest's RAM that QEMU holds "
+            "(proportional set size: a page shared copy-on-write counted once) of QEMU, virtiofsd, "
+            "the jail's waiter and the supervisor. The guest's RAM that QEMU holds "
             "(its shmem) is the guest's own pages. File pages (QEMU's binary and libraries) are shared "
             "with every other VM and the host, so they are left out; the total RSS, which counts them, "
             "is shown beside.\n\n"
