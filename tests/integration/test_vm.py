@@ -159,3 +159,30 @@ def test_what_the_vm_level_lacks_yet_is_refused(silo_cli: list[str], vm_runtime:
     assert cp.stderr.decode().splitlines() == [
         f"silo: {named} with --isolation vm is not available yet: drop it, or use --isolation process"]
     assert vm_processes() == []
+
+
+def test_kernel_picks_the_guests_kernel(silo_cli: list[str], vm_runtime: str) -> None:
+    from silo.backends.vm import kernel
+    from silo.engine import host as hostmod
+
+    cache = hostmod.host().cache_dir
+    fetched, host = kernel.fetched(cache), kernel.host_kernel()
+    if fetched is None:
+        pytest.skip("no fetched kernel here (the host's is readable and make test did not fetch one)")
+    for choice in ("debian", fetched.image):  # by name, and by path (its modules/ beside it)
+        cp = _run(silo_cli, vm_runtime, "--kernel", choice, "--", "uname", "-r")
+        assert (cp.returncode, cp.stdout.decode()) == (0, f"{fetched.release}\n"), cp.stderr
+    cp = _run(silo_cli, vm_runtime, "--kernel", "host", "--", "uname", "-r")
+    if host is None:
+        assert cp.returncode == 125 and cp.stderr.decode().splitlines() == [
+            f"silo: the host's kernel is not readable (/boot/vmlinuz-{os.uname().release} and its modules): "
+            "use --kernel debian after 'silo kernel fetch'"], cp.stderr
+    else:
+        assert (cp.returncode, cp.stdout.decode()) == (0, f"{host.release}\n"), cp.stderr
+    cp = _run(silo_cli, vm_runtime, "--kernel", "/nonexistent/vmlinuz", "--", "true")
+    assert cp.returncode == 125 and cp.stderr.decode() == (
+        "silo: kernel '/nonexistent/vmlinuz' is not a file: use host, debian or the path of a kernel image\n")
+    cp = subprocess.run([*silo_cli, "run", "--kernel", "debian", "--", "true"], env=_env(vm_runtime),
+                        capture_output=True, timeout=60, check=False)
+    assert cp.returncode == 125 and b"--kernel belongs to the vm level" in cp.stderr, cp.stderr
+    _nothing_left()

@@ -501,3 +501,20 @@ def test_an_image_root_sees_nothing_of_the_host(client: silo.Client, names: list
     ok("start", scratch)
     assert ok("exec", scratch, "--", "ls", "/root") == ""
     ok("stop", scratch)
+
+
+def test_a_workspace_keeps_the_kernel_it_was_created_with(client: silo.Client, names: list[str]) -> None:
+    from silo.backends.vm import kernel
+    from silo.engine import host as hostmod
+
+    fetched = kernel.fetched(hostmod.host().cache_dir)
+    if fetched is None:
+        pytest.skip("no fetched kernel here (the host's is readable and make test did not fetch one)")
+    name = new(names)
+    ok("create", name, "--isolation", "vm", "--kernel", fetched.image, "--disposable")
+    assert client.get(name).info().spec.kernel == fetched.image
+    ok("start", name)
+    assert ok("exec", name, "--", "uname", "-r") == f"{fetched.release}\n"
+    ok("stop", name)
+    r = cli("create", new(names), "--kernel", "debian")
+    assert r.returncode == BAD_INPUT and "--kernel belongs to the vm level" in r.stderr, r

@@ -504,3 +504,14 @@ def test_diskless_is_a_vm_workspaces_and_implies_disposable() -> None:
         WorkspaceSpec.from_dict({"name": "ram", "diskless": True})
     with pytest.raises(SpecError, match="a diskless workspace has no disk to encrypt"):
         WorkspaceSpec.from_dict({"name": "ram", "isolation": "vm", "diskless": True, "encrypted": True})
+
+
+def test_kernel_is_a_vm_workspaces_choice() -> None:
+    spec = WorkspaceSpec.from_dict({"name": "k", "isolation": "vm", "kernel": "/boot/vmlinuz"})
+    assert spec.kernel == "/boot/vmlinuz" and spec.sandbox_spec().kernel == "/boot/vmlinuz"
+    assert WorkspaceSpec.from_dict(spec.to_dict()) == spec
+    assert "kernel" not in WorkspaceSpec(name="k", isolation=Isolation.VM).to_dict()
+    with pytest.raises(SpecError, match="--kernel belongs to the vm level"):
+        WorkspaceSpec.from_dict({"name": "k", "kernel": "debian"})
+    with pytest.raises(SpecError, match="bad kernel 'newest'"):
+        WorkspaceSpec.from_dict({"name": "k", "isolation": "vm", "kernel": "newest"})

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from silo.model.errors import SpecError
-from silo.model.spec import Spec, build_spec, parse_env_entry, parse_env_file, parse_rlimit
+from silo.model.spec import KERNELS, Spec, build_spec, parse_env_entry, parse_env_file, parse_rlimit
 
 
 class _Parser(argparse.ArgumentParser):
@@ -30,6 +30,8 @@ def run_parser(prog: str = "silo run") -> argparse.ArgumentParser:
     ps.add_argument("--isolation", default="process",
                     help="process (default), vm (a QEMU microVM) or app (NOT a security boundary)")
     ps.add_argument("--root", default="host", help="host (default) or an image directory")
+    ps.add_argument("--kernel", default="auto", metavar="host|debian|PATH",
+                    help="with --isolation vm: the guest's kernel (default: the host's if readable, else debian)")
     ps.add_argument("-v", "--volume", action="append", default=[], metavar="HOST:GUEST[:ro]")
     ps.add_argument("-e", "--env", action="append", default=[], metavar="K=V")
     ps.add_argument("--env-file", action="append", default=[], metavar="FILE")
@@ -118,5 +120,6 @@ def parse_run(untrusted_argv: list[str], cwd: str) -> RunRequest:
         rlimits=rlimits, tmpfs_size=ns.tmpfs_size, cow=[_abs(c, cwd) for c in ns.cow],
         keep=_abs(ns.keep, cwd) if ns.keep else None, network=ns.network, allow=ns.allow, publish=ns.publish,
         bandwidth=ns.bandwidth, dns=ns.dns,
+        kernel=ns.kernel if ns.kernel in KERNELS else _abs(ns.kernel, cwd),
     )
     return RunRequest(spec, tuple(command), bool(ns.tty), bool(ns.interactive))

@@ -28,7 +28,7 @@ from typing import IO, Any, NoReturn, TextIO, TypeVar
 from silo.cli.args import add_network_options
 from silo.cli.main import error_line
 from silo.model.errors import NotFoundError, SiloError, SpecError, UserError
-from silo.model.spec import parse_env_entry, parse_env_file
+from silo.model.spec import KERNELS, parse_env_entry, parse_env_file
 from silo.model.workspace import parse_name
 from silo.sdk.client import Client, Progress, Workspace, WorkspaceInfo
 
@@ -149,6 +149,8 @@ def _create_parser() -> _Parser:
     ps.add_argument("--disposable", action="store_true", default=None, help="keep changes in RAM: gone on stop")
     ps.add_argument("--encrypt", action="store_true", default=None,
                     help="with --isolation vm: keep its disks encrypted at rest (LUKS, the daemon's key)")
+    ps.add_argument("--kernel", metavar="host|debian|PATH",
+                    help="with --isolation vm: the guest's kernel (default: the host's if readable, else debian)")
     ps.add_argument("--diskless", action="store_true", default=None,
                     help="with --isolation vm: keep it in its VM's locked RAM only (disposable; never on disk or swap)")
     ps.add_argument("-v", "--volume", action="append", default=[], metavar="HOST:GUEST[:ro]")
@@ -194,12 +196,20 @@ def _root(root: str | None) -> str | None:
     return path
 
 
+def _kernel(choice: str | None) -> str | None:
+    """``--kernel``: a path is made absolute against the caller's cwd (silod has another)."""
+    if choice is None or choice in KERNELS:
+        return choice
+    return os.path.abspath(choice)
+
+
 def cmd_create(ns: argparse.Namespace) -> None:
     if ns.name is None and ns.file is None:
         raise SpecError("give the workspace a name, like 'silo create web', or a spec file with -f")
     with make_client() as client:
         ws = client.create(ns.name, file=ns.file, isolation=ns.isolation, root=_root(ns.root),
                            disposable=ns.disposable, encrypted=ns.encrypt, diskless=ns.diskless,
+                           kernel=_kernel(ns.kernel),
                            mounts=[_abs_volume(v) for v in ns.volume],
                            env=_env(ns.env, ns.env_file), memory=ns.memory, cpus=ns.cpus, pids=ns.pids,
                            on_start=None if ns.on_start is None else ["sh", "-c", ns.on_start],

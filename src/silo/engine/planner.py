@@ -181,7 +181,7 @@ def _vm_machine(spec: Spec) -> p.Vm:
     from silo.backends.vm import accel, initramfs, kernel
 
     h = hostmod.host()
-    k = kernel.find("auto", h.cache_dir)
+    k = kernel.find(spec.kernel, h.cache_dir)
     ird = initramfs.build(Path(k.modules), h.cache_dir, k.release)
     memory = max((spec.limits.memory or VM_MEMORY) >> 20, 128)
     cpus = max(1, math.ceil(spec.limits.cpus or 1))

@@ -259,6 +259,7 @@ class Spec:
     rlimits: tuple[tuple[str, int, int], ...] = ()
     tmpfs_size: int = 1 << 30
     network: NetworkPolicy = field(default_factory=NetworkPolicy)
+    kernel: str = "auto"  # vm level: auto, host, debian (fetched) or a kernel image's absolute path
     # app level only
     cow: tuple[str, ...] = ()
     keep: str | None = None
@@ -279,11 +280,25 @@ class Spec:
         for path in self.cow:
             if not path.startswith("/"):
                 raise SpecError(f"bad --cow {path!r}: it must be an absolute path")
+        check_kernel(self.kernel, self.isolation)
         if self.network.enabled and self.isolation is Isolation.APP:
             raise SpecError("the app level shares the host's network: a network policy needs --isolation process")
         if self.network.enabled and "NET_ADMIN" in self.caps:
             # SECURITY: CAP_NET_ADMIN would let the sandbox rewrite its own firewall.
             raise SpecError("--cap NET_ADMIN cannot be combined with a network policy: drop one of them")
+
+
+KERNELS = ("auto", "host", "debian")
+
+
+def check_kernel(kernel: str, isolation: Isolation) -> str:
+    """A vm guest's kernel choice: ``auto``, ``host``, ``debian`` or an absolute path."""
+    if kernel not in KERNELS and not kernel.startswith("/"):
+        raise SpecError(f"bad kernel {kernel!r}: use host, debian or the absolute path of a kernel image")
+    if kernel != "auto" and isolation is not Isolation.VM:
+        raise SpecError("--kernel belongs to the vm level (the other levels share the host's kernel): "
+                        "add --isolation vm, or drop --kernel")
+    return kernel
 
 
 def coerce_duration(value: float | str | None, what: str) -> float | None:
@@ -305,7 +320,7 @@ def build_spec(*, isolation: str | Isolation = "process", root: str = "host",
                tmpfs_size: str | int | None = None, cow: Iterable[str] = (),
                keep: str | None = None, network: str | Network | NetworkPolicy | None = None,
                allow: Iterable[str] = (), publish: Iterable[str] = (), links: Iterable[str] = (),
-               bandwidth: str | int | None = None, dns: Iterable[str] = ()) -> Spec:
+               bandwidth: str | int | None = None, dns: Iterable[str] = (), kernel: str = "auto") -> Spec:
     """Validate SDK-style arguments into a :class:`Spec` (SpecError on bad input)."""
     try:
         iso = isolation if isinstance(isolation, Isolation) else Isolation(isolation)
@@ -344,5 +359,5 @@ def build_spec(*, isolation: str | Isolation = "process", root: str = "host",
         isolation=iso, root=root, mounts=mount_list, env=env_pairs, workdir=workdir, user=usr,
         hostname=parse_hostname(hostname) if hostname else "silo", limits=limits,
         timeout=coerce_duration(timeout, "timeout"), caps=tuple(parse_cap(c) for c in caps),
-        seccomp=seccomp_src, rlimits=tuple(rl), cow=tuple(cow), keep=keep, **extra,
+        seccomp=seccomp_src, rlimits=tuple(rl), cow=tuple(cow), keep=keep, kernel=kernel, **extra,
     )

@@ -8,6 +8,7 @@ Like Windows Sandbox's ``.wsb``, but it says everything ``silo create`` can say:
     disposable = false           # true: the private layer lives in RAM, gone on stop
     encrypted = false            # true (vm only): its disks encrypted at rest with the daemon's key
     diskless = false             # true (vm only): in its VM's locked RAM only; implies disposable
+    kernel = "auto"              # vm only: auto | host | debian | /abs/path/vmlinuz (modules/ beside)
     workdir = "/work"
     user = "1000:1000"           # or a number
     hostname = "web"

@@ -40,6 +40,7 @@ from silo.model.spec import (
     Mount,
     Spec,
     User,
+    check_kernel,
     parse_count,
     parse_cpus,
     parse_env_entry,
@@ -201,9 +202,11 @@ class WorkspaceSpec:
     network: NetworkPolicy = field(default_factory=NetworkPolicy)
     encrypted: bool = False
     diskless: bool = False
+    kernel: str = "auto"  # isolation vm: the guest's kernel (silo.model.spec.check_kernel)
 
     def __post_init__(self) -> None:
         parse_name(self.name)
+        check_kernel(self.kernel, self.isolation)
         if self.isolation is Isolation.VM:
             self._check_vm()
         for flag, what in (("encrypted", "an encrypted workspace needs isolation 'vm' (its files on a disk "
@@ -277,7 +280,7 @@ class WorkspaceSpec:
                 hostname = "silo"
         return Spec(isolation=self.isolation, root=base, mounts=self.mounts, env=self.env,
                     workdir=self.workdir, user=self.user, hostname=hostname, limits=self.limits,
-                    network=self.network)
+                    network=self.network, kernel=self.kernel)
 
     def to_dict(self) -> dict[str, object]:
         """The spec as JSON-able data, shaped like ``silo.toml`` (unset fields left out)."""
@@ -293,6 +296,8 @@ class WorkspaceSpec:
             out["encrypted"] = True
         if self.diskless:
             out["diskless"] = True
+        if self.kernel != "auto":
+            out["kernel"] = self.kernel
         if self.mounts:
             out["mount"] = [{"source": m.source, "target": m.target, "readonly": m.readonly} for m in self.mounts]
         if self.env:
@@ -323,8 +328,8 @@ class WorkspaceSpec:
 
 # -- reading untrusted data ----------------------------------------------------------------
 
-SPEC_KEYS = ("name", "isolation", "root", "disposable", "encrypted", "diskless", "mount", "env", "workdir", "user",
-             "hostname", "limits", "on_start", "restart", "network")
+SPEC_KEYS = ("name", "isolation", "root", "disposable", "encrypted", "diskless", "kernel", "mount", "env",
+             "workdir", "user", "hostname", "limits", "on_start", "restart", "network")
 MOUNT_KEYS = ("source", "target", "readonly")
 LIMIT_KEYS = ("memory", "cpus", "pids")
 
@@ -422,6 +427,7 @@ def _spec_from_dict(untrusted: object, name: str | None) -> WorkspaceSpec:
     try:
         return WorkspaceSpec(name=name, isolation=isolation, root=root, disposable=_bool(top, "disposable", ()),
                              encrypted=_bool(top, "encrypted", ()), diskless=_bool(top, "diskless", ()),
+                             kernel=_str(top, "kernel", (), 'a string like "debian"') or "auto",
                              mounts=_mounts(top.get("mount", [])), env=_env(top.get("env", {})),
                              workdir=workdir, user=user, hostname=hostname, limits=_limits(top.get("limits", {})),
                              on_start=on_start, restart=restart, network=network)
@@ -544,6 +550,7 @@ class Overrides:
     disposable: bool | None = None
     encrypted: bool | None = None
     diskless: bool | None = None
+    kernel: str | None = None
     mounts: Sequence[str | Mount] = ()
     env: Mapping[str, str] = field(default_factory=dict)
     workdir: str | None = None
@@ -564,7 +571,7 @@ class Overrides:
     def to_dict(self) -> dict[str, object]:
         """The given values in :meth:`WorkspaceSpec.to_dict`'s shape."""
         out: dict[str, object] = {}
-        for key in ("name", "root", "disposable", "encrypted", "diskless", "workdir", "hostname"):
+        for key in ("name", "root", "disposable", "encrypted", "diskless", "kernel", "workdir", "hostname"):
             if (value := getattr(self, key)) is not None:
                 out[key] = value
         for key, value in (("isolation", self.isolation), ("restart", self.restart)):

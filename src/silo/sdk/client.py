@@ -430,6 +430,7 @@ class CreateOptions(TypedDict, total=False):
     disposable: bool | None
     encrypted: bool | None
     diskless: bool | None
+    kernel: str | None
     mounts: Sequence[str | Mount]
     env: Mapping[str, str] | None
     memory: str | int | None
@@ -462,7 +463,7 @@ def build_spec(name: str | None = None, **options: Unpack[CreateOptions]) -> Wor
     if spec is not None and file is not None:
         raise SpecError("give a spec or a spec file, not both")
     overrides = Overrides(name=name, isolation=o.get("isolation"), root=o.get("root"), disposable=o.get("disposable"),
-                          encrypted=o.get("encrypted"), diskless=o.get("diskless"),
+                          encrypted=o.get("encrypted"), diskless=o.get("diskless"), kernel=o.get("kernel"),
                           mounts=o.get("mounts", ()), env=o.get("env") or {}, workdir=o.get("workdir"),
                           user=o.get("user"), hostname=o.get("hostname"), memory=o.get("memory"), cpus=o.get("cpus"),
                           pids=o.get("pids"), on_start=o.get("on_start"), restart=o.get("restart"),
@@ -568,7 +569,7 @@ class Client:
 
         ``spec`` (a WorkspaceSpec or a dict in ``silo.toml``'s shape) or ``file`` (a
         ``silo.toml``) give a base; the other keywords (``isolation``, ``root``,
-        ``disposable``, ``encrypted``, ``diskless``, ``mounts``, ``env``, ``memory``, ``cpus``, ``pids``,
+        ``disposable``, ``encrypted``, ``diskless``, ``kernel``, ``mounts``, ``env``, ``memory``, ``cpus``, ``pids``,
         ``on_start``, ``restart``, ``workdir``, ``user``, ``hostname``) lay over it.
         """
         info = self._send(_req_create(build_spec(name, **options)))
