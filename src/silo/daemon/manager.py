@@ -293,9 +293,7 @@ class Manager:
         vm_dir = os.path.join(self.state_dir, "vm")
         key = os.path.join(vm_dir, disk.KEY)
         try:
-            if record.spec.encrypted:
-                key = disk.disk_key(vm_dir)
-            own_key = key if record.spec.encrypted else None
+            own_key = disk.disk_key(vm_dir) if record.spec.encrypted else None  # made the first time
             image = stack.base if stack.base != "host" else None  # an image root's directory
             disks = disk.layer_disks(stack.lowers)
             if image is not None and not disks:  # the chain's bottom: a copy of the image
@@ -859,17 +857,7 @@ class Manager:
         from silo.backends.vm import disk
 
         stack = self.storage.stack(name)
-        for layer in (stack.upper, *stack.lowers):
-            try:
-                fd = os.open(os.path.join(layer, disk.DISK), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-            except FileNotFoundError:
-                continue
-            try:
-                if disk.is_encrypted(fd):
-                    return True
-            finally:
-                os.close(fd)
-        return False
+        return any(disk.layer_is_encrypted(layer) for layer in (stack.upper, *stack.lowers))
 
     async def import_(self, peer: int, path: str, name: str | None) -> WorkspaceRecord:
         from silo.store import archive

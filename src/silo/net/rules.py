@@ -37,7 +37,6 @@ Cmd = dict[str, Any]
 TABLE = "silo"
 IFPREFIX = "silo-"
 
-
 # Destinations `internet` and `allow` never reach (the names resolved in `allow` mode
 # included: DNS rebinding). Documentation ranges (192.0.2.0/24, 198.51.100.0/24,
 # 203.0.113.0/24, 2001:db8::/32) count as public: the tests' "internet" lives there.

@@ -345,25 +345,31 @@ class Spawner:
         """Fork the VM's supervisor (silo.backends.vm.supervisor): the process tracked as
         the sandbox, whose exit code is the command's. It, QEMU and virtiofsd share a
         cgroup: the guest's memory plus ``machine.VM_OVERHEAD`` for the two processes.
-        ``warm``: a pooled VM, which boots and then waits for its run."""
+        ``warm``: a pooled VM, which boots and then waits for its run. A plan with a
+        network gets its keeper first; the guest's NIC is a tap in its namespace."""
+        if plan.network is None:
+            return self._fork_vm(plan, stdio, warm, None)
+        from silo.model.network import policy_from_dict
+        from silo.net.keeper import KeeperClient
+
+        keeper = KeeperClient.start(policy_from_dict(json.loads(plan.network)),
+                                    f"run-{os.getpid()}-{next(self._seq)}", vm=True)
+        try:
+            started, cgroup = self._fork_vm(plan, stdio, warm, keeper.tap_fd)
+        except BaseException:
+            keeper.close()
+            raise
+        self._keepers[started.pid] = keeper
+        return started, cgroup
+
+    def _fork_vm(self, plan: p.Plan, stdio: tuple[int, int, int], warm: bool,
+                 tap_fd: int | None) -> tuple[launcher.Started, Any]:
         from silo.backends.vm import machine
 
         assert plan.vm is not None
-        keeper = None
-        if plan.network is not None:  # its guest's NIC: a tap in the keeper's namespace
-            from silo.model.network import policy_from_dict
-            from silo.net.keeper import KeeperClient
-
-            keeper = KeeperClient.start(policy_from_dict(json.loads(plan.network)),
-                                        f"run-{os.getpid()}-{next(self._seq)}", vm=True)
-        try:
-            cgroup = self._cgroup_manager().create(f"vm-{os.getpid()}-{next(self._seq)}",
-                                                   (plan.vm.memory << 20) + machine.VM_OVERHEAD, None,
-                                                   machine.VM_PIDS)
-        except BaseException:
-            if keeper is not None:
-                keeper.close()
-            raise
+        cgroup = self._cgroup_manager().create(f"vm-{os.getpid()}-{next(self._seq)}",
+                                               (plan.vm.memory << 20) + machine.VM_OVERHEAD, None,
+                                               machine.VM_PIDS)
         go_r, go_w = os.pipe2(os.O_CLOEXEC)  # the child waits until it is in the cgroup
         err_r, err_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
@@ -372,8 +378,6 @@ class Spawner:
             cgroup.destroy()
             os.close(go_r)
             os.close(go_w)
-            if keeper is not None:
-                keeper.close()
             raise InternalError(f"cannot start the VM: {e}") from None
         if pid == 0:  # pragma: no cover - the child
             code = 125
@@ -384,7 +388,7 @@ class Spawner:
                 for target, fd in enumerate(stdio):
                     os.dup2(fd, target)
                 # the tap out of the way of the dup2s first
-                tap = -1 if keeper is None or keeper.tap_fd is None else fcntl.fcntl(keeper.tap_fd, fcntl.F_DUPFD, 100)
+                tap = -1 if tap_fd is None else fcntl.fcntl(tap_fd, fcntl.F_DUPFD, 100)
                 err = err_w.detach()
                 os.dup2(err, 3)
                 net = -1
@@ -409,13 +413,9 @@ class Spawner:
             os.waitpid(pid, 0)
             cgroup.destroy()
             err_r.close()
-            if keeper is not None:
-                keeper.close()
             raise InternalError(f"cannot put the VM in its cgroup: {e}") from None
         finally:
             os.close(go_w)
-        if keeper is not None:
-            self._keepers[pid] = keeper
         return launcher.Started(pid, os.pidfd_open(pid), err_r.detach()), cgroup
 
     def run_job(self, conn: Connection, job_id: int, plan: p.Plan, fds: list[int],

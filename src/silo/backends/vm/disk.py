@@ -103,6 +103,18 @@ def is_encrypted(fd: int) -> bool:
     return len(header) == 36 and header[:4] == QCOW2_MAGIC and int.from_bytes(header[32:36], "big") == CRYPT_LUKS
 
 
+def layer_is_encrypted(layer: str) -> bool:
+    """Whether the layer directory ``layer`` holds a LUKS-encrypted disk."""
+    try:
+        fd = os.open(os.path.join(layer, DISK), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return False
+    try:
+        return is_encrypted(fd)
+    finally:
+        os.close(fd)
+
+
 def _mkfs() -> str:
     for path in MKFS:
         if os.path.exists(path):
@@ -127,10 +139,10 @@ def empty_base(directory: str) -> str:
 
 
 def _make_ext4(directory: str, prefix: str, path: str, mode: int, source: str | None,
-               key: str | None = None) -> None:
-    """An ext4 file system as a qcow2 image at ``path`` (published by rename), empty or
-    holding a copy of the tree ``source``, encrypted with ``key`` if given; its temp
-    files in ``directory``."""
+               key: str | None = None, owner: tuple[int, int] | None = None) -> None:
+    """An ext4 file system as a qcow2 image at ``path`` (published by rename, with
+    ``mode`` and ``owner``), empty or holding a copy of the tree ``source``, encrypted
+    with ``key`` if given; its temp files in ``directory``."""
     raw = tempfile.NamedTemporaryFile(dir=directory, prefix=prefix, suffix=".raw", delete=False)
     qcow = raw.name[:-4] + ".qcow2"
     try:
@@ -140,13 +152,15 @@ def _make_ext4(directory: str, prefix: str, path: str, mode: int, source: str | 
         # initialize in the background; a small journal; no blocks reserved for root.
         # With a source, mkfs copies its files, owners and modes in (-d).
         extra = ["-d", source] if source is not None else []
-        owner = "" if source is not None else ",root_owner=0:0"
+        root_owner = "" if source is not None else ",root_owner=0:0"
         _run([_mkfs(), "-q", "-F", "-L", "silo", "-m", "0", "-J", "size=64",
-              "-E", f"lazy_itable_init=0,lazy_journal_init=1{owner}", *extra, raw.name],
+              "-E", f"lazy_itable_init=0,lazy_journal_init=1{root_owner}", *extra, raw.name],
              "make the disk's file system" if source is None else f"copy {source} into a disk")
         luks = _luks(key) if key is not None else []
         _run([QEMU_IMG, "convert", "-q", "-f", "raw", "-O", "qcow2", *luks, raw.name, qcow], "convert the disk")
         os.chmod(qcow, mode)
+        if owner is not None:
+            os.chown(qcow, *owner)
         os.rename(qcow, path)
     finally:
         for leftover in (raw.name, qcow):
@@ -165,9 +179,7 @@ def image_top(upper: str, source: str, owner: tuple[int, int] | None = None, key
         return path
     if not os.path.isdir(source):
         raise SiloError(f"root directory {source} does not exist: unpack an image there or use --root host")
-    _make_ext4(upper, f".{DISK}.", path, 0o600, source, key)
-    if owner is not None:
-        os.chown(path, *owner)
+    _make_ext4(upper, f".{DISK}.", path, 0o600, source, key, owner)
     return path
 
 

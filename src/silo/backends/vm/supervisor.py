@@ -57,6 +57,7 @@ WARMUP = 2  # a pooled VM's warm-up command, before it says ready
 WARMUP_SCRIPT = (b": >>/etc/hosts; : >>/etc/hostname; : >>/etc/machine-id; "
                  b"/usr/bin/env true; exec /bin/sh -c :")
 PATH_ENV = b"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+ERROR_CLASSES = {127: "CommandNotFound", 126: "CommandNotExecutable"}  # an agent's ERROR code -> SiloError class
 READY = b"ready"
 TAKEN = b"taken"
 
@@ -160,8 +161,10 @@ class Run:
         self.console = -1
         self.vfs_log = -1
         self.fds: list[int] = []
-        self.disk_fds: list[int] = []
         self.net_fd = net_fd  # the tap of the sandbox's network (silo.net.keeper), -1: no NIC
+        # What QEMU is given and we close once it has them: the tap, the disks, the disk
+        # key's and a locked RAM's memfds.
+        self.qemu_fds: list[int] = [net_fd] if net_fd >= 0 else []
         self.warmed: asyncio.Future[None] | None = None
         self.shutdown_reasons: list[str] = []  # QEMU's SHUTDOWN events: why the machine ended
         self.early_signals: list[int] = []  # forwarded before the run's command was sent
@@ -175,17 +178,19 @@ class Run:
         # virtio-fs: virtiofsd accepts on a listening socket at an abstract address (no
         # file); QEMU gets the connected end. Agent and QMP: socketpairs. Console: a memfd.
         # Disks: opened here (QEMU's jail has no path to them).
+        disk_fds: list[int] = []
         for i, path in enumerate(self.vm.disks):
             top = i == len(self.vm.disks) - 1
             flags = os.O_RDWR if top and self.vm.disk_writable else os.O_RDONLY
-            self.disk_fds.append(os.open(path, flags | os.O_CLOEXEC | os.O_NOFOLLOW))
-        encrypted = [disk.is_encrypted(fd) for fd in self.disk_fds]
+            disk_fds.append(os.open(path, flags | os.O_CLOEXEC | os.O_NOFOLLOW))
+            self.qemu_fds.append(disk_fds[-1])
+        encrypted = [disk.is_encrypted(fd) for fd in disk_fds]
         key_fd = self._disk_key() if any(encrypted) else -1
         if key_fd >= 0:
-            self.disk_fds.append(key_fd)  # closed with them once QEMU has it
+            self.qemu_fds.append(key_fd)
         ram_fd = self._locked_ram() if self.vm.mem_lock else -1
         if ram_fd >= 0:
-            self.disk_fds.append(ram_fd)  # the mapping stays; the fd goes once QEMU has it
+            self.qemu_fds.append(ram_fd)  # the mapping stays
         if self.vm.image:  # an image root: no host view to serve
             vfs = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # a placeholder QEMU is not told of
         else:
@@ -201,20 +206,16 @@ class Run:
         host_agent, guest_agent = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         host_qmp, guest_qmp = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.agent, self.qmp = host_agent, host_qmp
-        net = (self.net_fd,) if self.net_fd >= 0 else ()
-        keep = (guest_agent.fileno(), guest_qmp.fileno(), vfs.fileno(), self.console, *self.disk_fds, *net)
+        keep = (guest_agent.fileno(), guest_qmp.fileno(), vfs.fileno(), self.console, *self.qemu_fds)
         argv = machine.qemu_argv(self.vm, agent_fd=keep[0], qmp_fd=keep[1], vfs_fd=keep[2], console_fd=keep[3],
-                                 disk_fds=self.disk_fds[:len(encrypted)], net_fd=self.net_fd,
+                                 disk_fds=disk_fds, net_fd=self.net_fd,
                                  encrypted=encrypted, key_fd=key_fd, ram_fd=ram_fd)
         self.procs.append(machine.start_qemu(self.vm, argv, keep, self.console))
         for s in (guest_agent, guest_qmp, vfs):
             s.close()
-        for fd in self.disk_fds:
+        for fd in self.qemu_fds:  # QEMU holds them now
             os.close(fd)
-        self.disk_fds.clear()
-        if self.net_fd >= 0:  # QEMU holds the tap now
-            os.close(self.net_fd)
-            self.net_fd = -1
+        self.qemu_fds.clear()
 
     def _disk_key(self) -> int:
         """The daemon's disk key in a memfd for QEMU (whose jail has no path to it)."""
@@ -258,7 +259,7 @@ class Run:
                 proc.kill()
             with contextlib.suppress(Exception):
                 proc.wait(timeout=5)
-        for fd in self.fds + self.disk_fds + ([self.net_fd] if self.net_fd >= 0 else []):
+        for fd in self.fds + self.qemu_fds:
             os.close(fd)
 
     # the agent ----------------------------------------------------------------------
@@ -380,9 +381,11 @@ class Run:
                         job.winsize = size
                         self.send(P.winsize(job.channel, *size))
 
-    def send_users(self, uid: int, gid: int) -> None:
-        """The guest's user database for ``uid``, and its home (a host-root guest: an image
-        root keeps its own)."""
+    def give_identity(self, hostname: str, machine_id: str, uid: int, gid: int) -> None:
+        """The guest's identity (hostname, machine-id, a fresh RNG seed) and, in a
+        host-root guest (an image root keeps its own), the user database for ``uid`` and
+        its home."""
+        self.send(P.identity(hostname.encode(), machine_id.encode(), os.urandom(64)))
         if not self.vm.image:
             self.send(P.users(uid, gid, users.passwd(uid, gid), users.group(uid, gid)))
 
@@ -510,8 +513,7 @@ class Run:
                 return self.exit_code.result() if self.exit_code.done() else 0  # 0: the spawner hung up
         else:
             command = Command.of(self.plan)
-        self.send(P.identity(command.hostname.encode(), os.urandom(16).hex().encode(), os.urandom(64)))
-        self.send_users(command.uid, command.gid)
+        self.give_identity(command.hostname, os.urandom(16).hex(), command.uid, command.gid)
         tty = self.plan.process.tty
         job = Job(CHANNEL, self.stdio, await self.caller_pty() if tty else None)
         job.winsize = get_winsize(job.slave) if job.slave is not None else self.plan.process.winsize
@@ -525,7 +527,7 @@ class Run:
         if job.exit.done():
             if job.error is not None:
                 code, text = job.error
-                self.report({127: "CommandNotFound", 126: "CommandNotExecutable"}.get(code, "InternalError"), text)
+                self.report(ERROR_CLASSES.get(code, "InternalError"), text)
             return job.exit.result()
         return self.exit_code.result()
 

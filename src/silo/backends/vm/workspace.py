@@ -52,7 +52,6 @@ BALLOON = "/machine/peripheral/balloon"
 GUEST_STATS = {"stat-total-memory": "total", "stat-available-memory": "available", "stat-free-memory": "free",
                "stat-disk-caches": "caches"}
 STOP_EXTRA = 20.0  # seconds past the grace for the guest to sync and power off
-_CLASSES = {127: "CommandNotFound", 126: "CommandNotExecutable"}
 
 
 def _send(ctl: socket.socket, message: tuple[Any, ...], fds: list[int] | None = None) -> None:
@@ -93,7 +92,7 @@ class Workspace(sup.Run):
         if job.ident is not None and self.by_id.pop(job.ident, None) is not None:
             if job.error is not None and not job.started.done():
                 code, text = job.error
-                _send(self.ctl, ("error", job.ident, _CLASSES.get(code, "InternalError"), text))
+                _send(self.ctl, ("error", job.ident, sup.ERROR_CLASSES.get(code, "InternalError"), text))
             else:
                 _send(self.ctl, ("exit", job.ident, code))
         for fd in {*job.stdio, *((job.master,) if job.master is not None else ())}:
@@ -251,9 +250,8 @@ class Workspace(sup.Run):
         if not await self.start_machine():
             return 125
         vm = self.vm
-        self.send(P.identity(vm.hostname.encode(), (vm.machine_id or os.urandom(16).hex()).encode(),
-                             os.urandom(64)))
-        self.send_users(self.plan.process.uid, self.plan.process.gid)
+        self.give_identity(vm.hostname, vm.machine_id or os.urandom(16).hex(), self.plan.process.uid,
+                           self.plan.process.gid)
         self.next_channel = sup.CHANNEL
         self.ready = True
         _send(self.ctl, ("ready",))
