@@ -98,6 +98,26 @@ def test_a_run_takes_a_booted_vm_with_a_fresh_identity_and_never_gives_it_back(
     _wait_ready(silo_cli, env, 1)
 
 
+def test_the_replacement_boots_after_the_runs_start_not_beside_it(
+        silo_cli: list[str], pool_of_one: dict[str, str]) -> None:
+    """A boot takes a whole CPU under TCG: started at the hand-over it slowed the run it
+    was handed to. It starts POOL_REFILL_DELAY (1 s) later, or when the run ends."""
+    env = pool_of_one
+    run = subprocess.Popen([*silo_cli, "run", "--isolation", "vm", "--", "sh", "-c", "echo go; sleep 4"],
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert run.stdout is not None and run.stdout.readline() == b"go\n"
+        assert _status(silo_cli, env) == "--isolation vm: 1 kept, 0 ready, 0 booting"
+        deadline = time.monotonic() + 2.5
+        while "1 booting" not in (line := _status(silo_cli, env)):
+            assert time.monotonic() < deadline, f"no refill while the run goes on: {line}"
+            time.sleep(0.1)
+        assert run.poll() is None  # the run still goes on
+    finally:
+        assert run.wait(timeout=60) == 0
+    _wait_ready(silo_cli, env, 1)
+
+
 def test_stdio_exit_codes_and_errors_from_a_pooled_vm_are_a_cold_runs(
         silo_cli: list[str], pool_of_one: dict[str, str]) -> None:
     env = pool_of_one

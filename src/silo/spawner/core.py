@@ -97,6 +97,7 @@ class Job:
     spare: list[int] = field(default_factory=list)
     key: bytes | None = None  # the plan's warm-pool key
     warm_later: bytes | None = None  # build the next warm sandbox when this run ends
+    pool: VmPool | None = None  # the VM pool whose VM took this run
 
 
 @dataclass
@@ -113,6 +114,10 @@ class Warm:
 VM_READY = b"ready"  # a pooled VM's supervisor booted it (silo.backends.vm.supervisor)
 POOL_MAX = 16  # VMs in all pools together
 DYING_RETRY = 0.1  # seconds between attempts to remove a cgroup whose processes are still leaving
+# A pool's replacement boots this long after a hand-over, or when the run ends if that
+# is sooner: a boot is a whole CPU under TCG, and started at once it competed with the
+# run it was handed to (2 CPUs here: first output 45-79 ms against 35-55 ms).
+POOL_REFILL_DELAY = 1.0
 POOL_BACKOFF = 60.0  # at most this long between boots of a pool whose VMs keep failing
 
 
@@ -128,6 +133,7 @@ class VmPool:
     ready: set[int] = field(default_factory=set)  # pids of the VMs that booted
     failures: int = 0  # boots in a row that failed
     retry_at: float = 0.0
+    refill_at: float = 0.0  # after a hand-over: not before (see POOL_REFILL_DELAY)
     last_error: str = ""
 
 
@@ -432,8 +438,11 @@ class Spawner:
         stdio = (fds[0], fds[1], fds[2])
         key = warm_key(plan, wire if wire is not None else plan.to_wire())
         job = Job(conn, job_id, plan=plan, key=key)
+        got: tuple[launcher.Started, Any] | None = None
         if plan.vm is not None:
-            got = self._go_vm(plan, stdio) if self.pools else None
+            pooled = self._go_vm(plan, stdio) if self.pools else None
+            if pooled is not None:
+                got, job.pool = pooled[:2], pooled[2]
         else:
             got = self._go(key, plan, stdio) if key is not None else None
         if got is not None:
@@ -668,6 +677,8 @@ class Spawner:
             job.conn.reply(("error", job.id, job.error.to_wire()))
         else:
             job.conn.reply(("exit", job.id, code, job.reason))
+        if job.pool is not None:
+            job.pool.refill_at = 0.0
         if job.warm_later is not None:
             assert job.plan is not None
             self._to_warm[job.warm_later] = (job.plan, job.conn)
@@ -724,8 +735,8 @@ class Spawner:
         wait = None
         for pool in self.pools.values():
             while len(pool.vms) < pool.size:
-                if now < pool.retry_at:
-                    wait = min(wait or POOL_BACKOFF, pool.retry_at - now)
+                if now < max(pool.retry_at, pool.refill_at):
+                    wait = min(wait or POOL_BACKOFF, max(pool.retry_at, pool.refill_at) - now)
                     break
                 null = self._devnull
                 try:
@@ -795,7 +806,7 @@ class Spawner:
                 self._drop_pooled(pool, warm)
         self.pools.clear()
 
-    def _go_vm(self, plan: p.Plan, stdio: tuple[int, int, int]) -> tuple[launcher.Started, Any] | None:
+    def _go_vm(self, plan: p.Plan, stdio: tuple[int, int, int]) -> tuple[launcher.Started, Any, VmPool] | None:
         """Hand a run to a pooled VM of its machine (a booted one first); None when the
         pool is empty or the hand-over failed (the run then boots its own VM)."""
         pool = self.pools.get(vm_key(plan))
@@ -819,7 +830,8 @@ class Spawner:
             return None
         finally:
             sock.close()
-        return warm.started, warm.cgroup
+        pool.refill_at = time.monotonic() + POOL_REFILL_DELAY
+        return warm.started, warm.cgroup, pool
 
     # network namespace pool ------------------------------------------------------
 
