@@ -71,7 +71,7 @@ def _rss(pid: int, field: str = "VmRSS") -> int:
 
 def _pss_anon(pid: int) -> int:
     """``pid``'s anonymous memory, each page shared copy-on-write counted once across
-    its sharers (the jail's waiter is a fork of the supervisor)."""
+    its sharers (the supervisor is a fork of the server)."""
     with open(f"/proc/{pid}/smaps_rollup") as f:
         for line in f:
             if line.startswith("Pss_Anon:"):
@@ -100,12 +100,11 @@ def _idle_memory() -> tuple[int, int, dict[str, int]]:
         pids = [int(line.split()[0]) for line in out.splitlines()[1:]
                 if "qemu-system" in line or "virtiofsd" in line]
         qemu = next(pid for pid in pids if "qemu-system" in open(f"/proc/{pid}/cmdline").read())
-        jail = int(open(f"/proc/{qemu}/stat").read().rsplit(")", 1)[1].split()[1])
-        supervisor = int(open(f"/proc/{jail}/stat").read().rsplit(")", 1)[1].split()[1])
-        ours = {*pids, jail, supervisor}
+        supervisor = int(open(f"/proc/{qemu}/stat").read().rsplit(")", 1)[1].split()[1])
+        ours = {*pids, supervisor}
         # What the VM costs the host beyond the guest's own pages: the anonymous memory
         # (proportional: pages shared copy-on-write counted once) of QEMU (heap, TCG's
-        # code cache), virtiofsd, the jail's waiter and the supervisor. Left out: the
+        # code cache), virtiofsd and the supervisor. Left out: the
         # guest's RAM (QEMU's shmem: the guest's pages) and file pages (QEMU's binary and
         # libraries, shared with every other VM and the host).
         host = sum(_pss_anon(pid) for pid in ours)
@@ -240,8 +239,8 @@ def run(progress: Callable[[str], None], quick: bool) -> tuple[list[str], list[t
         sections.append(
             "## VM level: idle memory\n\n"
             "A VM idling in `sleep` (512 MiB guest). Beyond the guest's pages: the anonymous memory "
-            "(proportional set size: a page shared copy-on-write counted once) of QEMU, virtiofsd, "
-            "the jail's waiter and the supervisor. The guest's RAM that QEMU holds "
+            "(proportional set size: a page shared copy-on-write counted once) of QEMU, virtiofsd "
+            "and the supervisor. The guest's RAM that QEMU holds "
             "(its shmem) is the guest's own pages. File pages (QEMU's binary and libraries) are shared "
             "with every other VM and the host, so they are left out; the total RSS, which counts them, "
             "is shown beside.\n\n"

@@ -63,7 +63,7 @@ def machine_pids(name: str) -> list[int]:
 
 def program_in(name: str, program: str) -> int:
     """The pid of ``program`` (by its executable's name) in workspace ``name``'s cgroup,
-    the outermost one (virtiofsd forks its sandbox, QEMU runs under its jail's waiter)."""
+    the outermost one (virtiofsd forks its sandbox)."""
     found = []
     for pid in machine_pids(name):
         with contextlib.suppress(OSError):
@@ -137,7 +137,7 @@ def test_persistent_workspace_keeps_its_files_hostname_and_machine_id_across_a_s
     ok("create", name, "--isolation", "vm", "--memory", "256M")
     assert client.get(name).info().spec.isolation.value == "vm"
     ok("start", name)
-    assert len(machine_pids(name)) >= 3  # the supervisor, QEMU (and its jail's waiter), virtiofsd
+    assert len(machine_pids(name)) >= 3  # the supervisor, QEMU, virtiofsd
     first = ok("exec", name, "--", "sh", "-c",
                "hostname; cat /etc/machine-id; uname -r; echo kept > /root/file; id -u")
     hostname, machine_id, _release, uid = first.split()

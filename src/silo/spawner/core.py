@@ -370,7 +370,9 @@ class Spawner:
 
     def _fork_vm(self, plan: p.Plan, stdio: tuple[int, int, int], warm: bool,
                  tap_fd: int | None) -> tuple[launcher.Started, Any]:
-        from silo.backends.vm import machine
+        # Imported here, before the fork, so every VM's supervisor shares these modules'
+        # pages with us instead of holding its own copy (~2 MiB of PSS each).
+        from silo.backends.vm import machine, supervisor
 
         assert plan.vm is not None
         cgroup = self._cgroup_manager().create(f"vm-{os.getpid()}-{next(self._seq)}",
@@ -404,8 +406,6 @@ class Spawner:
                 os.closerange(5 if net >= 0 else 4, 65536)
                 for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM, signal.SIGPIPE):
                     signal.signal(sig, signal.SIG_DFL)
-                from silo.backends.vm import supervisor
-
                 code = supervisor.run(plan, (0, 1, 2), 3, warm, net)
             finally:
                 os._exit(code)

@@ -254,9 +254,10 @@ class Run:
         if os.environ.get("SILO_VM_DEBUG") and self.console >= 0:
             with contextlib.suppress(OSError):
                 os.write(2, os.pread(self.console, 1 << 20, 0))
-        for proc in reversed(self.procs):
+        for proc in reversed(self.procs):  # all killed first: they die side by side
             with contextlib.suppress(OSError):
                 proc.kill()
+        for proc in reversed(self.procs):
             with contextlib.suppress(Exception):
                 proc.wait(timeout=5)
         for fd in self.fds + self.qemu_fds:

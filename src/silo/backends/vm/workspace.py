@@ -235,7 +235,7 @@ class Workspace(sup.Run):
             code = 125
         else:
             status = qemu.returncode
-            how = f"killed by signal {status - 128}" if status is not None and status > 128 else f"exit {status}"
+            how = f"killed by signal {-status}" if status is not None and status < 0 else f"exit {status}"
             self.down(True, f"QEMU stopped ({how})")
             code = 125
         for job in list(self.jobs.values()):
