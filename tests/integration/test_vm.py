@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from silo.engine.host import idmap_config
 from vmtools import nothing_left as _nothing_left
 from vmtools import pid_of as _pid_of
 from vmtools import vm_processes
@@ -148,8 +149,34 @@ def test_a_guest_that_powers_off_mid_command_ends_the_run(silo_cli: list[str], v
     _nothing_left()
 
 
+def test_volumes_map_the_guests_root_and_the_host_never_follows_a_link(
+        silo_cli: list[str], vm_runtime: str, tmp_path: Path) -> None:
+    """SECURITY.md #16 and #19 for volumes: virtiofsd serves them as root of a user
+    namespace mapping the guest's ids onto the sandbox range, so what the guest's root
+    makes (a set-uid copy of a shell included) is not the host root's; a link the host
+    put in the volume is read by the guest's kernel in the guest, never by the host;
+    and the export shows only the volumes."""
+    data = tmp_path / "data"
+    data.mkdir()
+    os.chmod(data, 0o777)
+    (data / "shadow-link").symlink_to("/etc/shadow")
+    (data / "up-link").symlink_to("../../../../../../../etc/shadow")
+    script = ("cp /bin/sh /data/sh && chown 0:0 /data/sh && chmod 4755 /data/sh; "
+              "cat /data/shadow-link /data/up-link 2>&1; ls -A /.silo/vols; echo end")
+    cp = _run(silo_cli, vm_runtime, "-v", f"{data}:/data", "--", "sh", "-c", script)
+    assert cp.returncode == 0, cp.stderr
+    shadow = Path("/etc/shadow").read_text()
+    out = cp.stdout.decode()
+    assert shadow.splitlines()[0] not in out
+    assert out.count("No such file or directory") == 2 and out.endswith("end\n"), out
+    st = (data / "sh").stat()
+    first, _ = idmap_config()
+    assert (st.st_uid, st.st_gid) == (first, first) and first != 0
+    assert st.st_mode & 0o4000  # set-uid, but to the sandbox range's first id: nothing to gain
+    _nothing_left()
+
+
 @pytest.mark.parametrize(("option", "named"), [
-    (["-v", "/tmp:/mnt"], "-v (volumes)"),
     (["--root", "/tmp"], "--root /tmp"), (["--seccomp", "unconfined"], "--seccomp"),
 ])
 def test_what_the_vm_level_lacks_yet_is_refused(silo_cli: list[str], vm_runtime: str, option: list[str],

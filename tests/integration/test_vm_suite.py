@@ -6,11 +6,9 @@ every ``silo run``, so test_run_cli's ``cli`` and the tests that call the CLI
 themselves (ctrl-C, pipes, ``-t``) boot a real TCG guest each. What is not re-run, and
 why:
 
-- ``-v`` volumes, ``--cap``, ``--pids``, ``--seccomp``, and ``--root DIR`` in one-shot
-  runs are refused at the vm level so far (test_vm.py checks each refusal). So the
-  bad-input cases about volumes and seccomp profiles get that refusal instead, and
-  ``test_not_executable_is_126`` uses a volume: its other half runs here as
-  ``test_a_file_that_is_not_executable_is_126``.
+- ``--cap``, ``--pids``, ``--seccomp``, and ``--root DIR`` in one-shot runs are refused
+  at the vm level so far (test_vm.py checks each refusal). So the bad-input case about
+  seccomp profiles gets that refusal instead.
 - ``--memory``/``--cpus`` size the guest (RAM, vCPUs) rather than cap a cgroup, so the
   cgroup and limit tests do not apply. The VM's own cgroup is checked in test_vm.py.
 - ``--seccomp`` does not apply: the guest's kernel is the boundary, and seccomp inside
@@ -54,6 +52,7 @@ from test_run_cli import (  # noqa: F401 - the fixtures and tests collected agai
     test_hostname,
     test_killed_by_signal_is_128_plus_n,
     test_no_controlling_terminal_without_t,
+    test_not_executable_is_126,
     test_not_found_is_127,
     test_private_writable_tmp_and_home,
     test_rlimit,
@@ -64,6 +63,10 @@ from test_run_cli import (  # noqa: F401 - the fixtures and tests collected agai
     test_timeout_kills_and_says_so,
     test_tty_gives_a_pty_with_the_window_size,
     test_tty_resize_propagates,
+    test_volume_file,
+    test_volume_ro_is_refused,
+    test_volume_root_owned_file_stays_unwritable,
+    test_volume_rw_writes_through,
     test_workdir,
 )
 
@@ -80,10 +83,6 @@ def silo_cli(silo_cli: list[str]) -> list[str]:
     return [sys.executable, str(Path(__file__).with_name("vm_cli.py")), *silo_cli, "--"]
 
 
-def test_a_file_that_is_not_executable_is_126(cli) -> None:  # type: ignore[no-untyped-def]
-    _assert_silo_error(cli("run", "--", "/etc/passwd"), 126, "/etc/passwd", "not executable")
-
-
 def test_user_and_group(cli) -> None:  # type: ignore[no-untyped-def]
     out = _ok(cli("run", "-u", "1000:100", "--", "sh", "-c", "id -u; id -g; echo $HOME"))
     assert out.splitlines() == ["1000", "100", "/home/user"]
@@ -93,7 +92,7 @@ def test_user_and_group(cli) -> None:  # type: ignore[no-untyped-def]
 _ERRORS = next(m for m in test_run_cli.test_silo_errors_are_one_line_and_125.pytestmark if m.name == "parametrize")
 
 
-_VM_ERRORS = [(a, w) for a, w in _ERRORS.args[1] if "-v" not in a and "--seccomp" not in a]
+_VM_ERRORS = [(a, w) for a, w in _ERRORS.args[1] if "--seccomp" not in a]
 
 
 @pytest.mark.parametrize(_ERRORS.args[0], _VM_ERRORS)

@@ -339,11 +339,35 @@ def test_daemon_crash_leaves_no_machine_and_the_disk_intact(daemon: Daemon, clie
     ok("stop", name)
 
 
+def test_volumes_reach_a_vm_workspace_at_each_start(client: silo.Client, names: list[str], tmp_path: Path) -> None:
+    """``-v`` at the vm level: a second virtiofsd, in a user namespace with the sandbox
+    range's ids (test_vm.py has the security half)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    os.chmod(data, 0o777)
+    (data / "in").write_text("host\n")
+    conf = tmp_path / "app.conf"
+    conf.write_text("setting=1\n")
+    name = new(names)
+    ok("create", name, "--isolation", "vm", "--memory", "256M", "-v", f"{data}:/srv/data",
+       "-v", f"{conf}:/etc/app.conf:ro")
+    ok("start", name)
+    out = ok("exec", name, "--", "sh", "-c", "cat /srv/data/in /etc/app.conf; echo guest > /srv/data/out; "
+             "(echo x > /etc/app.conf) 2>&1 || true")
+    assert out.startswith("host\nsetting=1\n") and "Read-only file system" in out, out
+    assert (data / "out").read_text() == "guest\n" and (data / "out").stat().st_uid != 0
+    assert conf.read_text() == "setting=1\n"
+    ok("stop", name)
+    (data / "in").write_text("changed while stopped\n")
+    ok("start", name)
+    assert ok("exec", name, "--", "cat", "/srv/data/in") == "changed while stopped\n"
+    ok("stop", name)
+
+
 def test_vm_workspace_refusals(client: silo.Client, names: list[str]) -> None:
     name = new(names)
     for args, message in (
-        (["-v", "/tmp:/mnt"], "a workspace at isolation 'vm' cannot have mounts yet: drop it, "
-                              "or use isolation 'process'"),
+        (["-v", "/srv:/.silo/x"], "bad mount target /.silo/x: /.silo is the VM agent's own; pick another path"),
     ):
         r = cli("create", name, "--isolation", "vm", *args)
         assert (r.returncode, r.stderr, r.stdout) == (BAD_INPUT, f"silo: {message}\n", ""), r

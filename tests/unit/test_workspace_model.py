@@ -205,7 +205,6 @@ def test_from_dict_names_the_bad_key(data: dict[str, object], path: tuple[object
 
 
 @pytest.mark.parametrize(("extra", "what"), [
-    ({"mount": ["/a:/x"]}, "mounts"),
     ({"limits": {"pids": 100}}, "a pids limit"),
 ])
 def test_vm_workspaces_refuse_what_the_vm_level_lacks(extra: dict[str, object], what: str) -> None:
@@ -215,7 +214,7 @@ def test_vm_workspaces_refuse_what_the_vm_level_lacks(extra: dict[str, object], 
         f"a workspace at isolation 'vm' cannot have {what} yet: drop it, or use isolation 'process'")
     _one_line(info.value)
     assert WorkspaceSpec.from_dict({"name": "web", "isolation": "vm", "limits": {"memory": "1G", "cpus": 2},
-                                    "network": {"mode": "internet"}})
+                                    "network": {"mode": "internet"}, "mount": ["/a:/x"]})
 
 
 def test_from_dict_refuses_non_tables() -> None:

@@ -20,7 +20,7 @@ from silo.engine import host as hostmod
 from silo.model import plan as p
 from silo.model import users
 from silo.model.errors import NotFoundError, PrivilegeError, SpecError, UserError
-from silo.model.spec import Isolation, Spec
+from silo.model.spec import Isolation, Spec, check_vm_mounts
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -165,7 +165,6 @@ def plan_vm_workspace(spec: Spec, disks: Sequence[str], writable: bool, machine_
 
 def _check_vm(spec: Spec, image_ok: bool = False) -> None:
     missing = [what for what, asked in (
-        ("-v (volumes)", bool(spec.mounts)),
         (f"--root {spec.root}", spec.root != "host" and not image_ok), ("--cap", bool(spec.caps)),
         ("--pids", spec.limits.pids), ("--seccomp", spec.seccomp != "default"),
     ) if asked]
@@ -189,7 +188,22 @@ def _vm_machine(spec: Spec) -> p.Vm:
     image = kernel.bootable(k.image, h.cache_dir)
     return p.Vm(kernel=image, initramfs=ird, accel=accel.choose(image, ird, h.cache_dir), memory=memory,
                 cpus=cpus, skeleton=hostmod.skeleton(), binds=binds, rwsize=spec.tmpfs_size,
-                jail_id=_qemu_id(), hostname=spec.hostname)
+                jail_id=_qemu_id(), hostname=spec.hostname, volumes=_vm_volumes(spec),
+                volume_ids=(h.idmap_base, h.idmap_count) if spec.mounts else (0, 0))
+
+
+VM_VOLUMES_CMDLINE = 1024  # bytes of the guest's kernel command line (2048 in all) the volumes may take
+
+
+def _vm_volumes(spec: Spec) -> tuple[tuple[str, str, bool, bool], ...]:
+    """``-v`` at the vm level: each source checked as at the process level; the targets
+    travel hex-encoded on the guest's kernel command line (silo.vol=), which is short."""
+    check_vm_mounts(spec.mounts)
+    volumes = [(m.source, m.target, m.readonly, _check_source(m.source)) for m in spec.mounts]
+    if sum(len(" silo.vol=rw,d,") + 2 * len(target.encode()) for _, target, _, _ in volumes) > VM_VOLUMES_CMDLINE:
+        raise SpecError(f"{len(volumes)} volumes with these targets do not fit a VM's kernel command line: "
+                        "use fewer volumes or shorter target paths")
+    return tuple(volumes)
 
 
 def _qemu_id() -> int:

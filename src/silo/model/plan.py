@@ -253,15 +253,23 @@ class Vm:
     mem_lock: bool = False  # QEMU's memory locked (a diskless workspace: none of it may reach swap)
     # The root is the disk chain itself (an image root: Xenon): no host view, no virtiofsd.
     image: bool = False
+    # Volumes (``-v``): (host source, guest target, read-only, a directory), shared by a
+    # second virtiofsd in a user namespace that maps the guest's ids 0.. onto the host's
+    # ``volume_ids`` (first, count): the process level's mapping (SECURITY.md #16).
+    volumes: tuple[tuple[str, str, bool, bool], ...] = ()
+    volume_ids: tuple[int, int] = (0, 0)
 
 
 def _vm_from_wire(untrusted: Any) -> Vm:
     (kernel, initramfs, accel, memory, cpus, skeleton, binds, rwsize, jail_id, hostname, disks, disk_writable,
-     machine_id, disk_key, mem_lock, image) = untrusted
+     machine_id, disk_key, mem_lock, image, volumes, volume_ids) = untrusted
+    first, count = volume_ids
     return Vm(str(kernel), str(initramfs), str(accel), int(memory), int(cpus), str(skeleton),
               tuple((str(name), str(source)) for name, source in binds), int(rwsize), int(jail_id),
               str(hostname), tuple(str(d) for d in disks), bool(disk_writable), str(machine_id), str(disk_key),
-              bool(mem_lock), bool(image))
+              bool(mem_lock), bool(image),
+              tuple((str(src), str(dst), bool(ro), bool(is_dir)) for src, dst, ro, is_dir in volumes),
+              (int(first), int(count)))
 
 
 @dataclass(frozen=True)

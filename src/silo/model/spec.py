@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -146,6 +146,13 @@ class Mount:
         if target == "/":
             raise SpecError("bad mount target '/': map a folder below the root, like /data")
         object.__setattr__(self, "target", target)
+
+
+def check_vm_mounts(mounts: Sequence[Mount]) -> None:
+    """The vm level's own rule for mount targets: /.silo is the guest agent's."""
+    for m in mounts:
+        if m.target == "/.silo" or m.target.startswith("/.silo/"):
+            raise SpecError(f"bad mount target {m.target}: /.silo is the VM agent's own; pick another path")
 
 
 @dataclass(frozen=True)

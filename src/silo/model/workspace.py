@@ -41,6 +41,7 @@ from silo.model.spec import (
     Spec,
     User,
     check_kernel,
+    check_vm_mounts,
     parse_count,
     parse_cpus,
     parse_env_entry,
@@ -251,9 +252,8 @@ class WorkspaceSpec:
             parse_count(limits.pids, "pids limit")
 
     def _check_vm(self) -> None:
-        missing = [what for what, asked in (
-            ("mounts", bool(self.mounts)), ("a pids limit", self.limits.pids is not None),
-        ) if asked]
+        check_vm_mounts(self.mounts)
+        missing = [what for what, asked in (("a pids limit", self.limits.pids is not None),) if asked]
         if missing:
             raise SpecError(f"a workspace at isolation 'vm' cannot have {', '.join(missing)} yet: "
                             "drop it, or use isolation 'process'")

@@ -19,6 +19,7 @@
  * malformed request gets an ERROR, never a crash of PID 1.
  */
 #include <dirent.h>
+#include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <grp.h>
@@ -931,6 +932,7 @@ static void guest_init(void)
      * layer under the RAM overlay: a disposable workspace on layers), silo.net=... (eth0:
      * setup_net), silo.debug (time each step). */
     char cmdline[4096] = "", root[32] = "host", disk[8] = "", net[256] = "";
+    int volumes = 0;
     unsigned long long rwsize = 1ull << 30;
     int fd = open("/proc/cmdline", O_RDONLY | O_CLOEXEC);
     ssize_t n = fd >= 0 ? read(fd, cmdline, sizeof cmdline - 1) : -1;
@@ -956,6 +958,8 @@ static void guest_init(void)
             rwsize = strtoull(arg + 12, NULL, 10);
         else if (!strcmp(arg, "silo.debug"))
             debug_boot = 1;
+        else if (!strncmp(arg, "silo.vol=", 9))
+            volumes = 1;
     }
     if (disk[0] && strcmp(disk, "rw") && strcmp(disk, "ro")) {
         errno = EINVAL;
@@ -1032,6 +1036,10 @@ static void guest_init(void)
         setup_net(net);
         mark("network up");
     }
+    if (volumes) {  /* bound onto their targets by the agent, in the new root (bind_volumes) */
+        must_mkdir("/newroot/.silo/vols", 0700);
+        must_mount("vols", "/newroot/.silo/vols", "virtiofs", MS_NOSUID | MS_NODEV, NULL);
+    }
     must_mount(NULL, "/newroot/.silo", NULL, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, NULL);
     mark("root ready");
     umount2("/proc", MNT_DETACH);
@@ -1048,6 +1056,72 @@ static void guest_init(void)
     char *const agent_argv[] = { "/.silo/silo-agent", NULL };
     execv(agent_argv[0], agent_argv);
     init_fail("cannot start the agent");
+}
+
+static int unhex(const char *hex, char *out, size_t size)
+{
+    size_t n = strlen(hex);
+    if (n % 2 || n / 2 >= size)
+        return -1;
+    for (size_t i = 0; i < n / 2; i++) {
+        unsigned v;
+        if (sscanf(hex + 2 * i, "%2x", &v) != 1 || !isxdigit((unsigned char)hex[2 * i])
+            || !isxdigit((unsigned char)hex[2 * i + 1]))
+            return -1;
+        out[i] = (char)v;
+    }
+    out[n / 2] = 0;
+    return strlen(out) == n / 2 ? 0 : -1;  /* no NUL inside */
+}
+
+/* The volumes (-v): the host's virtiofsd exports them as /.silo/vols/0, 1, ... in the
+ * order of the silo.vol=rw|ro,d|f,HEX-TARGET arguments; each is bound onto its target
+ * (made if missing, with its parents), read-only for ro, and the export itself is then
+ * detached, so only the targets show it. Any failure powers the machine off (the host
+ * reports the console's last line). */
+static void bind_volumes(void)
+{
+    char cmdline[4096] = "";
+    int fd = open("/proc/cmdline", O_RDONLY | O_CLOEXEC);
+    ssize_t n = fd >= 0 ? read(fd, cmdline, sizeof cmdline - 1) : -1;
+    if (fd >= 0)
+        close(fd);
+    if (n <= 0)
+        return;
+    cmdline[n] = 0;
+    int i = 0;
+    for (char *save = NULL, *arg = strtok_r(cmdline, " \n", &save); arg; arg = strtok_r(NULL, " \n", &save)) {
+        if (strncmp(arg, "silo.vol=", 9))
+            continue;
+        char target[4096], source[64], parent[4096];
+        const char *spec = arg + 9;
+        int ro = !strncmp(spec, "ro,", 3), dir = spec[3] == 'd';
+        if ((!ro && strncmp(spec, "rw,", 3)) || (spec[3] != 'd' && spec[3] != 'f') || spec[4] != ','
+            || unhex(spec + 5, target, sizeof target) < 0 || target[0] != '/')
+            die("a bad volume argument %s", arg);
+        snprintf(source, sizeof source, "/.silo/vols/%d", i++);
+        snprintf(parent, sizeof parent, "%s", target);
+        char *slash = strrchr(parent, '/');
+        if (slash != parent) {
+            *slash = 0;
+            if (make_cwd(parent, 0, 0) < 0)
+                die("cannot make the volume's directory %s: %s", parent, strerror(errno));
+        }
+        struct stat st;
+        if (stat(target, &st) == 0) {
+            if ((S_ISDIR(st.st_mode) ? 1 : 0) != dir)
+                die("cannot mount the volume on %s: it is %s in the VM", target, dir ? "a file" : "a directory");
+        } else if (dir ? mkdir(target, 0755) < 0 : (fd = open(target, O_CREAT | O_WRONLY | O_CLOEXEC, 0644)) < 0) {
+            die("cannot make the volume's mount point %s: %s", target, strerror(errno));
+        } else if (!dir) {
+            close(fd);
+        }
+        if (mount(source, target, NULL, MS_BIND | MS_REC, NULL) < 0
+            || (ro && mount(NULL, target, NULL, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, NULL) < 0))
+            die("cannot mount the volume on %s: %s", target, strerror(errno));
+    }
+    if (i)
+        umount2("/.silo/vols", MNT_DETACH);
 }
 
 int main(int argc, char **argv)
@@ -1069,6 +1143,7 @@ int main(int argc, char **argv)
     int sfd = signalfd(-1, &mask, SFD_NONBLOCK | SFD_CLOEXEC);
     if (sfd < 0)
         die("signalfd: %s", strerror(errno));
+    bind_volumes();
     port = open_port();
     unsigned char hello[8];
     put32(hello, VERSION);

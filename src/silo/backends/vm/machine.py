@@ -73,12 +73,14 @@ def tsc_khz() -> int | None:
 
 def qemu_argv(vm: p.Vm, *, agent_fd: int, qmp_fd: int, vfs_fd: int, console_fd: int,
               extra_cmdline: str = "", disk_fds: Sequence[int] = (), net_fd: int = -1,
-              encrypted: Sequence[bool] = (), key_fd: int = -1, ram_fd: int = -1) -> list[str]:
+              encrypted: Sequence[bool] = (), key_fd: int = -1, ram_fd: int = -1, vols_fd: int = -1) -> list[str]:
     """QEMU's command line, naming the kernel and initramfs as QEMU sees them in its jail
     (:data:`JAIL_KERNEL`, :data:`JAIL_INITRAMFS`); ``disk_fds`` are ``vm.disks`` opened
     (silo.backends.vm.disk.blockdev_args, with ``encrypted`` and ``key_fd``); ``net_fd``
     the tap of the sandbox's network, if it has one (the guest's eth0, configured by the
-    agent from ``silo.net=``); ``ram_fd`` a memfd for the guest's RAM (a locked one)."""
+    agent from ``silo.net=``); ``ram_fd`` a memfd for the guest's RAM (a locked one);
+    ``vols_fd`` the volumes' virtiofsd (:func:`start_volumes`), whose export the agent
+    binds onto the targets ``silo.vol=rw|ro,d|f,HEX`` name, in order."""
     from silo.backends.vm import disk
     from silo.model import network as net
     mem = f"{vm.memory}M"
@@ -95,6 +97,10 @@ def qemu_argv(vm: p.Vm, *, agent_fd: int, qmp_fd: int, vfs_fd: int, console_fd: 
         cmdline += " silo.root=disk"
     else:
         fs = ["-chardev", f"socket,id=vfs,fd={vfs_fd}", "-device", "vhost-user-fs-device,chardev=vfs,tag=host"]
+    if vm.volumes:
+        fs += ["-chardev", f"socket,id=vols,fd={vols_fd}", "-device", "vhost-user-fs-device,chardev=vols,tag=vols"]
+        for _, target, readonly, is_dir in vm.volumes:
+            cmdline += f" silo.vol={'ro' if readonly else 'rw'},{'d' if is_dir else 'f'},{target.encode().hex()}"
     nic: list[str] = []
     if net_fd >= 0:
         cmdline += (f" silo.net={net.VM_GUEST4}/{net.VM_PREFIX4},{net.VM_HOST4},"
@@ -162,6 +168,83 @@ def start_virtiofsd(vm: p.Vm, listen_fd: int, log: int) -> subprocess.Popen[byte
              "-o", "no_flock"],
             preexec_fn=setup, pass_fds=(listen_fd,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=log, start_new_session=True)
+    except FileNotFoundError:
+        raise SiloError(f"{VIRTIOFSD} is not installed: install Debian's qemu-system-common "
+                        "(make install does)") from None
+
+
+def start_volumes(vm: p.Vm, listen_fd: int, log: int) -> subprocess.Popen[bytes]:
+    """virtiofsd serving the volumes on the listening socket ``listen_fd``: entries ``0``,
+    ``1``, ... of a tmpfs in its own mount namespace, each the volume's source bound there
+    (read-only for a ``:ro`` one).
+
+    It runs as root of a user namespace mapping ids 0.. onto ``vm.volume_ids``, as a
+    process-level sandbox's root is (SECURITY.md #16): what the guest's root writes is
+    owned by the first id of that range, never by the host's root, and a host file owned
+    by an id outside it is only what its mode allows others. (virtiofsd creates files
+    as the guest's uid; as the host's root it would make root-owned files, set-uid ones
+    included, in a host directory.) A short-lived child in the host's user namespace
+    writes the maps (only a process there may map more than its own id)."""
+    first, count = vm.volume_ids
+    if not count:
+        raise SiloError("volumes need the host's id range for sandboxes (/etc/subuid): none is configured")
+
+    def setup() -> None:  # in the child, before exec
+        _die_with_parent()
+        sysk.unshare(sysk.CLONE_NEWNS)
+        sysk.mount(None, "/", None, sysk.MS_REC | sysk.MS_PRIVATE)
+        # opened first: the tmpfs over /tmp hides a source below /tmp
+        sources = [os.open(source, os.O_PATH | os.O_CLOEXEC) for source, _, _, _ in vm.volumes]
+        sysk.mount("silo-volumes", VIEW_PARENT, "tmpfs", sysk.MS_NOSUID | sysk.MS_NODEV, "mode=0755,size=64k")
+        os.mkdir(VIEW)
+        for i, (_, _, readonly, is_dir) in enumerate(vm.volumes):
+            target = f"{VIEW}/{i}"
+            if is_dir:
+                os.mkdir(target)
+            else:
+                os.close(os.open(target, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600))
+            sysk.mount(f"/proc/self/fd/{sources[i]}", target, None, sysk.MS_BIND | sysk.MS_REC)
+            if readonly:
+                sysk.mount(None, target, None, sysk.MS_BIND | sysk.MS_REMOUNT | sysk.MS_RDONLY | sysk.MS_NOSUID
+                           | sysk.MS_NODEV)
+        unshared_r, unshared_w = os.pipe()
+        mapped_r, mapped_w = os.pipe()
+        helper = os.fork()
+        if helper == 0:  # still in the host's user namespace: map the new one's ids
+            code = 1
+            try:
+                os.close(unshared_w)
+                os.close(mapped_r)
+                if os.read(unshared_r, 1) == b"1":
+                    target_pid = os.getppid()
+                    for name in ("uid_map", "gid_map"):
+                        with open(f"/proc/{target_pid}/{name}", "w") as f:
+                            f.write(f"0 {first} {count}\n")
+                    os.write(mapped_w, b"1")
+                    code = 0
+            finally:
+                os._exit(code)
+        os.close(unshared_r)
+        os.close(mapped_w)
+        sysk.unshare(sysk.CLONE_NEWUSER)
+        os.write(unshared_w, b"1")
+        mapped = os.read(mapped_r, 1)
+        os.waitpid(helper, 0)
+        if mapped != b"1":
+            raise OSError(errno.EPERM, "cannot map the volumes' user namespace")
+        os.setresgid(0, 0, 0)
+        os.setresuid(0, 0, 0)
+        _die_with_parent()  # the credential change cleared it
+
+    try:
+        return subprocess.Popen(
+            [VIRTIOFSD, f"--fd={listen_fd}", "-o", f"source={VIEW}", "-o", "cache=auto",
+             "-o", "sandbox=namespace", "-o", "log_level=err", "-o", "no_xattr", "-o", "no_posix_lock",
+             "-o", "no_flock", "--rlimit-nofile=0"],
+            preexec_fn=setup, pass_fds=(listen_fd,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=log, start_new_session=True)
+    except subprocess.SubprocessError as e:  # setup failed in the child
+        raise SiloError(f"cannot share the volumes with the VM: {e}") from None
     except FileNotFoundError:
         raise SiloError(f"{VIRTIOFSD} is not installed: install Debian's qemu-system-common "
                         "(make install does)") from None

@@ -191,31 +191,42 @@ class Run:
         ram_fd = self._locked_ram() if self.vm.mem_lock else -1
         if ram_fd >= 0:
             self.qemu_fds.append(ram_fd)  # the mapping stays
-        if self.vm.image:  # an image root: no host view to serve
-            vfs = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # a placeholder QEMU is not told of
-        else:
-            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            listener.bind(f"\0silo-vm-{os.getpid()}-{os.urandom(6).hex()}")
-            listener.listen(1)
-            vfs = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            vfs.connect(listener.getsockname())
-            self.vfs_log = os.memfd_create("silo-vm-virtiofsd", os.MFD_CLOEXEC)
-            self.procs.append(machine.start_virtiofsd(self.vm, listener.fileno(), self.vfs_log))
-            listener.close()
+        # an image root has no host view to serve: a placeholder QEMU is not told of
+        vfs = socket.socket(socket.AF_UNIX) if self.vm.image else self._serve(machine.start_virtiofsd)
+        vols = self._serve(machine.start_volumes) if self.vm.volumes else None
         self.console = os.memfd_create("silo-vm-console", os.MFD_CLOEXEC)
         host_agent, guest_agent = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         host_qmp, guest_qmp = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.agent, self.qmp = host_agent, host_qmp
-        keep = (guest_agent.fileno(), guest_qmp.fileno(), vfs.fileno(), self.console, *self.qemu_fds)
+        keep = (guest_agent.fileno(), guest_qmp.fileno(), vfs.fileno(), self.console, *self.qemu_fds,
+                *([vols.fileno()] if vols is not None else []))
         argv = machine.qemu_argv(self.vm, agent_fd=keep[0], qmp_fd=keep[1], vfs_fd=keep[2], console_fd=keep[3],
                                  disk_fds=disk_fds, net_fd=self.net_fd,
-                                 encrypted=encrypted, key_fd=key_fd, ram_fd=ram_fd)
+                                 encrypted=encrypted, key_fd=key_fd, ram_fd=ram_fd,
+                                 vols_fd=vols.fileno() if vols is not None else -1)
         self.procs.append(machine.start_qemu(self.vm, argv, keep, self.console))
-        for s in (guest_agent, guest_qmp, vfs):
+        for s in (guest_agent, guest_qmp, vfs, *([vols] if vols is not None else [])):
             s.close()
         for fd in self.qemu_fds:  # QEMU holds them now
             os.close(fd)
         self.qemu_fds.clear()
+
+    def _serve(self, start: Any) -> socket.socket:
+        """A virtiofsd (``start``: machine.start_virtiofsd's signature) accepting on a
+        listening socket at an abstract address (no file); QEMU gets the connected end,
+        returned. Its messages go to one log (the console's tail names a failure)."""
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(f"\0silo-vm-{os.getpid()}-{os.urandom(6).hex()}")
+            listener.listen(1)
+            conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            conn.connect(listener.getsockname())
+            if self.vfs_log < 0:
+                self.vfs_log = os.memfd_create("silo-vm-virtiofsd", os.MFD_CLOEXEC)
+            self.procs.append(start(self.vm, listener.fileno(), self.vfs_log))
+        finally:
+            listener.close()
+        return conn
 
     def _disk_key(self) -> int:
         """The daemon's disk key in a memfd for QEMU (whose jail has no path to it)."""
@@ -459,8 +470,8 @@ class Run:
         loop.add_reader(self.agent.fileno(), self.on_agent)
         # QEMU's end shows as the agent's EOF; virtiofsd's would only show as the
         # guest's file errors: watch it.
-        if not self.vm.image:
-            vfs = os.pidfd_open(self.procs[0].pid)
+        for server in self.procs[:-1]:  # the virtiofsds; QEMU is last
+            vfs = os.pidfd_open(server.pid)
             self.fds.append(vfs)
             loop.add_reader(vfs, self._on_virtiofsd_exit, loop, vfs)
         # QMP answers once QEMU has built the machine.
