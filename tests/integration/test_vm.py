@@ -177,7 +177,7 @@ def test_volumes_map_the_guests_root_and_the_host_never_follows_a_link(
 
 
 @pytest.mark.parametrize(("option", "named"), [
-    (["--root", "/tmp"], "--root /tmp"), (["--seccomp", "unconfined"], "--seccomp"),
+    (["--seccomp", "unconfined"], "--seccomp"),
 ])
 def test_what_the_vm_level_lacks_yet_is_refused(silo_cli: list[str], vm_runtime: str, option: list[str],
                                                named: str) -> None:

@@ -6,9 +6,12 @@ every ``silo run``, so test_run_cli's ``cli`` and the tests that call the CLI
 themselves (ctrl-C, pipes, ``-t``) boot a real TCG guest each. What is not re-run, and
 why:
 
-- ``--cap``, ``--pids``, ``--seccomp``, and ``--root DIR`` in one-shot runs are refused
-  at the vm level so far (test_vm.py checks each refusal). So the bad-input case about
-  seccomp profiles gets that refusal instead.
+- ``--cap``, ``--pids`` and ``--seccomp`` are refused at the vm level so far (test_vm.py
+  checks each refusal). So the bad-input case about seccomp profiles gets that refusal
+  instead.
+- test_root_dir_image allows only the process level's mount points at the top of an
+  image root; a guest's init also makes ``sys``, ``run`` and ``root`` there (sysfs, a
+  tmpfs, root's home). Its vm variant below allows those and checks the rest.
 - ``--memory``/``--cpus`` size the guest (RAM, vCPUs) rather than cap a cgroup, so the
   cgroup and limit tests do not apply. The VM's own cgroup is checked in test_vm.py.
 - ``--seccomp`` does not apply: the guest's kernel is the boundary, and seccomp inside
@@ -40,6 +43,7 @@ from test_run_cli import (  # noqa: F401 - the fixtures and tests collected agai
     _ok,
     cli,
     hostdir,
+    image,
     runtime_dir,
     shared,
     test_bad_env_file_content_names_file_and_line,
@@ -56,6 +60,8 @@ from test_run_cli import (  # noqa: F401 - the fixtures and tests collected agai
     test_not_found_is_127,
     test_private_writable_tmp_and_home,
     test_rlimit,
+    test_root_dir_image_is_writable_through_the_overlay,
+    test_root_dir_image_owned_by_host_root_is_copy_on_write,
     test_root_host_is_read_only_system_and_curated_etc,
     test_shell_pipeline_into_silo,
     test_stdin_is_empty_without_i,
@@ -81,6 +87,22 @@ def silo_cli(silo_cli: list[str]) -> list[str]:
     """The CLI with ``--isolation vm`` on every ``silo run`` (vm_cli.py); test_run_cli's
     ``cli`` and the tests that call the CLI themselves run through it."""
     return [sys.executable, str(Path(__file__).with_name("vm_cli.py")), *silo_cli, "--"]
+
+
+def test_root_dir_image(cli, image: Path, hostdir: Path) -> None:  # type: ignore[no-untyped-def]
+    """test_run_cli's test of the same name, with a guest's own mount points."""
+    script = "ls /; cat /etc/image-release; ls /usr 2>&1 || true; ls /etc; ls /.silo"
+    out = _ok(cli("run", "--root", str(image), "--", "/bin/sh", "-c", script))
+    top = out.split("tiny\n")[0].split()
+    assert set(top) <= {"bin", "etc", "dev", "proc", "tmp", "sys", "run", "root"}, top
+    assert "tiny" in out and "No such file or directory" in out  # /usr
+    etc = out.split("tiny\n")[1]
+    assert "passwd" not in etc and "os-release" not in etc  # nothing of the host's /etc
+    rel = os.path.relpath(image, hostdir)
+    assert "tiny" in _ok(cli("run", "--root", rel, "--", "cat", "/etc/image-release", cwd=str(hostdir)))
+    cli("run", "--root", str(image), "--", "sh", "-c", "echo changed > /etc/image-release; echo > /tmp/t")
+    assert (image / "etc" / "image-release").read_text() == "tiny\n"
+    assert sorted(os.listdir(image)) == ["bin", "etc"]
 
 
 def test_user_and_group(cli) -> None:  # type: ignore[no-untyped-def]

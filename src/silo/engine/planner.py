@@ -139,6 +139,11 @@ def _plan_vm(spec: Spec, argv: Sequence[str], term: str | None, tty: bool) -> p.
     the command run by the guest agent (silo.backends.vm)."""
     _check_vm(spec)
     vm = _vm_machine(spec)
+    if spec.root != "host":  # the guest's view is the directory alone, under a RAM overlay
+        root = os.path.realpath(spec.root)
+        if not os.path.isdir(root):
+            raise NotFoundError(f"root directory {spec.root} does not exist: unpack an image there or use --root host")
+        vm = replace(vm, skeleton=root, binds=(), own_root=True)
     uid, gid = spec.user.uid, spec.user.gid
     process = p.Process(argv=tuple(argv), env=_environment(spec, uid, term), cwd=spec.workdir or "/",
                         uid=uid, gid=gid, rlimits=spec.rlimits, tty=tty)
@@ -153,7 +158,7 @@ def plan_vm_workspace(spec: Spec, disks: Sequence[str], writable: bool, machine_
     is the guest's upper, the machine-id it keeps, and the daemon's disk key file (for
     the encrypted disks of the chain); ``mem_lock``: QEMU locks its memory (a diskless
     workspace). The process is what commands joining it start from (env, cwd, user)."""
-    _check_vm(spec, image_ok=True)
+    _check_vm(spec)
     vm = replace(_vm_machine(spec), disks=tuple(disks), disk_writable=writable, machine_id=machine_id,
                  disk_key=disk_key, mem_lock=mem_lock, image=spec.root != "host")
     uid, gid = spec.user.uid, spec.user.gid
@@ -163,9 +168,9 @@ def plan_vm_workspace(spec: Spec, disks: Sequence[str], writable: bool, machine_
                   network=_network(spec))
 
 
-def _check_vm(spec: Spec, image_ok: bool = False) -> None:
+def _check_vm(spec: Spec) -> None:
     missing = [what for what, asked in (
-        (f"--root {spec.root}", spec.root != "host" and not image_ok), ("--cap", bool(spec.caps)),
+        ("--cap", bool(spec.caps)),
         ("--pids", spec.limits.pids), ("--seccomp", spec.seccomp != "default"),
     ) if asked]
     if missing:

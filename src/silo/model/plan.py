@@ -258,18 +258,21 @@ class Vm:
     # ``volume_ids`` (first, count): the process level's mapping (SECURITY.md #16).
     volumes: tuple[tuple[str, str, bool, bool], ...] = ()
     volume_ids: tuple[int, int] = (0, 0)
+    # The view is the caller's root directory, not the host's system (a one-shot
+    # ``--root DIR``): its own /etc, so silo sends no user database.
+    own_root: bool = False
 
 
 def _vm_from_wire(untrusted: Any) -> Vm:
     (kernel, initramfs, accel, memory, cpus, skeleton, binds, rwsize, jail_id, hostname, disks, disk_writable,
-     machine_id, disk_key, mem_lock, image, volumes, volume_ids) = untrusted
+     machine_id, disk_key, mem_lock, image, volumes, volume_ids, own_root) = untrusted
     first, count = volume_ids
     return Vm(str(kernel), str(initramfs), str(accel), int(memory), int(cpus), str(skeleton),
               tuple((str(name), str(source)) for name, source in binds), int(rwsize), int(jail_id),
               str(hostname), tuple(str(d) for d in disks), bool(disk_writable), str(machine_id), str(disk_key),
               bool(mem_lock), bool(image),
               tuple((str(src), str(dst), bool(ro), bool(is_dir)) for src, dst, ro, is_dir in volumes),
-              (int(first), int(count)))
+              (int(first), int(count)), bool(own_root))
 
 
 @dataclass(frozen=True)

@@ -155,9 +155,11 @@ def start_virtiofsd(vm: p.Vm, listen_fd: int, log: int) -> subprocess.Popen[byte
         _die_with_parent()
         sysk.unshare(sysk.CLONE_NEWNS)
         sysk.mount(None, "/", None, sysk.MS_REC | sysk.MS_PRIVATE)
+        # opened first: the tmpfs over /tmp hides a root directory below /tmp
+        skeleton = os.open(vm.skeleton, os.O_PATH | os.O_CLOEXEC)
         sysk.mount("silo-view", VIEW_PARENT, "tmpfs", sysk.MS_NOSUID | sysk.MS_NODEV, "mode=0755,size=64k")
         os.mkdir(VIEW)
-        sysk.bind_readonly(vm.skeleton, VIEW)
+        sysk.bind_readonly(f"/proc/self/fd/{skeleton}", VIEW)
         for name, source in vm.binds:
             sysk.bind_readonly(source, os.path.join(VIEW, name))
 
@@ -168,6 +170,8 @@ def start_virtiofsd(vm: p.Vm, listen_fd: int, log: int) -> subprocess.Popen[byte
              "-o", "no_flock"],
             preexec_fn=setup, pass_fds=(listen_fd,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=log, start_new_session=True)
+    except subprocess.SubprocessError as e:  # setup failed in the child
+        raise SiloError(f"cannot share the root view with the VM: {e}") from None
     except FileNotFoundError:
         raise SiloError(f"{VIRTIOFSD} is not installed: install Debian's qemu-system-common "
                         "(make install does)") from None

@@ -265,10 +265,11 @@ class Run:
         if os.environ.get("SILO_VM_DEBUG") and self.console >= 0:
             with contextlib.suppress(OSError):
                 os.write(2, os.pread(self.console, 1 << 20, 0))
-        for proc in reversed(self.procs):  # all killed first: they die side by side
+        # QEMU first, then the virtiofsds: one killed while QEMU still held its socket
+        # left its forked sandbox to the host's init, a zombie for a while
+        for proc in reversed(self.procs):
             with contextlib.suppress(OSError):
                 proc.kill()
-        for proc in reversed(self.procs):
             with contextlib.suppress(Exception):
                 proc.wait(timeout=5)
         for fd in self.fds + self.qemu_fds:
@@ -395,10 +396,10 @@ class Run:
 
     def give_identity(self, hostname: str, machine_id: str, uid: int, gid: int) -> None:
         """The guest's identity (hostname, machine-id, a fresh RNG seed) and, in a
-        host-root guest (an image root keeps its own), the user database for ``uid`` and
+        host-root guest (a root of the caller's keeps its own), the user database for ``uid`` and
         its home."""
         self.send(P.identity(hostname.encode(), machine_id.encode(), os.urandom(64)))
-        if not self.vm.image:
+        if not (self.vm.image or self.vm.own_root):
             self.send(P.users(uid, gid, users.passwd(uid, gid), users.group(uid, gid)))
 
     def start_job(self, job: Job, command: Command, tty: bool = False) -> None:
@@ -631,6 +632,9 @@ def run(plan: p.Plan, stdio: tuple[int, int, int], err_fd: int, warm: bool = Fal
         return 125
     except (OSError, BootFailed) as e:
         _report(err_fd, "InternalError", f"cannot start the VM: {e}")
+        return 125
+    except Exception as e:  # a bug of ours: named, not a silent 125
+        _report(err_fd, "InternalError", f"the VM's supervisor failed: {type(e).__name__}: {e}")
         return 125
     finally:
         r.cleanup()
