@@ -57,6 +57,14 @@ def _check_source(source: str) -> bool:
     return os.path.isdir(source)
 
 
+def _root_dir(spec: Spec) -> str:
+    """A ``--root DIR``'s real path; raises if it is not a directory."""
+    root = os.path.realpath(spec.root)
+    if not os.path.isdir(root):
+        raise NotFoundError(f"root directory {spec.root} does not exist: unpack an image there or use --root host")
+    return root
+
+
 def _environment(spec: Spec, uid: int, term: str | None) -> tuple[tuple[str, str], ...]:
     env = {"PATH": DEFAULT_PATH, "HOME": "/root" if uid == 0 else "/home/user"}
     if term:
@@ -140,10 +148,7 @@ def _plan_vm(spec: Spec, argv: Sequence[str], term: str | None, tty: bool) -> p.
     _check_vm(spec)
     vm = _vm_machine(spec)
     if spec.root != "host":  # the guest's view is the directory alone, under a RAM overlay
-        root = os.path.realpath(spec.root)
-        if not os.path.isdir(root):
-            raise NotFoundError(f"root directory {spec.root} does not exist: unpack an image there or use --root host")
-        vm = replace(vm, skeleton=root, binds=(), own_root=True)
+        vm = replace(vm, skeleton=_root_dir(spec), binds=(), own_root=True)
     uid, gid = spec.user.uid, spec.user.gid
     process = p.Process(argv=tuple(argv), env=_environment(spec, uid, term), cwd=spec.workdir or "/",
                         uid=uid, gid=gid, rlimits=spec.rlimits, tty=tty)
@@ -306,9 +311,7 @@ def _plan_process(spec: Spec, argv: Sequence[str], term: str | None, tty: bool, 
                 p.WriteFile(f"{upper}/root/etc/group", _group(uid, gid, packages)),
             ]
     else:
-        lower = os.path.realpath(spec.root)
-        if not os.path.isdir(lower):
-            raise NotFoundError(f"root directory {spec.root} does not exist: unpack an image there or use --root host")
+        lower = _root_dir(spec)
         for d in ("proc", "dev"):
             mkdir(f"{upper}/root/{d}")
         mkdir(f"{upper}/root/tmp", 0o1777)

@@ -692,6 +692,16 @@ static int open_port(void)
 
 /* ---- the guest's init ------------------------------------------------------------ */
 
+/* The kernel's command line into buf (empty when /proc cannot tell). */
+static void read_cmdline(char *buf, size_t size)
+{
+    int fd = open("/proc/cmdline", O_RDONLY | O_CLOEXEC);
+    ssize_t n = fd >= 0 ? read(fd, buf, size - 1) : -1;
+    buf[n > 0 ? n : 0] = 0;
+    if (fd >= 0)
+        close(fd);
+}
+
 static int debug_boot;
 
 static void init_fail(const char *what)
@@ -931,15 +941,10 @@ static void guest_init(void)
      * the workspace's disk instead of RAM) or silo.disk=ro (the disk's files a read-only
      * layer under the RAM overlay: a disposable workspace on layers), silo.net=... (eth0:
      * setup_net), silo.debug (time each step). */
-    char cmdline[4096] = "", root[32] = "host", disk[8] = "", net[256] = "";
+    char cmdline[4096], root[32] = "host", disk[8] = "", net[256] = "";
     int volumes = 0;
     unsigned long long rwsize = 1ull << 30;
-    int fd = open("/proc/cmdline", O_RDONLY | O_CLOEXEC);
-    ssize_t n = fd >= 0 ? read(fd, cmdline, sizeof cmdline - 1) : -1;
-    if (n > 0)
-        cmdline[n] = 0;
-    if (fd >= 0)
-        close(fd);
+    read_cmdline(cmdline, sizeof cmdline);
     for (char *save = NULL, *arg = strtok_r(cmdline, " \n", &save); arg; arg = strtok_r(NULL, " \n", &save)) {
         if (!strcmp(arg, "silo.probe")) {
             int tty = open("/dev/ttyS0", O_WRONLY | O_NOCTTY | O_CLOEXEC);
@@ -1081,15 +1086,9 @@ static int unhex(const char *hex, char *out, size_t size)
  * reports the console's last line). */
 static void bind_volumes(void)
 {
-    char cmdline[4096] = "";
-    int fd = open("/proc/cmdline", O_RDONLY | O_CLOEXEC);
-    ssize_t n = fd >= 0 ? read(fd, cmdline, sizeof cmdline - 1) : -1;
-    if (fd >= 0)
-        close(fd);
-    if (n <= 0)
-        return;
-    cmdline[n] = 0;
-    int i = 0;
+    char cmdline[4096];
+    read_cmdline(cmdline, sizeof cmdline);
+    int i = 0, fd;
     for (char *save = NULL, *arg = strtok_r(cmdline, " \n", &save); arg; arg = strtok_r(NULL, " \n", &save)) {
         if (strncmp(arg, "silo.vol=", 9))
             continue;

@@ -116,7 +116,7 @@ POOL_MAX = 16  # VMs in all pools together
 DYING_RETRY = 0.1  # seconds between attempts to remove a cgroup whose processes are still leaving
 # A pool's replacement boots this long after a hand-over, or when the run ends if that
 # is sooner: a boot is a whole CPU under TCG, and started at once it competed with the
-# run it was handed to (2 CPUs here: first output 45-79 ms against 35-55 ms).
+# run it was handed to (2 CPUs here: first output 45-79 ms against 34-52 ms).
 POOL_REFILL_DELAY = 1.0
 POOL_BACKOFF = 60.0  # at most this long between boots of a pool whose VMs keep failing
 

@@ -16,11 +16,12 @@ import os
 import select
 import signal
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from silo.model import plan as p
 from silo.model.errors import SiloError
 from silo.sys import kernel as sysk
+from silo.sys.cgroups_common import write_file
 
 QEMU = "/usr/bin/qemu-system-x86_64"
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
@@ -163,15 +164,22 @@ def start_virtiofsd(vm: p.Vm, listen_fd: int, log: int) -> subprocess.Popen[byte
         for name, source in vm.binds:
             sysk.bind_readonly(source, os.path.join(VIEW, name))
 
+    return _virtiofsd(listen_fd, log, setup, "the root view", "-o", "cache=always")
+
+
+def _virtiofsd(listen_fd: int, log: int, setup: Callable[[], None], what: str,
+               *options: str) -> subprocess.Popen[bytes]:
+    """virtiofsd exporting :data:`VIEW`, which ``setup`` builds in its child; ``what`` names
+    the export in the error when that fails."""
     try:
         return subprocess.Popen(
-            [VIRTIOFSD, f"--fd={listen_fd}", "-o", f"source={VIEW}", "-o", "cache=always",
+            [VIRTIOFSD, f"--fd={listen_fd}", "-o", f"source={VIEW}", *options,
              "-o", "sandbox=namespace", "-o", "log_level=err", "-o", "no_xattr", "-o", "no_posix_lock",
              "-o", "no_flock"],
             preexec_fn=setup, pass_fds=(listen_fd,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=log, start_new_session=True)
     except subprocess.SubprocessError as e:  # setup failed in the child
-        raise SiloError(f"cannot share the root view with the VM: {e}") from None
+        raise SiloError(f"cannot share {what} with the VM: {e}") from None
     except FileNotFoundError:
         raise SiloError(f"{VIRTIOFSD} is not installed: install Debian's qemu-system-common "
                         "(make install does)") from None
@@ -222,8 +230,7 @@ def start_volumes(vm: p.Vm, listen_fd: int, log: int) -> subprocess.Popen[bytes]
                 if os.read(unshared_r, 1) == b"1":
                     target_pid = os.getppid()
                     for name in ("uid_map", "gid_map"):
-                        with open(f"/proc/{target_pid}/{name}", "w") as f:
-                            f.write(f"0 {first} {count}\n")
+                        write_file(f"/proc/{target_pid}/{name}", f"0 {first} {count}\n")
                     os.write(mapped_w, b"1")
                     code = 0
             finally:
@@ -240,18 +247,9 @@ def start_volumes(vm: p.Vm, listen_fd: int, log: int) -> subprocess.Popen[bytes]
         os.setresuid(0, 0, 0)
         _die_with_parent()  # the credential change cleared it
 
-    try:
-        return subprocess.Popen(
-            [VIRTIOFSD, f"--fd={listen_fd}", "-o", f"source={VIEW}", "-o", "cache=auto",
-             "-o", "sandbox=namespace", "-o", "log_level=err", "-o", "no_xattr", "-o", "no_posix_lock",
-             "-o", "no_flock", "--rlimit-nofile=0"],
-            preexec_fn=setup, pass_fds=(listen_fd,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=log, start_new_session=True)
-    except subprocess.SubprocessError as e:  # setup failed in the child
-        raise SiloError(f"cannot share the volumes with the VM: {e}") from None
-    except FileNotFoundError:
-        raise SiloError(f"{VIRTIOFSD} is not installed: install Debian's qemu-system-common "
-                        "(make install does)") from None
+    # the host may change a volume while the guest runs: no long caching; raising the
+    # fd limit needs CAP_SYS_RESOURCE of the initial user namespace
+    return _virtiofsd(listen_fd, log, setup, "the volumes", "-o", "cache=auto", "--rlimit-nofile=0")
 
 
 _SYS_PIVOT_ROOT = 155
