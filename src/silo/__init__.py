@@ -25,6 +25,7 @@ __all__ = [
     "Mount",
     "NotFoundError",
     "PermissionDenied",
+    "PoolStatus",
     "PrivilegeError",
     "ProtocolError",
     "Result",
@@ -46,6 +47,7 @@ __all__ = [
 _LAZY = {
     "Sandbox": "silo.sdk.sandbox",
     "Result": "silo.sdk.sandbox",
+    "PoolStatus": "silo.sdk.sandbox",
     "Spec": "silo.model.spec",
     "Mount": "silo.model.spec",
     "Isolation": "silo.model.spec",
@@ -81,7 +83,7 @@ if TYPE_CHECKING:
     )
     from silo.model.spec import Isolation, Mount, Spec
     from silo.sdk.client import AsyncClient, Client, ExecResult, Template, Workspace, WorkspaceInfo
-    from silo.sdk.sandbox import Result, Sandbox
+    from silo.sdk.sandbox import PoolStatus, Result, Sandbox
     from silo.sdk.transport import MockTransport, Transport
 
 

@@ -34,6 +34,7 @@ CURATED = [
     "Mount",
     "NotFoundError",
     "PermissionDenied",
+    "PoolStatus",
     "PrivilegeError",
     "ProtocolError",
     "ExecResult",

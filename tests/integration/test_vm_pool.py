@@ -187,6 +187,43 @@ def test_bad_pool_settings_are_one_line_and_change_nothing(silo_cli: list[str], 
     assert _status(silo_cli, env) == "--isolation vm: 1 kept, 1 ready, 0 booting"
 
 
+def _qemu_pids() -> set[int]:
+    return {int(line.split()[0]) for line in vm_processes() if "qemu-system" in line.split(None, 2)[2].split()[0]
+            and "<defunct>" not in line}
+
+
+def test_the_sdk_keeps_a_pool_of_its_own_and_close_drops_it() -> None:
+    import silo
+
+    before = _qemu_pids()
+    sandbox = silo.Sandbox(isolation="vm")
+    try:
+        status = sandbox.pool(1, wait=READY_TIMEOUT)
+        assert status == silo.PoolStatus(size=1, ready=1, booting=0, error=""), status
+        pooled = _qemu_pids() - before
+        assert len(pooled) == 1, pooled
+        time.sleep(3)  # the pooled VM's clock runs on: a run that boots its own shows less
+        result = sandbox.run(["sh", "-c", "cut -d' ' -f1 /proc/uptime; hostname"])
+        assert result.exit_code == 0, result
+        uptime, hostname = result.stdout.decode().split()
+        assert float(uptime) >= 3.0, "the run booted a VM of its own instead of taking the pooled one"
+        assert hostname == "silo"
+        _gone(pooled.pop())  # used once, never given back
+        assert sandbox.pool(1, wait=READY_TIMEOUT).ready == 1  # replaced in the background
+        with pytest.raises(silo.SpecError, match=r"^bad pool size 17: give 0 \(no pool\) to 16$"):
+            sandbox.pool(17)
+        with pytest.raises(silo.SpecError) as refused:
+            silo.Sandbox(isolation="process").pool(1)
+        assert refused.value.message == ("pools are for the vm level, and this sandbox is at isolation "
+                                         "'process': use Sandbox(isolation='vm')")
+        replacement = _qemu_pids() - before
+        assert len(replacement) == 1, replacement
+    finally:
+        sandbox.close()
+    _gone(replacement.pop())
+    assert _qemu_pids() <= before
+
+
 def test_size_zero_drops_the_pool_and_leaves_nothing(silo_cli: list[str], pool_of_one: dict[str, str]) -> None:
     env = pool_of_one
     cp = _silo(silo_cli, env, "pool", "set", "--isolation", "vm", "--size", "0")

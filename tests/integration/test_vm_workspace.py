@@ -232,7 +232,8 @@ def test_templates_keep_their_level(client: silo.Client, names: list[str]) -> No
                         "a workspace at isolation 'process'; use a template made at that level\n")
 
 
-def test_cp_into_and_out_of_a_running_vm_workspace(client: silo.Client, names: list[str], tmp_path: Path) -> None:
+def test_cp_into_and_out_of_a_vm_workspace_running_or_not(client: silo.Client, names: list[str],
+                                                          tmp_path: Path) -> None:
     name = new(names)
     ok("create", name, "--isolation", "vm")
     src = tmp_path / "src"
@@ -240,9 +241,12 @@ def test_cp_into_and_out_of_a_running_vm_workspace(client: silo.Client, names: l
     (src / "a.txt").write_text("alpha\n")
     (src / "sub" / "b.txt").write_text("beta\n")
     os.symlink("a.txt", src / "link")
-    r = cli("cp", str(src / "a.txt"), f"{name}:/root/")
-    assert r.returncode == WRONG_STATE and "not running" in r.stderr, r
+    # Not started yet: its guest boots for the copy alone, and stops again.
+    ok("cp", str(src / "a.txt"), f"{name}:/root/early.txt")
+    assert client.get(name).state.value == "created"
+    assert not machine_pids(name)
     ok("start", name)
+    assert ok("exec", name, "--", "cat", "/root/early.txt") == "alpha\n"
     ok("cp", str(src / "a.txt"), f"{name}:/root/")
     ok("cp", str(src / "a.txt"), f"{name}:/root/renamed.txt")
     ok("cp", str(src), f"{name}:/root/tree")
@@ -258,8 +262,17 @@ def test_cp_into_and_out_of_a_running_vm_workspace(client: silo.Client, names: l
     assert (r.returncode, r.stderr) == (NOT_FOUND, f"silo: cannot copy {name}:/root/missing: /root/missing: "
                                                    "no such file or directory in the workspace\n")
     ok("stop", name)
-    ok("start", name)  # what cp wrote was synced with the stop
-    assert ok("exec", name, "--", "cat", "/root/renamed.txt") == "alpha\n"
+    # Stopped: out and in again, each through a guest booted for it.
+    ok("cp", f"{name}:/root/renamed.txt", str(out / "back.txt"))
+    assert (out / "back.txt").read_text() == "alpha\n"
+    (src / "a.txt").write_text("written while stopped\n")
+    ok("cp", str(src / "a.txt"), f"{name}:/root/renamed.txt")
+    r = cli("cp", f"{name}:/root/missing", str(out))
+    assert r.returncode == NOT_FOUND, r
+    assert client.get(name).state.value == "stopped"
+    assert not machine_pids(name) and not ws_cgroups(name)
+    ok("start", name)  # what cp wrote was synced with the temporary guest's stop
+    assert ok("exec", name, "--", "cat", "/root/renamed.txt") == "written while stopped\n"
     ok("stop", name)
 
 

@@ -34,7 +34,7 @@ from silo.engine import keep as keepmod
 from silo.engine import paths, planner
 from silo.model.errors import InternalError, ProtocolError, SiloError, SpecError
 from silo.model.spec import Isolation
-from silo.spawner.core import POOL_MAX, Connection, Spawner
+from silo.spawner.core import Connection, Spawner, check_pool_size
 
 
 class CliServer(Spawner):
@@ -131,15 +131,12 @@ class CliServer(Spawner):
                 raise ProtocolError("malformed pool request")
             self.pool_set(tuple(options), size)
             self._save_pools()
-        elif len(message) == 3 and message[2] == "show":
-            job_id = message[1]
+            conn.reply(("pools", job_id, [list(row) for row in self.pool_status()]))
         else:
-            raise ProtocolError("malformed pool request")
-        conn.reply(("pools", job_id, [list(row) for row in self.pool_status()]))
+            self.on_pool(conn, message, fds)
 
     def pool_set(self, options: tuple[str, ...], size: int) -> None:
-        if not 0 <= size <= POOL_MAX:
-            raise SpecError(f"bad pool size {size}: give 0 (no pool) to {POOL_MAX}")
+        check_pool_size(size)
         req = parse_run([*options, "--", "true"], "/")
         if req.spec.isolation is not Isolation.VM:
             raise SpecError("pools are for --isolation vm (the process level keeps a warm sandbox "

@@ -159,6 +159,12 @@ class Manager:
             return os.path.join(self.run_dir, "logs", f"{record.name}.log")
         return os.path.join(self.store.workspace_dir(record.name), "log")
 
+    def _open_log(self, record: WorkspaceRecord) -> int:
+        """The workspace's log, opened for its init's (or machine's) output."""
+        path = self.log_path(record)
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
     def _log(self, record: WorkspaceRecord, message: str) -> None:
         path = self.log_path(record)
         with contextlib.suppress(OSError):
@@ -319,7 +325,6 @@ class Manager:
         # first time in a state directory)
         plan = await asyncio.to_thread(self._plan, record)
         path = self.log_path(record)
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         with contextlib.suppress(OSError):
             if os.path.getsize(path) > LOG_CAP:
                 with open(path, "rb") as f:
@@ -328,7 +333,7 @@ class Manager:
                 with open(path, "wb") as f:
                     f.write(tail)
         keeper = await self._network_up(record) if plan.network is not None else None
-        log_fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        log_fd = self._open_log(record)
         try:
             if plan.vm is not None:
                 proc = await self.runtime.start_vm(name, plan, log_fd, keeper)
@@ -359,7 +364,7 @@ class Manager:
 
     async def _on_start(self, record: WorkspaceRecord, run: Running) -> None:
         assert record.spec.on_start is not None
-        log_fd = os.open(self.log_path(record), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        log_fd = self._open_log(record)
         null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         try:
             plan = planner.plan_join(run.plan, record.spec.on_start)
@@ -716,10 +721,22 @@ class Manager:
         if record.spec.isolation is Isolation.VM:
             from silo.backends.vm import files
 
-            if run is None:
-                raise WorkspaceStateError(f"cannot copy files to or from '{name}': it is a VM workspace that is "
-                                          f"not running (its disk is the guest's to read); run 'silo start {name}'")
-            return await files.start(mode, path, run.proc, run.plan, self.runtime), None
+            if run is not None:
+                return await files.start(mode, path, run.proc, run.plan, self.runtime), None
+            # Not running: its guest is booted for the copy alone (the host never reads
+            # or writes a guest's disk), without a network; stopping it syncs the disk.
+            plan = replace(await asyncio.to_thread(self._plan, record), network=None)
+            log_fd = self._open_log(record)
+            try:
+                temp = await self.runtime.start_vm(name, plan, log_fd)
+            finally:
+                os.close(log_fd)
+            self._log(record, f"booted for a copy ({mode} {path})")
+            try:
+                return await files.start(mode, path, temp, plan, self.runtime), temp
+            except BaseException:
+                await self.runtime.stop(temp, 0)
+                raise
         plan = run.plan if run is not None else self._plan(record)
         return await copier.start(mode, path, run.proc if run is not None else None, plan, self.runtime)
 

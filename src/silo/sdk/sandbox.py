@@ -49,6 +49,18 @@ class Result:
     truncated: bool = False
 
 
+@dataclass(frozen=True)
+class PoolStatus:
+    """A VM pool of this process's spawner (:meth:`Sandbox.pool`): how many VMs it keeps,
+    how many are booted and waiting for a run, how many still boot, and why the last
+    boot failed (empty when it did not)."""
+
+    size: int
+    ready: int
+    booting: int
+    error: str = ""
+
+
 class _Job:
     """One sandbox started on a private spawner connection."""
 
@@ -144,6 +156,7 @@ class Sandbox:
         self._closed = False
         self._base: p.Plan | None = None
         self._started: weakref.WeakSet[Process] = weakref.WeakSet()
+        self._pooled = False
 
     # context management ---------------------------------------------------------
 
@@ -156,6 +169,9 @@ class Sandbox:
 
     def close(self) -> None:
         """Release spawner connections; sandboxes still running from :meth:`start` are killed."""
+        if self._pooled:
+            with contextlib.suppress(SpecError, InternalError):
+                self.pool(0)
         with self._lock:
             self._closed = True
             idle, self._idle = self._idle, []
@@ -193,6 +209,54 @@ class Sandbox:
         if t is not None:
             plan = dataclasses.replace(plan, timeout=t)
         return plan
+
+    # the warm pool ---------------------------------------------------------------------
+
+    def pool(self, size: int, *, wait: float | None = None) -> PoolStatus:
+        """Keep ``size`` booted VMs of this (vm-level) sandbox's machine ready in this
+        process's spawner, so a :meth:`run` costs an exec instead of a boot; 0 drops
+        the pool. Each VM serves one run and is replaced in the background. A run with a
+        network, rlimits or a pty boots its own VM. ``wait``: up to that many seconds
+        for the pool's VMs to be booted; the status is returned either way, so check its
+        ``ready``. The pool lasts until :meth:`close` or the process ends.
+        """
+        plan = self.plan(["true"])
+        if plan.vm is None:
+            raise SpecError(f"pools are for the vm level, and this sandbox is at isolation "
+                            f"{self.spec.isolation.value!r}: use Sandbox(isolation='vm')")
+        if not isinstance(size, int) or isinstance(size, bool):
+            raise SpecError(f"bad pool size {size!r}: give a whole number")
+        wire = plan.to_wire()
+        status = self._pool_request(wire, size)
+        self._pooled = size > 0
+        deadline = time.monotonic() + (wait or 0)
+        while status.ready < status.size and time.monotonic() < deadline:
+            time.sleep(0.05)
+            status = self._pool_request(wire, None)
+        return status
+
+    def _pool_request(self, wire: tuple[Any, ...], size: int | None) -> PoolStatus:
+        """Set (``size``) or read (None) the pool of ``wire``'s machine."""
+        sock = self._conn()
+        ok = False
+        try:
+            protocol.send(sock, ("pool", next(_job_ids), "plan", wire, size))
+            got = protocol.recv(sock)
+            if got is None:
+                raise InternalError("silo's spawner closed the connection")
+            message, fds = got
+            for fd in fds:
+                os.close(fd)
+            if message[0] == "error":
+                raise error_from_wire(message[2])
+            if message[0] != "pools":
+                raise ProtocolError(f"unexpected reply {message[0]!r} from the spawner")
+            ok = True
+        finally:
+            self._done(sock, ok)
+        for _, kept, ready, booting, error in message[2]:
+            return PoolStatus(kept, ready, booting, error)
+        return PoolStatus(0, 0, 0)
 
     # running -----------------------------------------------------------------------
 

@@ -144,6 +144,15 @@ def vm_key(plan: p.Plan) -> bytes:
     return marshal.dumps(astuple(replace(plan.vm, hostname="")))
 
 
+def _pool_row(pool: VmPool) -> tuple[tuple[str, ...], int, int, int, str]:
+    return pool.options, pool.size, len(pool.ready), len(pool.vms) - len(pool.ready), pool.last_error
+
+
+def check_pool_size(size: int) -> None:
+    if not 0 <= size <= POOL_MAX:
+        raise SpecError(f"bad pool size {size}: give 0 (no pool) to {POOL_MAX}")
+
+
 def _remove(cgroup: Any) -> bool:
     """Kill what is left in ``cgroup`` and remove it; False while it is still busy."""
     cgroup.kill()
@@ -185,6 +194,7 @@ class Spawner:
         self.setup_fd = native.sealed("silo-setup")
         self.handlers: dict[str, Handler] = {
             "run": self._on_run, "signal": self._on_signal, "attach": self._on_attach,
+            "pool": self.on_pool,
         }
         self.connections: list[Connection] = []
         self.jobs: dict[int, Job] = {}
@@ -722,10 +732,34 @@ class Spawner:
             return None
         return pool
 
+    def on_pool(self, conn: Connection, message: tuple[Any, ...], fds: list[int]) -> None:
+        """``("pool", job, "show")``: every pool, or ``("pool", job, "plan", wire, size)``
+        (the SDK's ``Sandbox.pool``): keep ``size`` VMs of the plan's machine (None: only
+        look) and answer with that pool alone. The reply is ``("pools", job, [(options,
+        size, ready, booting, error), ...])``."""
+        if len(message) == 5 and message[2] == "plan":
+            _, job_id, _, wire, size = message
+            if size is not None and (not isinstance(size, int) or isinstance(size, bool)):
+                raise ProtocolError("malformed pool request")
+            plan = p.Plan.from_wire(wire)
+            if plan.vm is None:
+                raise SpecError("pools are for the vm level (the process level keeps a warm sandbox by "
+                                "itself): use isolation 'vm'")
+            if size is not None:
+                check_pool_size(size)
+                self.set_pool(plan, size, ())
+                self._refill_pools()
+            pool = self.pools.get(vm_key(plan))
+            rows = [] if pool is None else [_pool_row(pool)]
+        elif len(message) == 3 and message[2] == "show":
+            job_id, rows = message[1], self.pool_status()
+        else:
+            raise ProtocolError("malformed pool request")
+        conn.reply(("pools", job_id, [list(row) for row in rows]))
+
     def pool_status(self) -> list[tuple[tuple[str, ...], int, int, int, str]]:
         """``(options, size, ready, booting, last error)`` of each pool."""
-        return [(q.options, q.size, len(q.ready), len(q.vms) - len(q.ready), q.last_error)
-                for q in self.pools.values()]
+        return [_pool_row(q) for q in self.pools.values()]
 
     def _refill_pools(self) -> float | None:
         """Boot what the pools miss; the seconds until a pool in back-off may boot again."""
