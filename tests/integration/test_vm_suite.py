@@ -1,7 +1,7 @@
 """The process level's functional suite re-run at isolation vm (issue 5, requirement 10).
 
 The tests below are test_run_cli.py's own functions, collected here a second time. This
-module's ``silo_cli`` runs the CLI through vm_cli.py, which puts ``--isolation vm`` into
+module's ``silo_cli`` runs the CLI through level_cli.py, which puts ``--isolation vm`` into
 every ``silo run``, so test_run_cli's ``cli`` and the tests that call the CLI
 themselves (ctrl-C, pipes, ``-t``) boot a real TCG guest each. What is not re-run, and
 why:
@@ -84,9 +84,9 @@ if os.geteuid() != 0:
 
 @pytest.fixture
 def silo_cli(silo_cli: list[str]) -> list[str]:
-    """The CLI with ``--isolation vm`` on every ``silo run`` (vm_cli.py); test_run_cli's
+    """The CLI with ``--isolation vm`` on every ``silo run`` (level_cli.py); test_run_cli's
     ``cli`` and the tests that call the CLI themselves run through it."""
-    return [sys.executable, str(Path(__file__).with_name("vm_cli.py")), *silo_cli, "--"]
+    return [sys.executable, str(Path(__file__).with_name("level_cli.py")), "vm", *silo_cli, "--"]
 
 
 def test_root_dir_image(cli, image: Path, hostdir: Path) -> None:  # type: ignore[no-untyped-def]

@@ -28,7 +28,8 @@ def run_parser(prog: str = "silo run") -> argparse.ArgumentParser:
     ps = _Parser(prog=prog, add_help=False, allow_abbrev=False,
                  description="Run a command isolated; exits with its exit code.")
     ps.add_argument("--isolation", default="process",
-                    help="process (default), vm (a QEMU microVM) or app (NOT a security boundary)")
+                    help="process (default), gvisor (gVisor's user-space kernel), vm (a QEMU microVM) "
+                         "or app (NOT a security boundary)")
     ps.add_argument("--root", default="host", help="host (default) or an image directory")
     ps.add_argument("--kernel", default="auto", metavar="host|debian|PATH",
                     help="with --isolation vm: the guest's kernel (default: the host's if readable, else debian)")

@@ -136,7 +136,99 @@ def plan(spec: Spec, argv: Sequence[str], *, term: str | None = None, tty: bool 
         return _plan_app(spec, argv, caller_env or dict(os.environ), caller_cwd or os.getcwd(), tty)
     if spec.isolation is Isolation.VM:
         return _plan_vm(spec, argv, term, tty)
+    if spec.isolation is Isolation.GVISOR:
+        return _plan_gvisor(spec, argv, term, tty)
     return _plan_process(spec, argv, term, tty, Layers())
+
+
+def _check_level(level: str, asked: Sequence[tuple[str, object]], why_root: str) -> None:
+    """Refuse what ``level`` lacks yet (``asked``: option, whether given) and a caller
+    who is not root."""
+    missing = [what for what, given in asked if given]
+    if missing:
+        raise SpecError(f"{', '.join(missing)} with --isolation {level} is not available yet: drop it, "
+                        "or use --isolation process")
+    if not hostmod.host().is_root:
+        raise PrivilegeError(f"--isolation {level} needs root for now ({why_root}): "
+                             "run as root, or use --isolation process")
+
+
+def _check_gvisor(spec: Spec, tty: bool) -> None:
+    _check_level("gvisor", (("-t", tty), ("--pids", spec.limits.pids), ("--seccomp", spec.seccomp != "default"),
+                            ("--network", spec.network.enabled)), "runsc's sandbox and gofer")
+
+
+def _plan_gvisor(spec: Spec, argv: Sequence[str], term: str | None, tty: bool) -> p.Plan:
+    """gVisor: ``runsc run`` of a bundle silo writes, in a mount and pid namespace of
+    its own (silo.backends.gvisor.runsc). The root is an overlay of the skeleton (or
+    ``--root DIR``) and the host's system directories are overlays of their own, all
+    with their upper layers in the sandbox's scratch tmpfs, served to the Sentry by
+    runsc's gofer; volumes are bind mounts of the bundle."""
+    from silo.backends.gvisor import runsc
+
+    _check_gvisor(spec, tty)
+    h = hostmod.host()
+    s = h.scratch
+    uid, gid = spec.user.uid, spec.user.gid
+    inodes = max(spec.tmpfs_size // 4096, 16384)
+    ops: list[p.Op] = [p.MakePrivate(), p.Tmpfs(s, f"size={spec.tmpfs_size},nr_inodes={inodes},mode=0700")]
+    ops += [p.Mkdir(d) for d in (f"{s}/u", f"{s}/w", f"{s}/root", f"{s}/u/root", f"{s}/w/root", f"{s}/sys")]
+    mounts: list[dict[str, object]] = []
+    if spec.root == "host":
+        lower = hostmod.skeleton()
+        etc = True
+        ops += [p.Mkdir(f"{s}/u/root/etc"), p.WriteFile(f"{s}/u/root/etc/passwd", _passwd(uid, gid)),
+                p.WriteFile(f"{s}/u/root/etc/group", _group(uid, gid))]
+        if uid != 0:
+            ops += [p.Mkdir(f"{s}/u/root/home"), p.Mkdir(f"{s}/u/root/home/user", 0o755, uid, gid)]
+        for name in (name for name, real in hostmod.system_dirs() if real):
+            ops += [p.Mkdir(f"{s}/u/{name}"), p.Mkdir(f"{s}/w/{name}"), p.Mkdir(f"{s}/sys/{name}"),
+                    p.Overlay(f"{s}/sys/{name}", (f"/{name}",), f"{s}/u/{name}", f"{s}/w/{name}", userxattr=False)]
+            mounts.append({"destination": f"/{name}", "type": "bind", "source": f"{s}/sys/{name}",
+                           "options": ["rbind", "rw"]})
+    else:
+        lower = _root_dir(spec)
+        etc = os.path.isdir(os.path.join(lower, "etc")) and not os.path.islink(os.path.join(lower, "etc"))
+        if etc:
+            ops.append(p.Mkdir(f"{s}/u/root/etc"))
+    if etc:
+        ops += [p.WriteFile(f"{s}/u/root/etc/hosts", _hosts(spec.hostname)),
+                p.WriteFile(f"{s}/u/root/etc/hostname", (spec.hostname + "\n").encode())]
+    if spec.workdir and not os.path.lexists(lower + spec.workdir):
+        # a missing workdir is made the user's, as at the process level (runsc would make it root's)
+        path = f"{s}/u/root"
+        parts = spec.workdir.strip("/").split("/")
+        for i, part in enumerate(parts):
+            path = f"{path}/{part}"
+            if not any(isinstance(o, p.Mkdir) and o.path == path for o in ops):
+                ops.append(p.Mkdir(path, 0o755, *((uid, gid) if i == len(parts) - 1 else (-1, -1))))
+    ops.append(p.Overlay(f"{s}/root", (lower,), f"{s}/u/root", f"{s}/w/root", userxattr=False))
+    for m in spec.mounts:
+        _check_source(m.source)
+        if not m.readonly:
+            # runsc 20221219's gofer writes a volume as host root, with the sandbox's own ids
+            # (no id mapping): a set-uid file made in the sandbox would be one on the host.
+            raise SpecError(f"read-write volume {m.source}:{m.target} with --isolation gvisor is not available "
+                            f"yet (files would be the sandbox's ids on the host): add :ro, or use --isolation "
+                            "process")
+        mounts.append({"destination": m.target, "type": "bind", "source": m.source, "options": ["rbind", "ro"]})
+    process: dict[str, object] = {
+        "user": {"uid": uid, "gid": gid}, "args": list(argv), "cwd": spec.workdir or "/",
+        "env": [f"{k}={v}" for k, v in _environment(spec, uid, term)], "noNewPrivileges": True,
+    }
+    if spec.caps:
+        process["capabilities"] = {k: [f"CAP_{c}" for c in spec.caps]
+                                   for k in ("bounding", "effective", "permitted")}
+    config = runsc.bundle(process, f"{s}/root", mounts, spec.hostname, rlimits=spec.rlimits)
+    exe = runsc.runsc()
+    ops += [p.Mkdir(f"{s}/bundle"), p.WriteFile(f"{s}/bundle/config.json", json.dumps(config).encode()),
+            p.Mkdir(f"{s}/state"), p.Proc("/proc")]
+    platform = runsc.choose(h.cache_dir, hostmod.skeleton())
+    launcher = p.Process(argv=runsc.argv(exe, f"{s}/state", f"{s}/bundle", platform),
+                         env=(("PATH", DEFAULT_PATH),), cwd="/", uid=0, gid=0, no_new_privs=False,
+                         seccomp="unconfined", init=True, harden=False)
+    return p.Plan(isolation="gvisor", namespaces=("mnt", "pid"), uid_map=(), gid_map=(), ops=tuple(ops),
+                  process=launcher, memory=spec.limits.memory, cpus=spec.limits.cpus, timeout=spec.timeout)
 
 
 VM_MEMORY = 512 << 20  # guest RAM when no --memory is given
@@ -174,16 +266,8 @@ def plan_vm_workspace(spec: Spec, disks: Sequence[str], writable: bool, machine_
 
 
 def _check_vm(spec: Spec) -> None:
-    missing = [what for what, asked in (
-        ("--cap", bool(spec.caps)),
-        ("--pids", spec.limits.pids), ("--seccomp", spec.seccomp != "default"),
-    ) if asked]
-    if missing:
-        raise SpecError(f"{', '.join(missing)} with --isolation vm is not available yet: drop it, "
-                        "or use --isolation process")
-    if not hostmod.host().is_root:
-        raise PrivilegeError("--isolation vm needs root for now (QEMU's jail and virtiofsd's view): "
-                             "run as root, or use --isolation process")
+    _check_level("vm", (("--cap", spec.caps), ("--pids", spec.limits.pids), ("--seccomp", spec.seccomp != "default")),
+                 "QEMU's jail and virtiofsd's view")
 
 
 def _vm_machine(spec: Spec) -> p.Vm:

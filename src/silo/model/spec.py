@@ -25,7 +25,8 @@ class Isolation(enum.Enum):
 
     APP = "app"  # copy-on-write file view only: NOT a security boundary
     PROCESS = "process"
-    VM = "vm"  # a QEMU microVM (silo.backends.vm): one-shot runs for now
+    VM = "vm"  # a QEMU microVM (silo.backends.vm)
+    GVISOR = "gvisor"  # gVisor's runsc (silo.backends.gvisor): one-shot runs for now
 
 
 CAPABILITIES: dict[str, int] = {

@@ -208,6 +208,9 @@ class WorkspaceSpec:
     def __post_init__(self) -> None:
         parse_name(self.name)
         check_kernel(self.kernel, self.isolation)
+        if self.isolation is Isolation.GVISOR:
+            raise SpecError("workspaces at isolation 'gvisor' are not available yet (one-shot runs are: "
+                            "silo run --isolation gvisor): use isolation 'process' or 'vm'")
         if self.isolation is Isolation.VM:
             self._check_vm()
         for flag, what in (("encrypted", "an encrypted workspace needs isolation 'vm' (its files on a disk "
