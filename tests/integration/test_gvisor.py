@@ -93,9 +93,8 @@ def test_a_gvisor_workspace_is_refused_and_nothing_is_made(tmp_path: Path) -> No
     env = {**os.environ, "SILO_STATE_DIR": str(tmp_path / "state"), "SILO_DAEMON_DIR": str(tmp_path / "d")}
     r = subprocess.run([SILO, "create", "gv", "--isolation", "gvisor"], capture_output=True, text=True,
                        env=env, timeout=60, check=False)
-    assert (r.returncode, r.stderr) == (2, "silo: workspaces at isolation 'gvisor' are not available yet (one-shot "
-                                           "runs are: silo run --isolation gvisor): use isolation 'process' or "
-                                           "'vm'\n"), r
+    assert (r.returncode, r.stderr) == (2, "silo: isolation 'gvisor' is not available yet: use one of app, process, "
+                                           "vm (a workspace; one-shot runs have it: silo run --isolation gvisor)\n"), r
     assert not (tmp_path / "state" / "workspaces" / "gv").exists()
 
 

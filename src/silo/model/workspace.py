@@ -97,7 +97,7 @@ def parse_name(untrusted: str, what: str = "workspace name") -> str:
     return untrusted
 
 
-_PLANNED_ISOLATION = ("gvisor",)  # named in ARCHITECTURE.md, not built yet
+_PLANNED_ISOLATION = ("gvisor",)  # one-shot runs only so far: no workspaces at these levels
 
 
 _E = TypeVar("_E", bound=enum.Enum)
@@ -105,13 +105,19 @@ _E = TypeVar("_E", bound=enum.Enum)
 
 def _choice(cls: type[_E], untrusted: str, what: str) -> _E:
     """``untrusted`` as a member of ``cls``, or a SpecError listing the values."""
+    if cls is Isolation and untrusted in _PLANNED_ISOLATION:
+        raise SpecError(_planned(untrusted))
     try:
         return cls(untrusted)
     except ValueError:
         values = ", ".join(m.value for m in cls)
-        if cls is Isolation and untrusted in _PLANNED_ISOLATION:
-            raise SpecError(f"isolation {untrusted!r} is not available yet: use one of {values}") from None
         raise SpecError(f"unknown {what} {untrusted!r}: use one of {values}") from None
+
+
+def _planned(isolation: str) -> str:
+    values = ", ".join(m.value for m in Isolation if m.value not in _PLANNED_ISOLATION)
+    return (f"isolation {isolation!r} is not available yet: use one of {values} (a workspace; one-shot "
+            f"runs have it: silo run --isolation {isolation})")
 
 
 def parse_isolation(untrusted: str) -> Isolation:
@@ -208,9 +214,8 @@ class WorkspaceSpec:
     def __post_init__(self) -> None:
         parse_name(self.name)
         check_kernel(self.kernel, self.isolation)
-        if self.isolation is Isolation.GVISOR:
-            raise SpecError("workspaces at isolation 'gvisor' are not available yet (one-shot runs are: "
-                            "silo run --isolation gvisor): use isolation 'process' or 'vm'")
+        if self.isolation.value in _PLANNED_ISOLATION:
+            raise SpecError(_planned(self.isolation.value))
         if self.isolation is Isolation.VM:
             self._check_vm()
         for flag, what in (("encrypted", "an encrypted workspace needs isolation 'vm' (its files on a disk "
