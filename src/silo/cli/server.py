@@ -27,7 +27,6 @@ import sys
 import time
 from typing import Any
 
-from silo.backends.vm import cache
 from silo.cli.args import parse_run
 from silo.engine import host as hostmod
 from silo.engine import keep as keepmod
@@ -35,6 +34,7 @@ from silo.engine import paths, planner
 from silo.model.errors import InternalError, ProtocolError, SiloError, SpecError
 from silo.model.spec import Isolation
 from silo.spawner.core import Connection, Spawner, check_pool_size
+from silo.sys import cachefile
 
 
 class CliServer(Spawner):
@@ -150,7 +150,7 @@ class CliServer(Spawner):
         rows = [{"options": list(options), "size": size} for options, size, *_ in self.pool_status()]
         try:
             os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-            cache.publish(path, json.dumps({"pools": rows}).encode())
+            cachefile.publish(path, json.dumps({"pools": rows}).encode())
         except OSError as e:
             raise InternalError(f"the pool is set, but cannot be saved to {path}: {e.strerror}; "
                                 "it lasts until the server stops") from None

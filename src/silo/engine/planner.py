@@ -12,7 +12,7 @@ import json
 import math
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -141,6 +141,16 @@ def plan(spec: Spec, argv: Sequence[str], *, term: str | None = None, tty: bool 
     return _plan_process(spec, argv, term, tty, Layers())
 
 
+def _unplanned(ops: Sequence[p.Op], top: str, name: str) -> Iterator[str]:
+    """``top/name`` and each directory on the way to it (``name`` may be nested) that
+    ``ops`` does not make yet, looked up as the caller appends."""
+    path = top
+    for part in name.split("/"):
+        path = f"{path}/{part}"
+        if not any(isinstance(o, p.Mkdir) and o.path == path for o in ops):
+            yield path
+
+
 def _check_level(level: str, asked: Sequence[tuple[str, object]], why_root: str) -> None:
     """Refuse what ``level`` lacks yet (``asked``: option, whether given) and a caller
     who is not root."""
@@ -196,12 +206,9 @@ def _plan_gvisor(spec: Spec, argv: Sequence[str], term: str | None, tty: bool) -
                 p.WriteFile(f"{s}/u/root/etc/hostname", (spec.hostname + "\n").encode())]
     if spec.workdir and not os.path.lexists(lower + spec.workdir):
         # a missing workdir is made the user's, as at the process level (runsc would make it root's)
-        path = f"{s}/u/root"
-        parts = spec.workdir.strip("/").split("/")
-        for i, part in enumerate(parts):
-            path = f"{path}/{part}"
-            if not any(isinstance(o, p.Mkdir) and o.path == path for o in ops):
-                ops.append(p.Mkdir(path, 0o755, *((uid, gid) if i == len(parts) - 1 else (-1, -1))))
+        name = spec.workdir.strip("/")
+        for path in _unplanned(ops, f"{s}/u/root", name):
+            ops.append(p.Mkdir(path, 0o755, *((uid, gid) if path == f"{s}/u/root/{name}" else (-1, -1))))
     ops.append(p.Overlay(f"{s}/root", (lower,), f"{s}/u/root", f"{s}/w/root", userxattr=False))
     for m in spec.mounts:
         _check_source(m.source)
@@ -364,11 +371,7 @@ def _plan_process(spec: Spec, argv: Sequence[str], term: str | None, tty: bool, 
     def mkdirs(top: str, name: str, kept: bool = True) -> None:
         """``top/name`` and each directory on the way the plan does not make yet (``name``
         may be nested); in a workspace's storage (``kept``), only what is missing."""
-        path = top
-        for part in name.split("/"):
-            path = f"{path}/{part}"
-            if any(isinstance(o, p.Mkdir) and o.path == path for o in ops):
-                continue
+        for path in _unplanned(ops, top, name):
             if kept and persistent and os.path.lexists(path):
                 if not stat.S_ISDIR(os.lstat(path).st_mode):  # never made through a symlink
                     raise UserError(f"cannot start the workspace: {path} in its storage is not a directory; "

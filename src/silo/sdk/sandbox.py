@@ -254,9 +254,10 @@ class Sandbox:
             ok = True
         finally:
             self._done(sock, ok)
-        for _, kept, ready, booting, error in message[2]:
-            return PoolStatus(kept, ready, booting, error)
-        return PoolStatus(0, 0, 0)
+        if not message[2]:  # no pool of that machine
+            return PoolStatus(0, 0, 0)
+        _, kept, ready, booting, error = message[2][0]
+        return PoolStatus(kept, ready, booting, error)
 
     # running -----------------------------------------------------------------------
 

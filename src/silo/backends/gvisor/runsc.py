@@ -23,13 +23,14 @@ import json
 import os
 import platform as hostplatform
 import shutil
+import signal
 import subprocess
 import tempfile
-import time
 from collections.abc import Sequence
 from typing import Any
 
 from silo.model.errors import NotFoundError
+from silo.sys import cachefile
 
 RUNSC = "/usr/bin/runsc"
 PLATFORMS = ("systrap", "kvm", "ptrace")  # preferred first; ptrace always works
@@ -74,7 +75,7 @@ def probe(exe: str, name: str, skeleton: str) -> bool:
         finally:
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, 9)
+                    os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
             # a sandbox cut short leaves its processes in runsc's state: end them
             subprocess.run([exe, "--root", os.path.join(tmp, "state"), "delete", "--force", "probe"],
@@ -89,26 +90,16 @@ def choose(cache_dir: str, skeleton: str) -> str:
         return forced
     exe = runsc()
     path = os.path.join(cache_dir, "gvisor", f"platform-{_key(exe)}.json")
-    with contextlib.suppress(OSError, ValueError, KeyError):
-        with open(path) as f:
-            verdict = json.load(f)["platform"]
-        if verdict in PLATFORMS:
-            return str(verdict)
-    verdict = next((name for name in PLATFORMS[:-1] if probe(exe, name, skeleton)), PLATFORMS[-1])
-    with contextlib.suppress(OSError):
-        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
-        tmp = f"{path}.{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump({"platform": verdict, "probed": time.time()}, f)
-        os.replace(tmp, path)
-    return verdict
+    return cachefile.verdict(path, "platform", PLATFORMS,
+                             lambda: next((name for name in PLATFORMS[:-1] if probe(exe, name, skeleton)),
+                                          PLATFORMS[-1]))
 
 
 def bundle(process: dict[str, Any], root: str, mounts: Sequence[dict[str, Any]], hostname: str, *,
            readonly: bool = False, rlimits: Sequence[tuple[str, int, int]] = ()) -> dict[str, Any]:
     """The ``config.json`` of a bundle whose root is ``root``: its own pid, network,
-    ipc, uts and mount namespaces (gVisor's, in the Sentry), no capabilities unless
-    ``process`` names some, the host's default masks."""
+    ipc, uts and mount namespaces (gVisor's, in the Sentry), a fresh ``/proc`` and
+    ``/tmp``, no capabilities unless ``process`` names some."""
     process = dict(process)
     process.setdefault("capabilities", {k: [] for k in ("bounding", "effective", "permitted", "inheritable",
                                                        "ambient")})

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import platform
 import select
 import subprocess
 import time
 
-from silo.backends.vm import cache, machine
+from silo.backends.vm import machine
+from silo.sys import cachefile
 
 PROBE_TIMEOUT = 4.0  # a KVM boot to the initramfs takes well under a second
 
@@ -64,12 +64,5 @@ def choose(kernel: str, initramfs: str, cache_dir: str) -> str:
     if forced in ("kvm", "tcg"):
         return forced
     path = os.path.join(cache_dir, "vm", f"accel-{_key(kernel, initramfs)}.json")
-    with contextlib.suppress(OSError, ValueError, KeyError):
-        with open(path) as f:
-            verdict = json.load(f)["accel"]
-        if verdict in ("kvm", "tcg"):
-            return str(verdict)
-    verdict = "kvm" if probe_kvm(kernel, initramfs) else "tcg"
-    with contextlib.suppress(OSError):
-        cache.publish(path, json.dumps({"accel": verdict, "probed": time.time()}).encode())
-    return verdict
+    return cachefile.verdict(path, "accel", ("kvm", "tcg"),
+                             lambda: "kvm" if probe_kvm(kernel, initramfs) else "tcg")

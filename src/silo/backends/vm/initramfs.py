@@ -17,8 +17,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from silo import native
-from silo.backends.vm import cache
 from silo.model.errors import SiloError
+from silo.sys import cachefile
 
 BUSYBOX = ("/bin/busybox", "/usr/bin/busybox")
 # What the guest loads, in this order after their dependencies (a module built into the
@@ -175,7 +175,7 @@ def _build(modules_dir: Path, cache_dir: str, release: str) -> str:
             names.append(name)
             cpio.add(f"lib/silo/{name}.ko", stat.S_IFREG | 0o644, strip_signature(path.read_bytes()))
         cpio.add(f"lib/silo/{listing}", stat.S_IFREG | 0o644, ("\n".join(names) + "\n").encode())
-    cache.publish(target, cpio.finish())
+    cachefile.publish(target, cpio.finish())
     for old in os.listdir(base):  # earlier builds
         if old.startswith("initramfs-") and old != os.path.basename(target):
             try:

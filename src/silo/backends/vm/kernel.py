@@ -19,8 +19,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from silo.backends.vm import cache, initramfs
+from silo.backends.vm import initramfs
 from silo.model.errors import SiloError, SpecError
+from silo.sys import cachefile
 
 PACKAGE = "linux-image-cloud-amd64"
 # Kept from a fetched kernel: what the guest loads now, and what networks and vsock need.
@@ -135,7 +136,7 @@ def fetch(cache_dir: str) -> Kernel:
         shutil.copy(image, os.path.join(out, "vmlinuz"))
         elf = pvh_elf(image)
         if elf is not None:
-            cache.publish(os.path.join(out, "vmlinux"), elf)
+            cachefile.publish(os.path.join(out, "vmlinux"), elf)
         for name in ("modules.builtin", "modules.order"):
             if (modules / name).exists():
                 shutil.copy(modules / name, os.path.join(out, "modules", name))
@@ -219,5 +220,5 @@ def bootable(image: str, cache_dir: str) -> str:
         with open(no_pvh, "w"):
             pass
         return image
-    cache.publish(target, elf)
+    cachefile.publish(target, elf)
     return target
