@@ -10,12 +10,18 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
+import pytest
+
+import silo
+from silo import NotFoundError
 
 REPO = Path(__file__).resolve().parents[2]
+SILO = str(REPO / ".venv" / "bin" / "silo")
 
 
 class Daemon:
@@ -108,3 +114,59 @@ def private_daemon() -> Iterator[Daemon]:
             else:
                 os.environ[key] = value
         subprocess.run(["rm", "-rf", "--one-file-system", base], check=False)
+
+
+# Fixtures of the modules whose tests make workspaces by name on the module's private
+# daemon (tests/conftest.py's ``daemon``); such a module imports them.
+
+
+@pytest.fixture
+def client(daemon: Daemon) -> Iterator[silo.Client]:
+    with silo.Client(daemon.socket, autostart=False) as c:
+        yield c
+
+
+@pytest.fixture
+def names(client: silo.Client) -> Iterator[list[str]]:
+    """Workspace and template names a test makes (templates: ``tpl-*``); all removed after it."""
+    made: list[str] = []
+    try:
+        yield made
+    finally:
+        for name in made:
+            if not name.startswith("tpl-"):
+                with contextlib.suppress(NotFoundError):
+                    client.get(name).remove(force=True)
+        for name in made:
+            if name.startswith("tpl-"):
+                with contextlib.suppress(NotFoundError):
+                    client.remove_template(name)
+
+
+def new(names: list[str], prefix: str) -> str:
+    """A fresh workspace (or, with prefix ``tpl``, template) name, removed after the test."""
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    names.append(name)
+    return name
+
+
+def started(names: list[str], level: str, ok: Callable[..., str], *options: str) -> str:
+    """A new workspace at ``level``, created with ``options`` and started through the CLI
+    (``ok``: the module's runner, which checks the exit code)."""
+    name = new(names, level[:2])
+    ok("create", name, "--isolation", level, *options)
+    ok("start", name)
+    return name
+
+
+def cli(*args: str, stdin: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``silo ARGS`` (the daemon is the one SILO_STATE_DIR and SILO_DAEMON_DIR name)."""
+    return subprocess.run([SILO, *args], input=stdin, capture_output=True, text=True, timeout=timeout,
+                          stdin=None if stdin is not None else subprocess.DEVNULL)
+
+
+def ok(*args: str, stdin: str | None = None) -> str:
+    """``silo ARGS``, which must succeed: its output."""
+    r = cli(*args, stdin=stdin)
+    assert r.returncode == 0, r
+    return r.stdout

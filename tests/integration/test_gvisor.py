@@ -12,8 +12,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -81,24 +84,72 @@ def test_the_platform_is_probed_once_cached_and_shown_in_the_plan() -> None:
     (["--pids", "10"], "--pids with --isolation gvisor is not available yet: drop it, or use --isolation process"),
     (["--seccomp", "unconfined"], "--seccomp with --isolation gvisor is not available yet: drop it, or use "
                                   "--isolation process"),
-    (["-v", "/tmp:/data"], "read-write volume /tmp:/data with --isolation gvisor is not available yet (files "
-                           "would be the sandbox's ids on the host): add :ro, or use --isolation process"),
 ])
 def test_what_this_level_lacks_yet_is_refused_in_one_line(args: list[str], message: str) -> None:
     r = run(*args, "--", "true")
     assert (r.returncode, r.stderr, r.stdout) == (125, f"silo: {message}\n", ""), r
 
 
-def test_a_gvisor_workspace_is_refused_and_nothing_is_made(tmp_path: Path) -> None:
-    env = {**os.environ, "SILO_STATE_DIR": str(tmp_path / "state"), "SILO_DAEMON_DIR": str(tmp_path / "d")}
-    r = subprocess.run([SILO, "create", "gv", "--isolation", "gvisor"], capture_output=True, text=True,
-                       env=env, timeout=60, check=False)
-    assert (r.returncode, r.stderr) == (2, "silo: isolation 'gvisor' is not available yet: use one of app, process, "
-                                           "vm (a workspace; one-shot runs have it: silo run --isolation gvisor)\n"), r
-    assert not (tmp_path / "state" / "workspaces" / "gv").exists()
+def test_runsc_holds_no_host_privilege_and_its_control_socket_is_the_sandboxs() -> None:
+    """runsc, its gofer and the Sentry run as the root of the sandbox's user namespace
+    (silo's id range on the host, never host root), in a network namespace of their
+    own: runsc's control socket (abstract, named after the container) is in no host
+    namespace, so two runs at once do not collide on it and no host process can reach
+    it."""
+    proc = subprocess.Popen([SILO, "run", "--isolation", "gvisor", "--", "sleep", "20"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while not [line for line in runsc_processes() if "runsc-sandbox" in line]:
+            assert time.monotonic() < deadline, runsc_processes()
+            time.sleep(0.1)
+        for line in runsc_processes():
+            pid = line.split()[0]
+            uids = Path(f"/proc/{pid}/status").read_text().split("Uid:")[1].split()[:4]
+            assert "0" not in uids, (line, uids)
+        sockets = subprocess.run(["ss", "-xlp"], capture_output=True, text=True, check=True).stdout
+        assert "runsc" not in sockets, sockets
+        # a second run at the same time has its own socket and state
+        r = run("--", "echo", "second")
+        assert (r.returncode, r.stdout) == (0, "second\n"), r
+    finally:
+        proc.kill()
+        proc.wait()
 
 
-def test_a_read_only_volume_and_capabilities_reach_the_command(tmp_path: Path) -> None:
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """A directory the sandbox's root (not host root) may enter, as volumes need."""
+    path = Path(tempfile.mkdtemp(prefix="silo-gvisor-", dir="/tmp"))
+    path.chmod(0o711)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path)
+
+
+def test_a_read_write_volume_is_written_with_the_sandboxs_ids_never_host_roots(open_dir: Path) -> None:
+    """As at the process level: the sandbox's root is silo's first id on the host, so a
+    folder the host's root owns is not writable, and what the sandbox makes in a folder
+    it may write (here one given to silo's range) is owned by that range, set-uid bit
+    and all: never a set-uid file of host root's."""
+    base = int(subprocess.run([SILO, "plan", "--isolation", "gvisor", "--", "true"], capture_output=True,
+                              text=True, check=True).stdout.split("map uid 0 -> host ")[1].split()[0])
+    shared = open_dir / "shared"
+    shared.mkdir()
+    os.chown(shared, base, base)
+    root_owned = open_dir / "root-owned"
+    root_owned.mkdir()
+    r = run("-v", f"{shared}:/data", "-v", f"{root_owned}:/other", "--", "sh", "-c",
+            "echo x > /data/f && chmod 4755 /data/f && echo written; echo y > /other/g || echo refused")
+    assert r.stdout.splitlines() == ["written", "refused"], r
+    st = os.stat(shared / "f")
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (base, base, 0o4755)
+    assert os.listdir(root_owned) == []
+
+
+def test_a_read_only_volume_and_capabilities_reach_the_command(open_dir: Path) -> None:
+    tmp_path = open_dir
     (tmp_path / "in.txt").write_text("from the host\n")
     r = run("-v", f"{tmp_path}:/data:ro", "--cap", "NET_BIND_SERVICE", "--", "sh", "-c",
             "cat /data/in.txt; echo x > /data/new || echo refused; grep CapEff /proc/self/status")

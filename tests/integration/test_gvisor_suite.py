@@ -13,11 +13,18 @@ here). What is not re-run, and why:
   exit 128 (test_gvisor.py checks what a user sees).
 - ``-u``: inside gVisor ``/proc/self/uid_map`` is the Sentry's identity map, so
   test_user's last check does not apply; the rest runs as test_user_and_group.
-- An image owned by silo's id range is not writable by the sandbox's root: runsc maps
-  no ids, and the sandbox's root has no capabilities (the image's owner is a stranger
-  to it). An image owned by host root is copy-on-write as at the process level (re-run).
 - Capabilities (test_cap_adds_exactly_one): the Sentry gives its root a full bounding
-  set of its own; ``--cap`` reaches the effective set (test_gvisor.py).
+  set of its own; ``--cap`` reaches the effective set (test_gvisor.py). Binding a port
+  below 1024 needs no capability in gVisor's network stack (this runsc), so
+  test_cap_net_bind_service_binds_a_low_port's refusal does not happen; with no
+  network but loopback, that port is the sandbox's own.
+- test_leaves_nothing_behind lists the process level's cgroups with ``--pids``, which
+  this level refuses; test_gvisor.py checks that runs leave no process, mount or state.
+
+Since runsc runs as the root of the sandbox's user namespace (silo's id range), the
+image and volume tests run unchanged: an image owned by silo's range is writable
+through the overlay, a read-write volume writes through with the sandbox's ids, and a
+file of host root's stays unwritable.
 - Signal dispositions, ctrl-C, and the cgroup tests (--pids is refused; the cgroup
   holds runsc, its gofer and Sentry, whose threads are not the command's) are not
   re-run; test_gvisor.py checks the memory limit and the cleanup.
@@ -50,8 +57,10 @@ from test_run_cli import (  # noqa: F401 - the fixtures and tests collected agai
     test_no_controlling_terminal_without_t,
     test_private_writable_tmp_and_home,
     test_rlimit,
+    test_root_dir_image_is_writable_through_the_overlay,
     test_root_dir_image_owned_by_host_root_is_copy_on_write,
     test_root_host_is_read_only_system_and_curated_etc,
+    test_runs_a_command_isolated,
     test_shell_pipeline_into_silo,
     test_stdin_is_empty_without_i,
     test_stdin_streams_with_i,
@@ -59,6 +68,8 @@ from test_run_cli import (  # noqa: F401 - the fixtures and tests collected agai
     test_timeout_kills_the_whole_tree,
     test_volume_file,
     test_volume_ro_is_refused,
+    test_volume_root_owned_file_stays_unwritable,
+    test_volume_rw_writes_through,
     test_workdir,
 )
 from test_vm_suite import (  # noqa: F401 - the same variants as at the vm level (--seccomp refused there too)

@@ -6,6 +6,8 @@ Each test makes its own workspaces and removes them; a start costs a boot (~2 s 
 TCG), so the tests start as few machines as they can and check several things on each.
 """
 
+# ruff: noqa: F811 - the imported fixtures are the tests' parameters by name
+
 from __future__ import annotations
 
 import contextlib
@@ -17,12 +19,12 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
+import daemons
 import pytest
 from cli_servers import pty_run
-from daemons import REPO, Daemon
+from daemons import REPO, Daemon, cli, client, names, ok  # noqa: F401 - fixtures
 
 import silo
 from silo import NotFoundError
@@ -35,17 +37,6 @@ if os.geteuid() != 0:
 
 SILO = str(REPO / ".venv" / "bin" / "silo")
 BAD_INPUT, NOT_FOUND, WRONG_STATE = 2, 3, 4
-
-
-def cli(*args: str, stdin: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([SILO, *args], input=stdin, capture_output=True, text=True, timeout=timeout,
-                          stdin=None if stdin is not None else subprocess.DEVNULL)
-
-
-def ok(*args: str, stdin: str | None = None) -> str:
-    r = cli(*args, stdin=stdin)
-    assert r.returncode == 0, r
-    return r.stdout
 
 
 def ws_cgroups(name: str) -> list[str]:
@@ -94,41 +85,12 @@ def nothing_left_of(name: str) -> None:
     assert (ws_cgroups(name), vm_processes()) == ([], [])
 
 
-@pytest.fixture
-def client(daemon: Daemon) -> Iterator[silo.Client]:
-    with silo.Client(daemon.socket, autostart=False) as c:
-        yield c
-
-
-@pytest.fixture
-def names(client: silo.Client) -> Iterator[list[str]]:
-    """Workspace and template names a test makes (``vm-*``/``tpl-*``); all removed after it."""
-    made: list[str] = []
-    try:
-        yield made
-    finally:
-        for name in made:
-            if not name.startswith("tpl-"):
-                with contextlib.suppress(NotFoundError):
-                    client.get(name).remove(force=True)
-        for name in made:
-            if name.startswith("tpl-"):
-                with contextlib.suppress(NotFoundError):
-                    client.remove_template(name)
-
-
 def new(names: list[str], prefix: str = "vm") -> str:
-    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
-    names.append(name)
-    return name
+    return daemons.new(names, prefix)
 
 
 def started(names: list[str], *options: str) -> str:
-    """A new vm workspace, created with ``options`` and started."""
-    name = new(names)
-    ok("create", name, "--isolation", "vm", *options)
-    ok("start", name)
-    return name
+    return daemons.started(names, "vm", ok, *options)
 
 
 def test_persistent_workspace_keeps_its_files_hostname_and_machine_id_across_a_stop(

@@ -118,7 +118,7 @@ def test_syntax_errors(text: str, message: str) -> None:
     ('# comment\nname = "Web"\n', "ws/silo.toml:2:8: bad workspace name 'Web': use 1 to 63 lowercase letters"),
     ('name = "../etc"\n', "ws/silo.toml:1:8: bad workspace name '../etc'"),
     ('name = "web"\ndisposable = "yes"\n', "ws/silo.toml:2:14: disposable must be true or false, not the string"),
-    ('name = "web"\nisolation = "gvisor"\n', "ws/silo.toml:2:13: isolation 'gvisor' is not available yet: use one of"),
+    ('name = "web"\nisolation = "gvisr"\n', "ws/silo.toml:2:13: unknown isolation 'gvisr': use one of"),
     ('name = "web"\nrestart = "never"\n', "ws/silo.toml:2:11: unknown restart policy 'never'"),
     ('name = "web"\nworkdir = "/proc/1/cwd"\n', "ws/silo.toml:2:11: bad working directory"),
     ('name = "web"\nuser = "root"\n', "ws/silo.toml:2:8: bad user 'root'"),

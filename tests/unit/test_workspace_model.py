@@ -180,7 +180,6 @@ def test_sandbox_spec() -> None:
     ({"name": "web", "mount": {"source": "/a"}}, ("mount",), "mount must be an array of tables"),
     ({"name": "web", "env": {"A": 5}}, ("env", "A"), "A must be a string"),
     ({"name": "web", "env": {"1A": "x"}}, ("env", "1A"), "bad environment variable name '1A'"),
-    ({"name": "web", "isolation": "gvisor"}, ("isolation",), "isolation 'gvisor' is not available yet"),
     ({"name": "web", "isolation": "kvm"}, ("isolation",), "unknown isolation 'kvm': use one of"),
     ({"name": "web", "network": {"mode": "lan"}}, ("network", "mode"), "unknown network mode"),
     ({"name": "web", "restart": "sometimes"}, ("restart",), "use one of no, on-failure, always"),
@@ -204,17 +203,21 @@ def test_from_dict_names_the_bad_key(data: dict[str, object], path: tuple[object
     _one_line(err)
 
 
-@pytest.mark.parametrize(("extra", "what"), [
-    ({"limits": {"pids": 100}}, "a pids limit"),
+@pytest.mark.parametrize(("level", "extra", "what"), [
+    ("vm", {"limits": {"pids": 100}}, "a pids limit"),
+    ("gvisor", {"limits": {"pids": 100}}, "a pids limit"),
+    ("gvisor", {"network": {"mode": "internet"}}, "a network"),
 ])
-def test_vm_workspaces_refuse_what_the_vm_level_lacks(extra: dict[str, object], what: str) -> None:
+def test_workspaces_refuse_what_their_level_lacks(level: str, extra: dict[str, object], what: str) -> None:
     with pytest.raises(SpecError) as info:
-        WorkspaceSpec.from_dict({"name": "web", "isolation": "vm", **extra})
+        WorkspaceSpec.from_dict({"name": "web", "isolation": level, **extra})
     assert info.value.message.endswith(
-        f"a workspace at isolation 'vm' cannot have {what} yet: drop it, or use isolation 'process'")
+        f"a workspace at isolation {level!r} cannot have {what} yet: drop it, or use isolation 'process'")
     _one_line(info.value)
     assert WorkspaceSpec.from_dict({"name": "web", "isolation": "vm", "limits": {"memory": "1G", "cpus": 2},
                                     "network": {"mode": "internet"}, "mount": ["/a:/x"]})
+    assert WorkspaceSpec.from_dict({"name": "web", "isolation": "gvisor", "limits": {"memory": "1G", "cpus": 2},
+                                    "mount": ["/a:/x"], "network": {"mode": "none"}})
 
 
 def test_from_dict_refuses_non_tables() -> None:

@@ -110,6 +110,7 @@ class WorkspaceOut(BaseModel):
     private_bytes: int | None
     network: dict[str, Any] | None = None  # a running workspace's addresses, counters and refusals
     memory: dict[str, Any] | None = None  # a running vm workspace's guest and host memory
+    gvisor: dict[str, Any] | None = None  # a gvisor workspace's sandbox: its platform
 
 
 class TemplateOut(BaseModel):

@@ -187,7 +187,20 @@ class Manager:
                 "error": record.error, "pid": run.proc.pid if run else None, "template": record.template,
                 "snapshots": snaps, "private_bytes": private,
                 "network": self.network_stats(record.name) if usage else None,
-                "memory": self.memory_stats(run) if run is not None else None}
+                "memory": self.memory_stats(run) if run is not None else None,
+                "gvisor": self.gvisor_info(record, run)}
+
+    def gvisor_info(self, record: WorkspaceRecord, run: Running | None) -> dict[str, Any] | None:
+        """A gvisor workspace's platform: its running sandbox's, else the probe's (cached)."""
+        if record.spec.isolation is not Isolation.GVISOR:
+            return None
+        from silo.backends.gvisor import runsc
+
+        if run is not None:
+            return {"platform": runsc.platform_of(run.plan.process.argv)}
+        with contextlib.suppress(SiloError, OSError):
+            return {"platform": runsc.choose(self.host.cache_dir, hostmod.skeleton())}
+        return None
 
     @staticmethod
     def memory_stats(run: Running) -> dict[str, Any] | None:
@@ -278,9 +291,13 @@ class Manager:
 
     # -- start / stop ----------------------------------------------------------------
 
-    def _plan(self, record: WorkspaceRecord) -> p.Plan:
+    def _plan(self, record: WorkspaceRecord, level: Isolation | None = None) -> p.Plan:
+        """The plan of ``record``'s init; ``level`` builds its file system at another
+        level (a stopped gvisor workspace's is copied at the process level)."""
         stack = self.storage.stack(record.name)
         spec = record.spec.sandbox_spec(root=stack.base)
+        if level is not None:
+            spec = replace(spec, isolation=level)
         if record.spec.isolation is Isolation.VM:
             return self._plan_vm(record, spec, stack)
         if record.spec.disposable:
@@ -737,6 +754,16 @@ class Manager:
             except BaseException:
                 await self.runtime.stop(temp, 0)
                 raise
+        if record.spec.isolation is Isolation.GVISOR:
+            if run is not None:  # through the Sentry, which caches what the workspace's files are
+                from silo.backends.vm import files
+
+                return await files.start(mode, path, run.proc, run.plan, self.runtime,
+                                         joined=lambda argv: self.join_plan(run, argv, None, None, None)), None
+            # Stopped: the copier in a process-level sandbox on the same layers (the same
+            # root, with the same ids on the host: no Sentry, no cache to go stale).
+            plan = await asyncio.to_thread(self._plan, record, Isolation.PROCESS)
+            return await copier.start(mode, path, None, plan, self.runtime)
         plan = run.plan if run is not None else self._plan(record)
         return await copier.start(mode, path, run.proc if run is not None else None, plan, self.runtime)
 

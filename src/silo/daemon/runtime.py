@@ -22,7 +22,8 @@ import os
 import signal
 import socket
 import sys
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from silo import native
@@ -46,9 +47,16 @@ class Process:
     status: int | None = None
     exited: asyncio.Future[int] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     machine: Machine | None = None  # a vm workspace's init: its supervisor's control socket
+    # A command in a gvisor workspace: its relay runs 'runsc exec', which passes no
+    # signal on, so this sends them to the command inside ('runsc kill --pid').
+    inside: Callable[[int], None] | None = None
 
     def signal(self, sig: int) -> None:
         if self.status is None:
+            if self.inside is not None:
+                self.inside(sig)
+                if sig != signal.SIGKILL:  # SIGKILL ends the relay too, at once
+                    return
             with contextlib.suppress(ProcessLookupError, OSError):
                 signal.pidfd_send_signal(self.pidfd, sig)
 
@@ -62,6 +70,7 @@ class Process:
 
 
 VM_STOP_EXTRA = 30.0  # seconds past a vm workspace's grace for its guest to sync and power off
+GVISOR_START = 60.0  # seconds for a gvisor workspace's sandbox to come up (the ptrace platform is slow to start)
 
 
 class Command(Process):
@@ -270,7 +279,36 @@ class Runtime:
             raise
         finally:
             os.close(null)
-        return await self._running(started, cgroup)
+        proc = await self._running(started, cgroup)
+        if plan.gvisor is not None:
+            try:
+                await self._sandbox_up(proc, plan)
+            except BaseException:
+                await self.kill(proc)
+                if cgroup is not None:
+                    cgroup.destroy()
+                raise
+        return proc
+
+    @staticmethod
+    async def _sandbox_up(proc: Process, plan: p.Plan) -> None:
+        """Wait until runsc says the workspace's container runs (its state file, read in
+        the workspace's mount namespace), so a command may join it."""
+        from silo.backends.gvisor import runsc
+
+        state = f"/proc/{proc.pid}/root{runsc.global_flags(plan.process.argv)[2]}/{runsc.STATE_FILE}"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + GVISOR_START
+        while not proc.exited.done():
+            with contextlib.suppress(OSError):
+                with open(state, "rb") as f:
+                    if b'"status":"running"' in f.read():
+                        return
+            if loop.time() > deadline:
+                raise InternalError(f"gVisor's sandbox did not come up in {GVISOR_START:.0f} s; see 'silo logs'")
+            await asyncio.sleep(0.02)
+        raise InternalError(f"gVisor's sandbox ended as it started (runsc exited with {proc.exited.result()}); "
+                            "see 'silo logs'")
 
     async def start_vm(self, name: str, plan: p.Plan, log_fd: int, network: Any = None) -> Process:
         """Start a vm workspace's machine (its supervisor, in the workspace's cgroup with
@@ -327,7 +365,50 @@ class Runtime:
                                     self.bpf(plan.process), target.cgroup)
         except OSError as e:
             raise InternalError(f"cannot start the command: {e}") from None
-        return await self._running(started, None)
+        proc = await self._running(started, None)
+        if plan.gvisor is not None and plan.gvisor.pid_file:
+            self._relay_signals(proc, target, plan)
+        return proc
+
+    def _relay_signals(self, proc: Process, target: Process, plan: p.Plan) -> None:
+        """Signals for the command ``proc`` runs in a gvisor workspace (``runsc exec``
+        passes none on) go to the command inside with ``runsc kill --pid``, spawned
+        into the workspace like a command; the pid inside is in the file ``runsc exec``
+        writes, read through the workspace's mount namespace (and removed at its end)."""
+        from silo.backends.gvisor import runsc
+
+        assert plan.gvisor is not None
+        pid_file = f"/proc/{target.pid}/root{plan.gvisor.pid_file}"
+        loop = asyncio.get_running_loop()
+
+        def send(sig: int, tries: int = 100) -> None:
+            if proc.status is not None or target.status is not None:
+                return
+            try:
+                with open(pid_file) as f:
+                    inside = int(f.read().strip())
+            except (OSError, ValueError):
+                if tries > 0:  # not started inside yet: the signal waits for it
+                    loop.call_later(0.02, send, sig, tries - 1)
+                return
+            kill = replace(plan, gvisor=None, process=replace(plan.process, argv=runsc.kill_argv(
+                plan.process.argv, inside, sig)))
+            null = os.open(DEVNULL, os.O_RDWR | os.O_CLOEXEC)
+            try:
+                started = launcher.join(target.pidfd, kill, (null, null, null), self.init_fd, self.setup_fd,
+                                        None, target.cgroup)
+            except OSError:
+                return
+            finally:
+                os.close(null)
+            self._watch(started, None).exited.add_done_callback(lambda _: os.close(started.err_fd))
+
+        def forget(_: object) -> None:
+            with contextlib.suppress(OSError):
+                os.unlink(pid_file)
+
+        proc.inside = send
+        proc.exited.add_done_callback(forget)
 
     async def _running(self, started: launcher.Started, cgroup: Any) -> Process:
         """Watch ``started`` and return once its command runs; killed if it cannot."""

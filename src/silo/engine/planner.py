@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -93,8 +94,12 @@ def plan_workspace(spec: Spec, layers: Layers) -> p.Plan:
     Unlike a one-shot sandbox, a root-run workspace on the host's root also gets
     copy-on-write views of the host's package state (:data:`~silo.engine.host.PACKAGE_STATE`),
     so apt and dpkg work in it and what they install stays in its layers."""
+    if spec.isolation is Isolation.GVISOR:
+        from silo.backends.gvisor import runsc
+
+        return _plan_gvisor(spec, runsc.INIT_ARGV, None, False, layers, workspace=True)
     if spec.isolation is not Isolation.PROCESS:
-        raise SpecError(f"isolation {spec.isolation.value!r} cannot run a workspace: use 'process'")
+        raise SpecError(f"isolation {spec.isolation.value!r} cannot run a workspace: use 'process' or 'gvisor'")
     return _plan_process(spec, (), None, False, layers, package_state=True)
 
 
@@ -109,6 +114,9 @@ def plan_join(workspace: p.Plan, argv: Sequence[str], *, env: Sequence[tuple[str
     if any("\0" in a for a in argv):
         raise SpecError("the command contains a NUL byte")
     proc = workspace.process
+    if workspace.gvisor is not None:  # the workspace's commands' identity, not runsc's
+        g = workspace.gvisor
+        proc = replace(proc, uid=g.uid, gid=g.gid, cwd=g.cwd)
     merged = dict(proc.env)
     if term:
         merged["TERM"] = term
@@ -119,6 +127,9 @@ def plan_join(workspace: p.Plan, argv: Sequence[str], *, env: Sequence[tuple[str
     gid = (uid if uid != proc.uid else proc.gid) if gid is None else gid
     if not (0 <= uid < 65536 and 0 <= gid < 65536):
         raise SpecError(f"user {uid}:{gid} is out of range: use ids from 0 to 65535")
+    if workspace.gvisor is not None:
+        return _join_gvisor(workspace, replace(proc, argv=tuple(argv), env=tuple(merged.items()),
+                                                cwd=cwd or proc.cwd, uid=uid, gid=gid, tty=tty))
     process = replace(proc, argv=tuple(argv), env=tuple(merged.items()), cwd=cwd or proc.cwd,
                       uid=uid, gid=gid, tty=tty, init=True, new_session=True)
     # Header flags: the user namespace (become its root), pid (children join it).
@@ -168,74 +179,84 @@ def _check_gvisor(spec: Spec, tty: bool) -> None:
                             ("--network", spec.network.enabled)), "runsc's sandbox and gofer")
 
 
-def _plan_gvisor(spec: Spec, argv: Sequence[str], term: str | None, tty: bool) -> p.Plan:
-    """gVisor: ``runsc run`` of a bundle silo writes, in a mount and pid namespace of
-    its own (silo.backends.gvisor.runsc). The root is an overlay of the skeleton (or
-    ``--root DIR``) and the host's system directories are overlays of their own, all
-    with their upper layers in the sandbox's scratch tmpfs, served to the Sentry by
-    runsc's gofer; volumes are bind mounts of the bundle."""
+def _plan_gvisor(spec: Spec, argv: Sequence[str], term: str | None, tty: bool, layers: Layers = Layers(),
+                 workspace: bool = False) -> p.Plan:
+    """gVisor: ``runsc run`` of a bundle silo writes (silo.backends.gvisor.runsc), in
+    the namespaces of a process-level sandbox -- its user namespace and id range
+    included -- on the same root: the overlays and volume binds of :func:`_root_tree`,
+    which runsc's gofer serves to the Sentry instead of a ``pivot_root``. runsc runs as
+    that user namespace's root, so what the gofer writes has the sandbox's ids on the
+    host, as at the process level; runsc's state, the bundle and its control socket
+    (abstract, in the sandbox's own network namespace) are the sandbox's alone. A
+    ``workspace``'s container runs silo-init as its PID 1, and its commands join it
+    (:func:`plan_join`)."""
+    from silo import native
     from silo.backends.gvisor import runsc
 
     _check_gvisor(spec, tty)
     h = hostmod.host()
     s = h.scratch
     uid, gid = spec.user.uid, spec.user.gid
-    inodes = max(spec.tmpfs_size // 4096, 16384)
-    ops: list[p.Op] = [p.MakePrivate(), p.Tmpfs(s, f"size={spec.tmpfs_size},nr_inodes={inodes},mode=0700")]
-    ops += [p.Mkdir(d) for d in (f"{s}/u", f"{s}/w", f"{s}/root", f"{s}/u/root", f"{s}/w/root", f"{s}/sys")]
-    mounts: list[dict[str, object]] = []
-    if spec.root == "host":
-        lower = hostmod.skeleton()
-        etc = True
-        ops += [p.Mkdir(f"{s}/u/root/etc"), p.WriteFile(f"{s}/u/root/etc/passwd", _passwd(uid, gid)),
-                p.WriteFile(f"{s}/u/root/etc/group", _group(uid, gid))]
-        if uid != 0:
-            ops += [p.Mkdir(f"{s}/u/root/home"), p.Mkdir(f"{s}/u/root/home/user", 0o755, uid, gid)]
-        for name in (name for name, real in hostmod.system_dirs() if real):
-            ops += [p.Mkdir(f"{s}/u/{name}"), p.Mkdir(f"{s}/w/{name}"), p.Mkdir(f"{s}/sys/{name}"),
-                    p.Overlay(f"{s}/sys/{name}", (f"/{name}",), f"{s}/u/{name}", f"{s}/w/{name}", userxattr=False)]
-            mounts.append({"destination": f"/{name}", "type": "bind", "source": f"{s}/sys/{name}",
-                           "options": ["rbind", "rw"]})
-    else:
-        lower = _root_dir(spec)
-        etc = os.path.isdir(os.path.join(lower, "etc")) and not os.path.islink(os.path.join(lower, "etc"))
-        if etc:
-            ops.append(p.Mkdir(f"{s}/u/root/etc"))
-    if etc:
-        ops += [p.WriteFile(f"{s}/u/root/etc/hosts", _hosts(spec.hostname)),
-                p.WriteFile(f"{s}/u/root/etc/hostname", (spec.hostname + "\n").encode())]
-    if spec.workdir and not os.path.lexists(lower + spec.workdir):
+    tree = _root_tree(spec, layers, package_state=workspace,
+                      top=runsc.layer(h.cache_dir, native.built("silo-init")) if workspace else None)
+    ops = tree.ops
+    if spec.workdir and not any(os.path.lexists(d + spec.workdir) for d in (f"{tree.upper}/root", *tree.lowers)):
         # a missing workdir is made the user's, as at the process level (runsc would make it root's)
         name = spec.workdir.strip("/")
-        for path in _unplanned(ops, f"{s}/u/root", name):
-            ops.append(p.Mkdir(path, 0o755, *((uid, gid) if path == f"{s}/u/root/{name}" else (-1, -1))))
-    ops.append(p.Overlay(f"{s}/root", (lower,), f"{s}/u/root", f"{s}/w/root", userxattr=False))
+        for path in _unplanned(ops, f"{tree.upper}/root", name):
+            if not os.path.lexists(path):
+                ops.append(p.Mkdir(path, 0o755, *((uid, gid) if path == f"{tree.upper}/root/{name}" else (-1, -1))))
     for m in spec.mounts:
-        _check_source(m.source)
-        if not m.readonly:
-            # runsc 20221219's gofer writes a volume as host root, with the sandbox's own ids
-            # (no id mapping): a set-uid file made in the sandbox would be one on the host.
-            raise SpecError(f"read-write volume {m.source}:{m.target} with --isolation gvisor is not available "
-                            f"yet (files would be the sandbox's ids on the host): add :ro, or use --isolation "
-                            "process")
-        mounts.append({"destination": m.target, "type": "bind", "source": m.source, "options": ["rbind", "ro"]})
+        is_dir = _check_source(m.source)
+        ops.append(p.Bind(m.source, m.target, tree.root, readonly=m.readonly, create="dir" if is_dir else "file"))
+    # /tmp is the root's own directory, as at the process level (runsc would hide an
+    # empty one under a tmpfs of the Sentry's, which 'silo cp' could not reach).
+    mounts: list[dict[str, object]] = [
+        {"destination": "/tmp", "type": "bind", "source": f"{tree.root}/tmp", "options": ["rbind", "rw"]}]
+    env = _environment(spec, uid, term)
     process: dict[str, object] = {
         "user": {"uid": uid, "gid": gid}, "args": list(argv), "cwd": spec.workdir or "/",
-        "env": [f"{k}={v}" for k, v in _environment(spec, uid, term)], "noNewPrivileges": True,
+        "env": [f"{k}={v}" for k, v in env], "noNewPrivileges": True,
     }
+    if workspace:
+        # the commands' environment comes with each 'runsc exec' (plan_join), whole
+        process.update(user={"uid": 0, "gid": 0}, cwd="/", env=[])
     if spec.caps:
         process["capabilities"] = {k: [f"CAP_{c}" for c in spec.caps]
                                    for k in ("bounding", "effective", "permitted")}
-    config = runsc.bundle(process, f"{s}/root", mounts, spec.hostname, rlimits=spec.rlimits)
-    exe = runsc.runsc()
+    config = runsc.bundle(process, tree.root, mounts, spec.hostname, rlimits=spec.rlimits)
     ops += [p.Mkdir(f"{s}/bundle"), p.WriteFile(f"{s}/bundle/config.json", json.dumps(config).encode()),
             p.Mkdir(f"{s}/state"), p.Proc("/proc")]
+    if workspace:
+        ops.append(p.Mkdir(f"{s}/exec"))
     platform = runsc.choose(h.cache_dir, hostmod.skeleton())
-    launcher = p.Process(argv=runsc.argv(exe, f"{s}/state", f"{s}/bundle", platform),
-                         env=(("PATH", DEFAULT_PATH),), cwd="/", uid=0, gid=0, no_new_privs=False,
-                         seccomp="unconfined", init=True, harden=False)
-    return p.Plan(isolation="gvisor", namespaces=("mnt", "pid"), uid_map=(), gid_map=(), ops=tuple(ops),
-                  process=launcher, memory=spec.limits.memory, cpus=spec.limits.cpus, timeout=spec.timeout)
+    launcher = p.Process(argv=runsc.argv(runsc.runsc(), f"{s}/state", f"{s}/bundle", platform),
+                         env=(("PATH", DEFAULT_PATH),) if not workspace else env,
+                         cwd="/", uid=0, gid=0, no_new_privs=False,
+                         seccomp="unconfined", init=True, harden=False, setgroups=h.is_root)
+    uid_map, gid_map = _id_maps(spec, h)
+    return p.Plan(isolation="gvisor", namespaces=p.NAMESPACES, uid_map=uid_map, gid_map=gid_map, ops=tuple(ops),
+                  process=launcher, memory=spec.limits.memory, cpus=spec.limits.cpus, timeout=spec.timeout,
+                  gvisor=p.Gvisor(uid, gid, spec.workdir or "/") if workspace else None)
+
+
+def _join_gvisor(workspace: p.Plan, process: p.Process) -> p.Plan:
+    """A command in a gvisor workspace: ``runsc exec`` of ``process`` (its argv, env,
+    cwd and ids), run as the root of the workspace's user namespace, in its mount,
+    pid and network namespaces (where runsc's state and control socket are)."""
+    from silo.backends.gvisor import runsc
+
+    if process.tty:
+        raise SpecError("-t in a workspace at isolation 'gvisor' is not available yet: drop -t, or use a "
+                        "workspace at isolation 'process'")
+    pid_file = f"{hostmod.host().scratch}/exec/{secrets.token_hex(8)}"
+    argv = runsc.exec_argv(workspace.process.argv, process.argv, process.env, process.cwd, process.uid,
+                           process.gid, pid_file)
+    relay = replace(workspace.process, argv=argv, env=(("PATH", DEFAULT_PATH),), cwd="/", uid=0, gid=0,
+                    init=True, new_session=True)
+    assert workspace.gvisor is not None
+    return replace(workspace, namespaces=("user", "pid"), ops=(), process=relay,
+                   gvisor=replace(workspace.gvisor, pid_file=pid_file))
 
 
 VM_MEMORY = 512 << 20  # guest RAM when no --memory is given
@@ -345,8 +366,23 @@ def _real_dir(top: str, name: str) -> bool:
     return True
 
 
-def _plan_process(spec: Spec, argv: Sequence[str], term: str | None, tty: bool, layers: Layers,
-                  package_state: bool = False) -> p.Plan:
+@dataclass(frozen=True)
+class _Tree:
+    """A sandbox's root file system as plan operations: ``root``, the overlay of its
+    base, and one overlay per ``shared`` host directory mounted at ``root/NAME``."""
+
+    ops: list[p.Op]
+    root: str
+    shared: tuple[str, ...]
+    upper: str  # the writable layer's directory (its root's files in ``upper/root``)
+    lowers: tuple[str, ...]  # the root's read-only layers, top first, the base last
+
+
+def _root_tree(spec: Spec, layers: Layers, package_state: bool, top: str | None = None) -> _Tree:
+    """The overlays of a process- or gvisor-level sandbox's root, on ``layers``; a
+    workspace's (``package_state``) also shows the host's package state. ``top``: a
+    read-only layer of silo's above all of the root's others (gvisor's mount points and
+    init: silo.backends.gvisor.runsc.layer)."""
     h = hostmod.host()
     uid, gid = spec.user.uid, spec.user.gid
     scratch = h.scratch
@@ -426,18 +462,23 @@ def _plan_process(spec: Spec, argv: Sequence[str], term: str | None, tty: bool, 
     if idmap_root:
         ops.append(p.Mkdir(f"{attach}/root"))
 
-    def overlay(target: str, name: str, base: str, idmapped: bool) -> None:
+    def overlay(target: str, name: str, base: str, idmapped: bool, above: tuple[str, ...] = ()) -> None:
         own = lowers_of(name)
-        ops.append(p.Overlay(target, (*own, base), f"{upper}/{name}", f"{work}/{name}",
-                             idmapped=(*("",) * len(own), f"{attach}/{name}") if idmapped else ()))
+        marks = (*(f"{attach}/top" if h.is_root else "",) * len(above), *("",) * len(own),
+                 f"{attach}/{name}" if idmapped else "")
+        ops.append(p.Overlay(target, (*above, *own, base), f"{upper}/{name}", f"{work}/{name}",
+                             idmapped=marks if any(marks) else ()))
 
-    overlay(root, "root", lower, idmap_root)
+    if top is not None and h.is_root:
+        ops.append(p.Mkdir(f"{attach}/top"))
+    overlay(root, "root", lower, idmap_root, () if top is None else (top,))
+    shared: list[str] = []
     if spec.root == "host":
         # The host's system dirs, and a workspace's package state: a mount point in the
         # skeleton, the host's directory below the workspace's layers. A rootless
         # workspace gets no package state: a sandbox with one user cannot change what
         # the host's root owns, so it installs no packages.
-        shared = [name for name, real in hostmod.system_dirs() if real]
+        shared += [name for name, real in hostmod.system_dirs() if real]
         if packages:
             shared += hostmod.package_state_dirs()
         for name in shared:
@@ -446,6 +487,15 @@ def _plan_process(spec: Spec, argv: Sequence[str], term: str | None, tty: bool, 
             if h.is_root:
                 mkdirs(attach, name, kept=False)
             overlay(f"{root}/{name}", name, f"/{name}", h.is_root)
+    return _Tree(ops, root, tuple(shared), upper, (*lowers_of("root"), lower))
+
+
+def _plan_process(spec: Spec, argv: Sequence[str], term: str | None, tty: bool, layers: Layers,
+                  package_state: bool = False) -> p.Plan:
+    h = hostmod.host()
+    uid, gid = spec.user.uid, spec.user.gid
+    tree = _root_tree(spec, layers, package_state)
+    ops, root = tree.ops, tree.root
     ops.append(p.Proc(f"{root}/proc"))
     # A fresh procfs shows what the host's shows: mask only what exists here.
     ops += [p.Mask(f"{root}/proc/{name}") for name in PROC_MASKED if os.path.lexists(f"/proc/{name}")]

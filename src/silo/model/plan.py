@@ -263,6 +263,18 @@ class Vm:
     own_root: bool = False
 
 
+@dataclass(frozen=True)
+class Gvisor:
+    """A gvisor workspace's (or a command's in it) part of the plan: the commands'
+    default identity and directory (the container's PID 1 is silo-init, as root),
+    and, for a command, the file ``runsc exec`` writes its pid inside to."""
+
+    uid: int
+    gid: int
+    cwd: str
+    pid_file: str = ""
+
+
 def _vm_from_wire(untrusted: Any) -> Vm:
     (kernel, initramfs, accel, memory, cpus, skeleton, binds, rwsize, jail_id, hostname, disks, disk_writable,
      machine_id, disk_key, mem_lock, image, volumes, volume_ids, own_root) = untrusted
@@ -291,6 +303,7 @@ class Plan:
     timeout: float | None = None
     network: str | None = None  # the network policy as JSON (silo.model.network); None: loopback only
     vm: Vm | None = None  # the machine, at the vm level
+    gvisor: Gvisor | None = None  # a gvisor workspace's commands (silo.backends.gvisor.runsc)
 
     def describe(self) -> list[str]:
         """Human-readable lines, one per operation (``silo plan``)."""
@@ -340,13 +353,14 @@ class Plan:
             self.timeout,
             self.network,
             None if self.vm is None else astuple(self.vm),
+            None if self.gvisor is None else astuple(self.gvisor),
         )
 
     @classmethod
     def from_wire(cls, untrusted: Any) -> Plan:
         """Rebuild a plan from :meth:`to_wire` data; shape errors raise ProtocolError."""
         try:
-            iso, nss, um, gm, ops, proc, memory, cpus, pids, timeout, network, vm = untrusted
+            iso, nss, um, gm, ops, proc, memory, cpus, pids, timeout, network, vm, gvisor = untrusted
             if network is not None and not isinstance(network, str):
                 raise TypeError("the network policy is not a string")
             built_ops = []
@@ -358,6 +372,7 @@ class Plan:
                 str(iso), tuple(nss), tuple(IdMap(*m) for m in um), tuple(IdMap(*m) for m in gm),
                 tuple(built_ops), p, memory, cpus, pids, timeout, network,
                 None if vm is None else _vm_from_wire(vm),
+                None if gvisor is None else Gvisor(int(gvisor[0]), int(gvisor[1]), str(gvisor[2]), str(gvisor[3])),
             )
         except (TypeError, ValueError, KeyError, IndexError) as e:
             raise ProtocolError(f"malformed plan: {e}") from None

@@ -14,8 +14,8 @@ through it, so a value is accepted or refused the same way whatever it came from
 Its errors are :class:`FieldError`, which carry the path of the offending key so the
 spec file loader can turn them into ``FILE:LINE:COL`` positions.
 
-Isolation levels are the ones :class:`silo.model.spec.Isolation` knows (``process``,
-``app``); ``gvisor`` and ``vm`` are refused by that enum's parser until they exist.
+Isolation levels are the ones :class:`silo.model.spec.Isolation` knows; what a level
+cannot do yet is refused by the spec's own checks (``_check_vm``, ``_check_gvisor``).
 """
 
 from __future__ import annotations
@@ -97,27 +97,16 @@ def parse_name(untrusted: str, what: str = "workspace name") -> str:
     return untrusted
 
 
-_PLANNED_ISOLATION = ("gvisor",)  # one-shot runs only so far: no workspaces at these levels
-
-
 _E = TypeVar("_E", bound=enum.Enum)
 
 
 def _choice(cls: type[_E], untrusted: str, what: str) -> _E:
     """``untrusted`` as a member of ``cls``, or a SpecError listing the values."""
-    if cls is Isolation and untrusted in _PLANNED_ISOLATION:
-        raise SpecError(_planned(untrusted))
     try:
         return cls(untrusted)
     except ValueError:
         values = ", ".join(m.value for m in cls)
         raise SpecError(f"unknown {what} {untrusted!r}: use one of {values}") from None
-
-
-def _planned(isolation: str) -> str:
-    values = ", ".join(m.value for m in Isolation if m.value not in _PLANNED_ISOLATION)
-    return (f"isolation {isolation!r} is not available yet: use one of {values} (a workspace; one-shot "
-            f"runs have it: silo run --isolation {isolation})")
 
 
 def parse_isolation(untrusted: str) -> Isolation:
@@ -214,10 +203,10 @@ class WorkspaceSpec:
     def __post_init__(self) -> None:
         parse_name(self.name)
         check_kernel(self.kernel, self.isolation)
-        if self.isolation.value in _PLANNED_ISOLATION:
-            raise SpecError(_planned(self.isolation.value))
         if self.isolation is Isolation.VM:
             self._check_vm()
+        if self.isolation is Isolation.GVISOR:
+            self._check_gvisor()
         for flag, what in (("encrypted", "an encrypted workspace needs isolation 'vm' (its files on a disk "
                                          "of its own)"),
                            ("diskless", "a diskless workspace needs isolation 'vm' (its files in its VM's RAM)")):
@@ -264,6 +253,13 @@ class WorkspaceSpec:
         missing = [what for what, asked in (("a pids limit", self.limits.pids is not None),) if asked]
         if missing:
             raise SpecError(f"a workspace at isolation 'vm' cannot have {', '.join(missing)} yet: "
+                            "drop it, or use isolation 'process'")
+
+    def _check_gvisor(self) -> None:
+        missing = [what for what, asked in (("a pids limit", self.limits.pids is not None),
+                                            ("a network", self.network.enabled)) if asked]
+        if missing:
+            raise SpecError(f"a workspace at isolation 'gvisor' cannot have {', '.join(missing)} yet: "
                             "drop it, or use isolation 'process'")
 
     @property

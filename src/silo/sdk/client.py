@@ -112,13 +112,16 @@ class WorkspaceInfo:
     # driver reports: total, available, free, caches, and balloon, in bytes) and host_bytes
     # (what its VM uses on the host). None at other levels or when not running.
     memory: dict[str, Any] | None = None
+    # A gvisor workspace's sandbox: platform (runsc's: systrap, kvm or ptrace). None at other levels.
+    gvisor: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, object]:
         """The API's ``Workspace`` object (what ``silo inspect`` prints)."""
         return {"name": self.name, "state": self.state.value, "spec": self.spec.to_dict(), "owner": self.owner,
                 "created": self.created, "updated": self.updated, "error": self.error, "pid": self.pid,
                 "template": self.template, "snapshots": [_snapshot_dict(s) for s in self.snapshots],
-                "private_bytes": self.private_bytes, "network": self.network, "memory": self.memory}
+                "private_bytes": self.private_bytes, "network": self.network, "memory": self.memory,
+                "gvisor": self.gvisor}
 
 
 @dataclass(frozen=True)
@@ -225,7 +228,7 @@ def _parse_info(untrusted: object) -> WorkspaceInfo:
         template=_opt(table, "template", str),
         snapshots=tuple(_parse_snapshot(s) for s in _items(table.get("snapshots", []), "snapshots")),
         private_bytes=_opt(table, "private_bytes", int), network=_opt(table, "network", dict),
-        memory=_opt(table, "memory", dict))
+        memory=_opt(table, "memory", dict), gvisor=_opt(table, "gvisor", dict))
 
 
 def _parse_template(untrusted: object) -> Template:

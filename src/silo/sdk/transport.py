@@ -443,7 +443,7 @@ class FakeWorkspace:
                 "created": self.created, "updated": self.updated, "error": None, "pid": self.pid,
                 "template": self.template, "snapshots": [{"tag": t, "created": c} for t, (c, _) in
                                                          self.snapshots.items()], "private_bytes": private,
-                "network": None, "memory": None}
+                "network": None, "memory": None, "gvisor": None}
 
     def move(self, verb: str, to: State | None = None) -> None:
         require(verb, self.spec.name, self.state, disposable=self.spec.disposable)

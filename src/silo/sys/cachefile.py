@@ -12,14 +12,14 @@ import time
 from collections.abc import Callable, Sequence
 
 
-def publish(path: str, data: bytes) -> None:
-    """``data`` at ``path``, atomically, mode 0644 (the cache serves every user); the
-    directory must exist."""
+def publish(path: str, data: bytes, mode: int = 0o644) -> None:
+    """``data`` at ``path``, atomically, ``mode`` 0644 by default (the cache serves every
+    user); the directory must exist."""
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}-", dir=os.path.dirname(path))
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

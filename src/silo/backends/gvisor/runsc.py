@@ -1,13 +1,18 @@
-"""gVisor's ``runsc``: the platform it runs on and the OCI bundle of a plan.
+"""gVisor's ``runsc``: the platform it runs on, the OCI bundle of a plan, and the
+command lines that run, exec into and signal a sandbox.
 
 A gvisor-level sandbox is ``runsc run`` of a bundle silo writes itself, run by the
-spawner like any plan (see the planner's ``_plan_gvisor``): in a mount and pid
-namespace of its own, where a size-limited tmpfs holds the bundle, runsc's state
-(``--root``) and the writable upper layers of the root and the host's system
-directories. runsc's gofer serves those overlays, so the workload may write
-anywhere a process-level sandbox may, and every write lands in that tmpfs: nothing
-of the host's (nor silo's shared skeleton) is writable through runsc, and nothing
-outlives the namespace -- no state files, no mounts, no global runsc configuration.
+spawner like any plan (see the planner's ``_plan_gvisor``): as the root of the
+sandbox's user namespace (silo's id range), in mount, pid and network namespaces of
+its own, where a size-limited tmpfs holds the bundle and runsc's state (``--root``).
+runsc's gofer serves the same overlays a process-level sandbox pivots into, so the
+workload writes where a process-level one would, with the same ids on the host, and
+nothing outlives the namespaces: no state files, no mounts, no global runsc
+configuration, no control socket in the host's network namespace.
+
+A workspace's sandbox runs silo-init (``--idle``, from silo's read-only top layer:
+:func:`layer`) as the container's PID 1; each command joins it with ``runsc
+exec`` (:func:`exec_argv`), and is signalled with ``runsc kill --pid`` (:func:`kill_argv`).
 
 The platform is chosen by a probe, cached per runsc binary and host kernel:
 ``systrap`` or ``kvm`` where the installed runsc has them and a sandbox actually runs
@@ -36,6 +41,9 @@ RUNSC = "/usr/bin/runsc"
 PLATFORMS = ("systrap", "kvm", "ptrace")  # preferred first; ptrace always works
 PROBE_TIMEOUT = 5.0  # a sandbox of /bin/true starts in ~0.2 s where the platform works
 CONTAINER = "silo"  # the container's id: runsc's state is private to each sandbox
+INIT_PATH = "/.silo/init"  # a workspace's PID 1 inside, in silo's layer (see layer())
+INIT_ARGV = (INIT_PATH, "--idle", "-1")
+STATE_FILE = f"{CONTAINER}_sandbox:{CONTAINER}.state"  # runsc's record of the container, in --root
 
 
 def runsc() -> str:
@@ -98,8 +106,8 @@ def choose(cache_dir: str, skeleton: str) -> str:
 def bundle(process: dict[str, Any], root: str, mounts: Sequence[dict[str, Any]], hostname: str, *,
            readonly: bool = False, rlimits: Sequence[tuple[str, int, int]] = ()) -> dict[str, Any]:
     """The ``config.json`` of a bundle whose root is ``root``: its own pid, network,
-    ipc, uts and mount namespaces (gVisor's, in the Sentry), a fresh ``/proc`` and
-    ``/tmp``, no capabilities unless ``process`` names some."""
+    ipc, uts and mount namespaces (gVisor's, in the Sentry), a fresh ``/proc``, no
+    capabilities unless ``process`` names some."""
     process = dict(process)
     process.setdefault("capabilities", {k: [] for k in ("bounding", "effective", "permitted", "inheritable",
                                                        "ambient")})
@@ -111,9 +119,7 @@ def bundle(process: dict[str, Any], root: str, mounts: Sequence[dict[str, Any]],
         "process": process,
         "root": {"path": root, "readonly": readonly},
         "hostname": hostname,
-        "mounts": [{"destination": "/proc", "type": "proc", "source": "proc"},
-                   {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["mode=1777"]},
-                   *mounts],
+        "mounts": [{"destination": "/proc", "type": "proc", "source": "proc"}, *mounts],
         "linux": {"namespaces": [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount")]},
     }
 
@@ -123,3 +129,57 @@ def argv(exe: str, state: str, bundle_dir: str, platform: str) -> tuple[str, ...
     cgroups left to silo (the sandbox's own), no host unix sockets."""
     return (exe, "--root", state, "--network=none", "--ignore-cgroups", f"--platform={platform}",
             "run", "--bundle", bundle_dir, CONTAINER)
+
+
+def platform_of(run_argv: Sequence[str]) -> str:
+    """The platform a ``runsc run`` command line of :func:`argv` names."""
+    return next((a.split("=", 1)[1] for a in run_argv if a.startswith("--platform=")), "")
+
+
+def global_flags(run_argv: Sequence[str]) -> tuple[str, ...]:
+    """runsc and its ``--root`` from the ``runsc run`` command line of :func:`argv`."""
+    return tuple(run_argv[:3])
+
+
+def exec_argv(run_argv: Sequence[str], argv: Sequence[str], env: Sequence[tuple[str, str]], cwd: str,
+              uid: int, gid: int, pid_file: str) -> tuple[str, ...]:
+    """``runsc exec`` of ``argv`` in the sandbox that ``run_argv`` started, as
+    ``uid:gid`` in ``cwd`` with exactly ``env`` (the container's own is empty), under
+    silo-init ``--run`` inside: it finds the command as at the process level (127 and
+    126 with silo's messages), puts it in a process group of its own and passes every
+    signal it gets to that group (``runsc kill`` reaches one process only), and the
+    command dies with it. Its pid inside goes to ``pid_file``, for :func:`kill_argv`."""
+    flags = [f"--env={k}={v}" for k, v in env]
+    return (*global_flags(run_argv), "exec", f"--user={uid}:{gid}", f"--cwd={cwd}",
+            f"--internal-pid-file={pid_file}", *flags, CONTAINER, INIT_PATH, "--run", "-1", "--", *argv)
+
+
+def kill_argv(run_argv: Sequence[str], pid: int, sig: int) -> tuple[str, ...]:
+    """``runsc kill`` of the sandbox's process ``pid`` with signal ``sig``."""
+    return (*global_flags(run_argv), "kill", f"--pid={pid}", CONTAINER, str(sig))
+
+
+def layer(cache_dir: str, init: str) -> str:
+    """silo's read-only layer at the top of a gvisor workspace's root: silo-init (a
+    copy of ``init``) at :data:`INIT_PATH`, and the mount points runsc would otherwise
+    make in the workspace's own layer (``/sys``). In silo's cache, owned by root, named
+    by its content (made once, atomically): the gofer, which runs as the sandbox's
+    root, reads it through an idmapped clone."""
+    with open(init, "rb") as f:
+        data = f.read()
+    path = os.path.join(cache_dir, "gvisor", f"layer-{hashlib.sha256(data).hexdigest()[:16]}")
+    if os.path.isdir(path):
+        return path
+    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".layer-", dir=os.path.dirname(path))
+    try:
+        os.chmod(tmp, 0o755)  # noqa: S103 - read by sandboxes
+        os.mkdir(os.path.join(tmp, "sys"), 0o555)
+        os.mkdir(os.path.join(tmp, ".silo"), 0o755)
+        cachefile.publish(os.path.join(tmp, INIT_PATH.lstrip("/")), data, mode=0o755)
+        os.rename(tmp, path)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not os.path.isdir(path):  # not another process's, made first
+            raise
+    return path

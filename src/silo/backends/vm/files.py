@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import os
 import signal
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -94,17 +95,22 @@ async def _writer(fd: int) -> asyncio.StreamWriter:
     return asyncio.StreamWriter(transport, protocol, None, loop)
 
 
-async def start(mode: str, path: str, target: Any, plan: p.Plan, runtime: Any) -> GuestCopy:
-    """Run the copy of ``path`` (``get`` or ``put``) in the running vm workspace whose init is ``target``."""
+async def start(mode: str, path: str, target: Any, plan: p.Plan, runtime: Any,
+                joined: Callable[[tuple[str, ...]], p.Plan] | None = None) -> GuestCopy:
+    """Run the copy of ``path`` (``get`` or ``put``) in the running workspace whose init
+    is ``target``: a vm workspace's guest, or (``joined``: the plan of a command in it)
+    a gvisor workspace's Sentry, whose cache of the workspace's files a copy from the
+    host would miss."""
     image = plan.vm is not None and plan.vm.image
     argv = (TOOLS, "sh", "-c", SCRIPT, "silo-cp", mode, path, TOOLS) if image else (
         "/bin/sh", "-c", SCRIPT, "silo-cp", mode, path)
-    process = replace(plan.process, argv=argv, tty=False)
+    command_plan = joined(argv) if joined is not None else replace(plan, process=replace(plan.process, argv=argv,
+                                                                                           tty=False))
     ends = [os.pipe2(os.O_CLOEXEC) for _ in range(3)]
     theirs = (ends[0][0], ends[1][1], ends[2][1])
     ours = (ends[0][1], ends[1][0], ends[2][0])
     try:
-        command = await runtime.join(target, replace(plan, process=process), theirs)
+        command = await runtime.join(target, command_plan, theirs)
     except BaseException:
         for fd in ours:
             os.close(fd)

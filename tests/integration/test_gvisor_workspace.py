@@ -1,0 +1,229 @@
+"""Workspaces at isolation gvisor (issue 6, requirement 2), under a private silod.
+
+A gvisor workspace's init is ``runsc run`` of a container whose PID 1 is silo-init
+(from silo's read-only top layer, ``/.silo/init``); its root is the process level's
+overlays on the same layer store, served by runsc's gofer, so snapshots, forks,
+templates and diff are the store's. Commands join with ``runsc exec``; signals reach
+them through ``runsc kill``; cp goes through the Sentry while the workspace runs.
+Each test makes its own workspaces and removes them.
+"""
+
+# ruff: noqa: F811 - the imported fixtures are the tests' parameters by name
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import daemons
+import pytest
+from daemons import REPO, Daemon, cli, client, names, ok  # noqa: F401 - fixtures
+
+import silo
+
+pytestmark = pytest.mark.root
+
+if os.geteuid() != 0:
+    pytest.skip("gvisor workspaces need root", allow_module_level=True)
+
+SILO = str(REPO / ".venv" / "bin" / "silo")
+BAD_INPUT, NOT_FOUND = 2, 3
+
+
+def runsc_processes() -> list[str]:
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True, check=True).stdout
+    return [line for line in out.splitlines() if re.search(r"runsc(-sandbox|-gofer)?\s", line)]
+
+
+def nothing_left() -> None:
+    deadline = time.monotonic() + 10
+    while runsc_processes() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert runsc_processes() == []
+    assert "/scratch" not in Path("/proc/mounts").read_text()
+
+
+def new(names: list[str], prefix: str = "gv") -> str:
+    return daemons.new(names, prefix)
+
+
+def started(names: list[str], *options: str) -> str:
+    return daemons.started(names, "gvisor", ok, *options)
+
+
+def test_a_workspace_runs_under_gvisors_kernel_keeps_its_files_and_shows_its_platform(
+        client: silo.Client, names: list[str], daemon: Daemon) -> None:
+    name = started(names)
+    assert ok("exec", name, "--", "uname", "-r").strip() != os.uname().release
+    assert ok("exec", name, "--", "hostname").strip() == name
+    # the container's PID 1 is silo-init, from silo's read-only layer
+    ps = ok("exec", name, "--", "busybox", "ps")
+    assert re.search(r"^\s*1 root .*/\.silo/init --idle", ps, re.M), ps
+    ok("exec", name, "--", "sh", "-c", "echo kept > /root/kept; echo tmp > /tmp/t; apt-get --version >/dev/null")
+    info = client.get(name).info()
+    assert info.gvisor is not None and info.gvisor["platform"] in ("systrap", "kvm", "ptrace")
+    # the workspace's files are in its own layer, with the process level's ids (silo's
+    # range, not host root): runsc ran as the root of the sandbox's user namespace
+    upper = Path(daemon.state, "workspaces", name, "upper", "root")
+    st = os.stat(upper / "root" / "kept")
+    assert st.st_uid >= 100000 and st.st_uid != 0, st
+    # only what the workspace made is in its layer: no mount point runsc made, no init
+    changed = [line.split()[1] for line in ok("diff", name).splitlines()[1:]]
+    assert "/root/kept" in changed and "/tmp/t" in changed, changed
+    assert not [path for path in changed if path.startswith(("/.silo", "/sys", "/dev", "/proc"))], changed
+    ok("stop", name)
+    nothing_left()
+    ok("start", name)
+    assert ok("exec", name, "--", "cat", "/root/kept", "/tmp/t") == "kept\ntmp\n"
+
+
+def test_exec_takes_the_users_identity_directory_environment_and_exit_codes(names: list[str]) -> None:
+    name = started(names, "--env", "FROM_SPEC=spec", "-w", "/srv")
+    r = cli("exec", "-u", "1000", "-e", "EXTRA=x", name, "--", "sh", "-c",
+            'id -u; id -g; pwd; echo "$FROM_SPEC $EXTRA"; grep CapEff /proc/self/status; exit 7')
+    assert r.returncode == 7, r
+    assert r.stdout.splitlines() == ["1000", "1000", "/srv", "spec x", "CapEff:\t0000000000000000"]
+    r = cli("exec", "-w", "/usr", name, "--", "pwd")
+    assert r.stdout == "/usr\n", r
+    # silo-init finds the command inside, as at the process level
+    r = cli("exec", name, "--", "no-such-command")
+    assert (r.returncode, r.stderr) == (127, "silo: no-such-command: command not found inside the sandbox; "
+                                             "check the name and PATH\n"), r
+    r = cli("exec", name, "--", "/etc/hostname")
+    assert r.returncode == 126 and "not executable inside the sandbox" in r.stderr, r
+    r = cli("exec", "-t", name, "--", "true")
+    assert r.returncode == 125 and "-t in a workspace at isolation 'gvisor' is not available yet" in r.stderr, r
+
+
+def test_signals_and_timeouts_reach_the_command_inside(client: silo.Client, names: list[str]) -> None:
+    name = started(names)
+    proc = subprocess.Popen([SILO, "exec", name, "--", "sh", "-c",
+                             'trap "echo got-term; exit 9" TERM; echo ready; while :; do sleep 0.1; done'],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == "ready\n"
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=20)
+    assert (proc.returncode, out) == (9, "got-term\n"), err
+    started_at = time.monotonic()
+    result = client.get(name).exec(["sh", "-c", "echo begun; exec sleep 60"], timeout=1)
+    assert (result.exit_code, result.stdout) == (137, b"begun\n")
+    assert time.monotonic() - started_at < 15
+    # the timed-out command is gone from the sandbox, not just its relay on the host
+    deadline = time.monotonic() + 10
+    while "sleep 60" in ok("exec", name, "--", "busybox", "ps") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "sleep 60" not in ok("exec", name, "--", "busybox", "ps")
+
+
+def test_cp_in_and_out_running_or_stopped(tmp_path: Path, names: list[str]) -> None:
+    name = started(names)
+    (tmp_path / "in.txt").write_text("from the host\n")
+    (tmp_path / "dir" / "sub").mkdir(parents=True)
+    (tmp_path / "dir" / "sub" / "a").write_text("a\n")
+    ok("cp", str(tmp_path / "in.txt"), f"{name}:/root/in.txt")
+    ok("cp", str(tmp_path / "dir"), f"{name}:/srv/")
+    # the Sentry sees a copy into a running workspace at once (it went through it)
+    assert ok("exec", name, "--", "cat", "/root/in.txt", "/srv/dir/sub/a") == "from the host\na\n"
+    ok("exec", name, "--", "sh", "-c", "echo made inside > /root/out.txt")
+    ok("cp", f"{name}:/root/out.txt", str(tmp_path / "out.txt"))
+    assert (tmp_path / "out.txt").read_text() == "made inside\n"
+    r = cli("cp", f"{name}:/nope", str(tmp_path / "x"))
+    assert r.returncode == NOT_FOUND and "no such file or directory in the workspace" in r.stderr, r
+    ok("stop", name)
+    ok("cp", str(tmp_path / "in.txt"), f"{name}:/root/while-stopped.txt")
+    ok("cp", f"{name}:/root/out.txt", str(tmp_path / "out2.txt"))
+    assert (tmp_path / "out2.txt").read_text() == "made inside\n"
+    r = cli("cp", f"{name}:/nope", str(tmp_path / "x"))
+    assert r.returncode == NOT_FOUND, r
+    assert cli("ls").stdout.count(name) == 1 and client_state(name) == "stopped"
+    nothing_left()
+    ok("start", name)
+    assert ok("exec", name, "--", "cat", "/root/while-stopped.txt") == "from the host\n"
+
+
+def client_state(name: str) -> str:
+    for line in cli("ls").stdout.splitlines():
+        if line.split()[0] == name:
+            return line.split()[1]
+    return ""
+
+
+def test_snapshot_restore_reset_fork_and_templates_share_the_process_levels_store(
+        client: silo.Client, names: list[str]) -> None:
+    name = started(names)
+    ok("exec", name, "--", "sh", "-c", "echo one > /root/v")
+    ok("stop", name)
+    ok("snapshot", name, "one")
+    ok("start", name)
+    ok("exec", name, "--", "sh", "-c", "echo two > /root/v; echo extra > /root/extra")
+    ok("stop", name)
+    ok("restore", name, "one")
+    ok("start", name)
+    assert ok("exec", name, "--", "sh", "-c", "cat /root/v; ls /root/extra 2>&1 || true").startswith("one\n")
+    ok("stop", name)
+    fork = new(names)
+    ok("fork", name, fork)
+    ok("start", fork)
+    assert ok("exec", fork, "--", "cat", "/root/v") == "one\n"
+    assert ok("exec", fork, "--", "hostname").strip() == fork
+    ok("stop", fork)
+    # a template made at the gvisor level serves workspaces at gvisor and at process:
+    # both levels keep the same files with the same ids
+    tpl = new(names, "tpl")
+    ok("template", "create", tpl, "--from", fork)
+    for level in ("gvisor", "process"):
+        child = new(names)
+        ok("create", child, "--root", tpl, "--isolation", level)
+        ok("start", child)
+        assert ok("exec", child, "--", "cat", "/root/v") == "one\n", level
+        ok("rm", "-f", child)
+    ok("reset", name)
+    ok("start", name)
+    r = cli("exec", name, "--", "cat", "/root/v")
+    assert r.returncode == 1 and "No such file" in r.stderr, r
+    ok("stop", name)
+    nothing_left()
+
+
+def test_limits_and_refusals_of_a_gvisor_workspace(names: list[str]) -> None:
+    name = started(names, "--memory", "96M")
+    r = cli("exec", name, "--", "python3", "-c", "x = bytearray(300 << 20)")
+    assert r.returncode != 0, r
+    for option, what in ((("--pids", "10"), "a pids limit"), (("--network", "internet"), "a network")):
+        other = new(names)
+        r = cli("create", other, "--isolation", "gvisor", *option)
+        assert (r.returncode, r.stderr) == (
+            BAD_INPUT, f"silo: a workspace at isolation 'gvisor' cannot have {what} yet: drop it, or use "
+                       "isolation 'process'\n"), r
+        assert client_state(other) == ""
+
+
+def test_a_crashed_daemon_leaves_nothing_and_the_workspace_starts_again(tmp_path: Path) -> None:
+    """SIGKILL the daemon while a gvisor workspace runs: runsc, its gofer and Sentry die
+    with the workspace's init (they are in its pid namespace); the next daemon records
+    the workspace as stopped, and it starts again with its files."""
+    from daemons import private_daemon
+
+    with private_daemon() as d:
+        name = f"gv-{uuid.uuid4().hex[:8]}"
+        ok("create", name, "--isolation", "gvisor")
+        ok("start", name)
+        ok("exec", name, "--", "sh", "-c", "echo survived > /root/f; sleep 300 >/dev/null 2>&1 &")
+        assert d.proc is not None
+        d.proc.send_signal(signal.SIGKILL)
+        d.proc.wait()
+        nothing_left()
+        assert not glob.glob(f"/sys/fs/cgroup/*/silo/ws-*-{name}")
+        d.start()
+        assert client_state(name) == "stopped"
+        ok("start", name)
+        assert ok("exec", name, "--", "cat", "/root/f") == "survived\n"
+        ok("rm", "-f", name)
+        nothing_left()
