@@ -89,6 +89,9 @@ def test_exec_takes_the_users_identity_directory_environment_and_exit_codes(name
             'id -u; id -g; pwd; echo "$FROM_SPEC $EXTRA"; grep CapEff /proc/self/status; exit 7')
     assert r.returncode == 7, r
     assert r.stdout.splitlines() == ["1000", "1000", "/srv", "spec x", "CapEff:\t0000000000000000"]
+    # the workspace's environment is its commands', not runsc's (a host-side program)
+    environs = [Path(f"/proc/{line.split()[0]}/environ").read_bytes() for line in runsc_processes()]
+    assert environs and not [e for e in environs if b"FROM_SPEC" in e], environs
     r = cli("exec", "-w", "/usr", name, "--", "pwd")
     assert r.stdout == "/usr\n", r
     # silo-init finds the command inside, as at the process level

@@ -116,7 +116,7 @@ def plan_join(workspace: p.Plan, argv: Sequence[str], *, env: Sequence[tuple[str
     proc = workspace.process
     if workspace.gvisor is not None:  # the workspace's commands' identity, not runsc's
         g = workspace.gvisor
-        proc = replace(proc, uid=g.uid, gid=g.gid, cwd=g.cwd)
+        proc = replace(proc, uid=g.uid, gid=g.gid, cwd=g.cwd, env=g.env)
     merged = dict(proc.env)
     if term:
         merged["TERM"] = term
@@ -231,13 +231,13 @@ def _plan_gvisor(spec: Spec, argv: Sequence[str], term: str | None, tty: bool, l
         ops.append(p.Mkdir(f"{s}/exec"))
     platform = runsc.choose(h.cache_dir, hostmod.skeleton())
     launcher = p.Process(argv=runsc.argv(runsc.runsc(), f"{s}/state", f"{s}/bundle", platform),
-                         env=(("PATH", DEFAULT_PATH),) if not workspace else env,
+                         env=(("PATH", DEFAULT_PATH),),
                          cwd="/", uid=0, gid=0, no_new_privs=False,
                          seccomp="unconfined", init=True, harden=False, setgroups=h.is_root)
     uid_map, gid_map = _id_maps(spec, h)
     return p.Plan(isolation="gvisor", namespaces=p.NAMESPACES, uid_map=uid_map, gid_map=gid_map, ops=tuple(ops),
                   process=launcher, memory=spec.limits.memory, cpus=spec.limits.cpus, timeout=spec.timeout,
-                  gvisor=p.Gvisor(uid, gid, spec.workdir or "/") if workspace else None)
+                  gvisor=p.Gvisor(uid, gid, spec.workdir or "/", env) if workspace else None)
 
 
 def _join_gvisor(workspace: p.Plan, process: p.Process) -> p.Plan:

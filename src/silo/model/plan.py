@@ -266,12 +266,14 @@ class Vm:
 @dataclass(frozen=True)
 class Gvisor:
     """A gvisor workspace's (or a command's in it) part of the plan: the commands'
-    default identity and directory (the container's PID 1 is silo-init, as root),
+    default identity, directory and environment (the container's PID 1 is silo-init,
+    as root, and the plan's own process is runsc's),
     and, for a command, the file ``runsc exec`` writes its pid inside to."""
 
     uid: int
     gid: int
     cwd: str
+    env: tuple[tuple[str, str], ...] = ()  # the commands' environment (runsc's own is PATH alone)
     pid_file: str = ""
 
 
@@ -372,7 +374,8 @@ class Plan:
                 str(iso), tuple(nss), tuple(IdMap(*m) for m in um), tuple(IdMap(*m) for m in gm),
                 tuple(built_ops), p, memory, cpus, pids, timeout, network,
                 None if vm is None else _vm_from_wire(vm),
-                None if gvisor is None else Gvisor(int(gvisor[0]), int(gvisor[1]), str(gvisor[2]), str(gvisor[3])),
+                None if gvisor is None else Gvisor(int(gvisor[0]), int(gvisor[1]), str(gvisor[2]),
+                                                   tuple((str(k), str(v)) for k, v in gvisor[3]), str(gvisor[4])),
             )
         except (TypeError, ValueError, KeyError, IndexError) as e:
             raise ProtocolError(f"malformed plan: {e}") from None
