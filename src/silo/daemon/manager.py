@@ -191,16 +191,16 @@ class Manager:
                 "gvisor": self.gvisor_info(record, run)}
 
     def gvisor_info(self, record: WorkspaceRecord, run: Running | None) -> dict[str, Any] | None:
-        """A gvisor workspace's platform: its running sandbox's, else the probe's (cached)."""
+        """A gvisor workspace's platform: its running sandbox's, else the cached verdict
+        of the probe (never a probe here: this runs on the loop, for every listed record)."""
         if record.spec.isolation is not Isolation.GVISOR:
             return None
         from silo.backends.gvisor import runsc
 
         if run is not None:
             return {"platform": runsc.platform_of(run.plan.process.argv)}
-        with contextlib.suppress(SiloError, OSError):
-            return {"platform": runsc.choose(self.host.cache_dir, hostmod.skeleton())}
-        return None
+        platform = runsc.known(self.host.cache_dir)
+        return {"platform": platform} if platform is not None else None
 
     @staticmethod
     def memory_stats(run: Running) -> dict[str, Any] | None:

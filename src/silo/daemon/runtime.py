@@ -401,7 +401,8 @@ class Runtime:
                 return
             finally:
                 os.close(null)
-            self._watch(started, None).exited.add_done_callback(lambda _: os.close(started.err_fd))
+            relay = self._watch(started, None)
+            relay.exited.add_done_callback(lambda _: relay.close())
 
         def forget(_: object) -> None:
             with contextlib.suppress(OSError):

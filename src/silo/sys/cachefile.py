@@ -26,15 +26,24 @@ def publish(path: str, data: bytes, mode: int = 0o644) -> None:
         raise
 
 
-def verdict(path: str, field: str, choices: Sequence[str], decide: Callable[[], str]) -> str:
-    """A probe's verdict, cached in the JSON file ``path`` under ``field``: the cached one
-    when it is one of ``choices``, else what ``decide()`` says, written for the next
-    caller (a write that fails only costs that caller a probe)."""
+def cached(path: str, field: str, choices: Sequence[str]) -> str | None:
+    """The verdict cached in the JSON file ``path`` under ``field``, if it is one of
+    ``choices``; None when there is none (never probed, or unreadable)."""
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
         with open(path) as f:
-            cached = json.load(f)[field]
-        if cached in choices:
-            return str(cached)
+            value = json.load(f)[field]
+        if value in choices:
+            return str(value)
+    return None
+
+
+def verdict(path: str, field: str, choices: Sequence[str], decide: Callable[[], str]) -> str:
+    """A probe's verdict, cached in the JSON file ``path`` under ``field``: the
+    :func:`cached` one, else what ``decide()`` says, written for the next caller (a
+    write that fails only costs that caller a probe)."""
+    known = cached(path, field, choices)
+    if known is not None:
+        return known
     result = decide()
     with contextlib.suppress(OSError):
         os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)

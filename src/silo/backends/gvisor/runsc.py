@@ -91,14 +91,30 @@ def probe(exe: str, name: str, skeleton: str) -> bool:
                            check=False, timeout=10)
 
 
+def _verdict_path(cache_dir: str, exe: str) -> str:
+    return os.path.join(cache_dir, "gvisor", f"platform-{_key(exe)}.json")
+
+
+def known(cache_dir: str) -> str | None:
+    """The platform :func:`choose` would pick, without probing: the override or the
+    cached verdict; None before the first probe (or without runsc)."""
+    forced = os.environ.get("SILO_GVISOR_PLATFORM")
+    if forced in PLATFORMS:
+        return forced
+    try:
+        exe = runsc()
+        return cachefile.cached(_verdict_path(cache_dir, exe), "platform", PLATFORMS)
+    except (NotFoundError, OSError):
+        return None
+
+
 def choose(cache_dir: str, skeleton: str) -> str:
     """The platform runsc runs sandboxes on here, probing once and caching the verdict."""
     forced = os.environ.get("SILO_GVISOR_PLATFORM")
     if forced in PLATFORMS:
         return forced
     exe = runsc()
-    path = os.path.join(cache_dir, "gvisor", f"platform-{_key(exe)}.json")
-    return cachefile.verdict(path, "platform", PLATFORMS,
+    return cachefile.verdict(_verdict_path(cache_dir, exe), "platform", PLATFORMS,
                              lambda: next((name for name in PLATFORMS[:-1] if probe(exe, name, skeleton)),
                                           PLATFORMS[-1]))
 
