@@ -79,8 +79,6 @@ def test_the_platform_is_probed_once_cached_and_shown_in_the_plan() -> None:
 
 @pytest.mark.parametrize(("args", "message"), [
     (["-t"], "-t with --isolation gvisor is not available yet: drop it, or use --isolation process"),
-    (["--network", "internet"], "--network with --isolation gvisor is not available yet: drop it, or use "
-                                "--isolation process"),
     (["--pids", "10"], "--pids with --isolation gvisor is not available yet: drop it, or use --isolation process"),
     (["--seccomp", "unconfined"], "--seccomp with --isolation gvisor is not available yet: drop it, or use "
                                   "--isolation process"),

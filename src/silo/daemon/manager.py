@@ -473,7 +473,8 @@ class Manager:
         policy = record.spec.network
         links = self._links(record, policy)
         return await asyncio.to_thread(KeeperClient.start, policy, f"ws-{self.runtime.tag}-{record.name}", links,
-                                       vm=record.spec.isolation is Isolation.VM)
+                                       vm=record.spec.isolation is Isolation.VM,
+                                       gvisor=record.spec.isolation is Isolation.GVISOR)
 
     async def _network_down(self, run: Running) -> None:
         if run.network is not None:

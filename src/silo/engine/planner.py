@@ -21,6 +21,7 @@ from silo.engine import host as hostmod
 from silo.model import plan as p
 from silo.model import users
 from silo.model.errors import NotFoundError, PrivilegeError, SpecError, UserError
+from silo.model.network import VM_HOST4
 from silo.model.spec import Isolation, Spec, check_vm_mounts
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -43,7 +44,9 @@ def _group(uid: int, gid: int, system: bool = False) -> bytes:
     return users.group(uid, gid, hostmod.system_accounts()[1] if system else ())
 
 
-RESOLV_CONF = b"# silo's resolver: it answers by the workspace's network policy\nnameserver 127.0.0.53\noptions edns0\n"
+def _resolv_conf(server: str) -> bytes:
+    return (b"# silo's resolver: it answers by the workspace's network policy\n"
+            b"nameserver %s\noptions edns0\n" % server.encode())
 
 
 def _hosts(hostname: str) -> bytes:
@@ -175,8 +178,8 @@ def _check_level(level: str, asked: Sequence[tuple[str, object]], why_root: str)
 
 
 def _check_gvisor(spec: Spec, tty: bool) -> None:
-    _check_level("gvisor", (("-t", tty), ("--pids", spec.limits.pids), ("--seccomp", spec.seccomp != "default"),
-                            ("--network", spec.network.enabled)), "runsc's sandbox and gofer")
+    _check_level("gvisor", (("-t", tty), ("--pids", spec.limits.pids), ("--seccomp", spec.seccomp != "default")),
+                 "runsc's sandbox and gofer")
 
 
 def _plan_gvisor(spec: Spec, argv: Sequence[str], term: str | None, tty: bool, layers: Layers = Layers(),
@@ -197,8 +200,11 @@ def _plan_gvisor(spec: Spec, argv: Sequence[str], term: str | None, tty: bool, l
     h = hostmod.host()
     s = h.scratch
     uid, gid = spec.user.uid, spec.user.gid
+    # With a network, runsc's netstack sits one hop behind the keeper's namespace, as a
+    # vm level's guest does, and asks silo's resolver there (silo.net.keeper).
     tree = _root_tree(spec, layers, package_state=workspace,
-                      top=runsc.layer(h.cache_dir, native.built("silo-init")) if workspace else None)
+                      top=runsc.layer(h.cache_dir, native.built("silo-init")) if workspace else None,
+                      resolver=VM_HOST4)
     ops = tree.ops
     if spec.workdir and not any(os.path.lexists(d + spec.workdir) for d in (f"{tree.upper}/root", *tree.lowers)):
         # a missing workdir is made the user's, as at the process level (runsc would make it root's)
@@ -224,20 +230,28 @@ def _plan_gvisor(spec: Spec, argv: Sequence[str], term: str | None, tty: bool, l
     if spec.caps:
         process["capabilities"] = {k: [f"CAP_{c}" for c in spec.caps]
                                    for k in ("bounding", "effective", "permitted")}
-    config = runsc.bundle(process, tree.root, mounts, spec.hostname, rlimits=spec.rlimits)
+    config = runsc.bundle(process, tree.root, mounts, spec.hostname, rlimits=spec.rlimits,
+                          network=spec.network.enabled)
     ops += [p.Mkdir(f"{s}/bundle"), p.WriteFile(f"{s}/bundle/config.json", json.dumps(config).encode()),
             p.Mkdir(f"{s}/state"), p.Proc("/proc")]
+    if spec.network.enabled:
+        # runsc (20221219) refuses a network in the host's namespace, which it tells by
+        # /proc/sys/net/core/rmem_default existing: since Linux 6.x every namespace has
+        # it. Hidden from runsc (not from the Sentry, whose /proc is its own).
+        ops.append(p.Tmpfs("/proc/sys/net/core", "size=4k,mode=0555", readonly=True))
     if workspace:
         ops.append(p.Mkdir(f"{s}/exec"))
     platform = runsc.choose(h.cache_dir, hostmod.skeleton())
-    launcher = p.Process(argv=runsc.argv(runsc.runsc(), f"{s}/state", f"{s}/bundle", platform),
+    launcher = p.Process(argv=runsc.argv(runsc.runsc(), f"{s}/state", f"{s}/bundle", platform,
+                                         network=spec.network.enabled),
                          env=(("PATH", DEFAULT_PATH),),
                          cwd="/", uid=0, gid=0, no_new_privs=False,
                          seccomp="unconfined", init=True, harden=False, setgroups=h.is_root)
     uid_map, gid_map = _id_maps(spec, h)
     return p.Plan(isolation="gvisor", namespaces=p.NAMESPACES, uid_map=uid_map, gid_map=gid_map, ops=tuple(ops),
                   process=launcher, memory=spec.limits.memory, cpus=spec.limits.cpus, timeout=spec.timeout,
-                  gvisor=p.Gvisor(uid, gid, spec.workdir or "/", env) if workspace else None)
+                  gvisor=p.Gvisor(uid, gid, spec.workdir or "/", env) if workspace else None,
+                  network=_network(spec))
 
 
 def _join_gvisor(workspace: p.Plan, process: p.Process) -> p.Plan:
@@ -378,11 +392,13 @@ class _Tree:
     lowers: tuple[str, ...]  # the root's read-only layers, top first, the base last
 
 
-def _root_tree(spec: Spec, layers: Layers, package_state: bool, top: str | None = None) -> _Tree:
+def _root_tree(spec: Spec, layers: Layers, package_state: bool, top: str | None = None,
+               resolver: str = "127.0.0.53") -> _Tree:
     """The overlays of a process- or gvisor-level sandbox's root, on ``layers``; a
     workspace's (``package_state``) also shows the host's package state. ``top``: a
     read-only layer of silo's above all of the root's others (gvisor's mount points and
-    init: silo.backends.gvisor.runsc.layer)."""
+    init: silo.backends.gvisor.runsc.layer). ``resolver``: where silo's resolver
+    answers a sandbox with a network (the keeper binds it: silo.net.keeper)."""
     h = hostmod.host()
     uid, gid = spec.user.uid, spec.user.gid
     scratch = h.scratch
@@ -447,7 +463,7 @@ def _root_tree(spec: Spec, layers: Layers, package_state: bool, top: str | None 
     if spec.network.enabled and (spec.root == "host" or os.path.isdir(os.path.join(lower, "etc"))):
         # silo's resolver, which the network's keeper binds inside the sandbox's namespace
         mkdirs(upper, "root/etc")
-        ops.append(p.WriteFile(f"{upper}/root/etc/resolv.conf", RESOLV_CONF))
+        ops.append(p.WriteFile(f"{upper}/root/etc/resolv.conf", _resolv_conf(resolver)))
     if uid != 0 and spec.root == "host" and seed:
         mkdir(f"{upper}/root/home")
         mkdir(f"{upper}/root/home/user", 0o755, uid, gid)

@@ -256,8 +256,7 @@ class WorkspaceSpec:
                             "drop it, or use isolation 'process'")
 
     def _check_gvisor(self) -> None:
-        missing = [what for what, asked in (("a pids limit", self.limits.pids is not None),
-                                            ("a network", self.network.enabled)) if asked]
+        missing = [what for what, asked in (("a pids limit", self.limits.pids is not None),) if asked]
         if missing:
             raise SpecError(f"a workspace at isolation 'gvisor' cannot have {', '.join(missing)} yet: "
                             "drop it, or use isolation 'process'")

@@ -11,6 +11,12 @@ workspace) with one end of a SEQPACKET socket pair. It
    namespace, while its upstream sockets stay in the host's;
 3. sends ``ready`` with the namespace's fd (SCM_RIGHTS); the sandbox is cloned into it;
 
+A vm level's guest sits one hop behind that namespace, on a tap whose fd is sent too;
+a gvisor level's sandbox too, on a veth whose far end the owner's ``attach`` (as root:
+with runsc's own network namespace, before the sandbox is released) moves there: runsc
+must own the namespace whose link its netstack takes, and then the policy sees its
+packets as forwarded ones, as a guest's. ``ready`` carries no namespace then.
+
 Without root (:mod:`silo.net.rootless`) step 1 waits: ``ready`` carries no namespace,
 the sandbox is cloned into one of its own, and its owner sends ``attach`` with the
 sandbox's user and network namespaces before releasing it; the keeper then sets up
@@ -28,6 +34,7 @@ Messages are JSON objects, one per datagram: ``{"op": "set", "policy": {...},
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import ipaddress
 import json
@@ -68,23 +75,25 @@ class KeeperClient:
     """The owner's handle on a running keeper."""
 
     def __init__(self, proc: subprocess.Popen[bytes], sock: socket.socket, netns_fd: int | None,
-                 lease: Lease, tap_fd: int | None = None) -> None:
+                 lease: Lease, tap_fd: int | None = None, gvisor: bool = False) -> None:
         self.proc = proc
         self.sock = sock
         self.netns_fd = netns_fd
         self.tap_fd = tap_fd  # vm: the guest's tap in the namespace, for QEMU
         self.lease = lease
+        self.gvisor = gvisor  # gvisor: runsc's namespace is linked at attach
         self.pasta = -1  # rootless: a pidfd of the keeper's pasta, killed at close if still there
 
     @classmethod
     def start(cls, policy: NetworkPolicy, key: str, links: Mapping[str, Sequence[str]] | None = None,
-              timeout: float = 20.0, vm: bool = False) -> KeeperClient:
+              timeout: float = 20.0, vm: bool = False, gvisor: bool = False) -> KeeperClient:
         """Start a keeper and wait until the network is up (as root) or ready to attach
         (rootless: :meth:`attach` once the sandbox is cloned); SiloError with its reason if not.
-        ``vm``: for a vm level's guest, which joins through a tap (:attr:`tap_fd`; root only)."""
+        ``vm``: for a vm level's guest, which joins through a tap (:attr:`tap_fd`; root only).
+        ``gvisor``: for runsc, whose own namespace :meth:`attach` links (root only)."""
         rootless = os.geteuid() != 0
-        if rootless and vm:
-            raise SiloError("a network for --isolation vm needs root: run silod as root")
+        if rootless and (vm or gvisor):
+            raise SiloError(f"a network for --isolation {'vm' if vm else 'gvisor'} needs root: run silod as root")
         if rootless and links:
             raise SiloError("links between workspaces need root: run silod as root, or drop --link")
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
@@ -98,6 +107,7 @@ class KeeperClient:
         fds: list[int] = []
         try:
             ours.sendall(json.dumps({"policy": policy.to_dict(), "key": key, "rootless": rootless, "vm": vm,
+                                     "gvisor": gvisor,
                                      "links": {k: list(v) for k, v in (links or {}).items()}}).encode())
             ours.settimeout(timeout)
             msg, fds, _, _ = socket.recv_fds(ours, wire.MAX_MSG, 2)
@@ -108,7 +118,7 @@ class KeeperClient:
                 "error": "the network keeper exited before its network was up"}
             if "error" in reply:
                 raise SiloError(reply["error"])
-            if netns_fd is None and not rootless:
+            if netns_fd is None and not rootless and not gvisor:
                 raise SiloError("the network keeper sent no namespace")
             if vm and tap_fd is None:
                 raise SiloError("the network keeper sent no tap for the VM")
@@ -125,11 +135,19 @@ class KeeperClient:
             if isinstance(e, (OSError, ValueError, KeyError, TypeError)) and not isinstance(e, SiloError):
                 raise SiloError(f"the network keeper failed: {e}") from None
             raise
-        return cls(proc, ours, netns_fd, lease, tap_fd)
+        return cls(proc, ours, netns_fd, lease, tap_fd, gvisor)
 
     def attach(self, pid: int) -> None:
         """Rootless: set up the network in the namespaces of the cloned, not yet released
-        sandbox ``pid`` (a no-op as root, where the sandbox was cloned into the keeper's)."""
+        sandbox ``pid``; gvisor: link its network namespace (runsc's) to the keeper's; a
+        no-op otherwise (as root the sandbox was cloned into the keeper's namespace)."""
+        if self.gvisor:
+            fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                self.call({"op": "attach"}, timeout=10.0, fds=[fd])
+            finally:
+                os.close(fd)
+            return
         if self.netns_fd is not None:
             return
         fds = [os.open(f"/proc/{pid}/ns/{ns}", os.O_RDONLY | os.O_CLOEXEC) for ns in ("user", "net")]
@@ -191,6 +209,7 @@ class Keeper:
         self.links: dict[str, list[str]] = {str(k): list(v) for k, v in config.get("links", {}).items()}
         self.rootless = bool(config.get("rootless"))
         self.vm = bool(config.get("vm"))  # a vm level's guest behind a tap (root only)
+        self.gvisor = bool(config.get("gvisor"))  # runsc's netstack behind a veth (root only)
         self.tap = -1
         self.host_addrs: list[str] = []  # blocked in the sandbox's table (rootless)
         self.inner: Any = None  # rootless: silo.net.rootless.Inner
@@ -233,13 +252,33 @@ class Keeper:
             links.configure_guest(lease, self.policy.bandwidth)
             if self.vm:
                 self.tap = links.create_tap()
+            elif self.gvisor:
+                links.create_gvisor_link()
             self.guest_nft = Nft()
-            self.guest_nft.run(rules.guest_base() + self._guest_policy() + (rules.vm_nat() if self.vm else []))
+            self.guest_nft.run(rules.guest_base() + self._guest_policy() + (rules.vm_nat() if self.behind else []))
         self.dns_socks = [self._guest_socket(socket.SOCK_DGRAM, bind=(RESOLVER, 53)),
                           self._guest_socket(socket.SOCK_STREAM, bind=(RESOLVER, 53), listen=32)]
-        if self.vm:  # the guest asks the namespace's end of its tap
+        if self.behind:  # the guest asks the namespace's end of its tap
             self.dns_socks += [self._guest_socket(socket.SOCK_DGRAM, bind=(network.VM_HOST4, 53)),
                                self._guest_socket(socket.SOCK_STREAM, bind=(network.VM_HOST4, 53), listen=32)]
+
+    @property
+    def behind(self) -> bool:
+        """Whether the sandbox's traffic comes one hop behind the namespace (vm, gvisor)."""
+        return self.vm or self.gvisor
+
+    def attach_gvisor(self, netns_fd: int) -> None:
+        """gvisor: move the veth's far end into runsc's namespace ``netns_fd``."""
+        from silo.net import links
+        if not self.gvisor or self.guest_ns < 0:
+            raise SiloError("this network has no gvisor link to attach")
+
+        def move() -> None:
+            with links.in_netns(self.guest_ns):
+                links.move_gvisor_end(netns_fd)
+        # a thread of its own: pyroute2's calls run an event loop, and this one's is busy
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pool.submit(move).result()
 
     def attach(self, userns_fd: int, netns_fd: int) -> None:
         """Rootless: the network in the sandbox's own namespaces (:mod:`silo.net.rootless`)."""
@@ -491,6 +530,11 @@ class Keeper:
                 links = {str(k): [str(a) for a in v] for k, v in msg.get("links", {}).items()}
                 self.set_policy(policy_from_dict(msg["policy"]), links)
                 reply: dict[str, Any] = {"ok": True}
+            elif op == "attach" and self.gvisor:
+                if len(fds) != 1:
+                    raise ValueError("attach needs runsc's network namespace")
+                self.attach_gvisor(fds[0])
+                reply = {"ok": True}
             elif op == "attach":
                 if len(fds) != 2:
                     raise ValueError("attach needs the sandbox's user and network namespaces")
@@ -530,8 +574,8 @@ class Keeper:
     @property
     def target(self) -> str:
         """Where a published port is connected to inside: the sandbox's loopback, or a
-        vm level's guest."""
-        return network.VM_GUEST4 if self.vm else "127.0.0.1"
+        vm or gvisor level's guest."""
+        return network.VM_GUEST4 if self.behind else "127.0.0.1"
 
     def _proxy_handler(self, port: int) -> Any:
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -598,7 +642,7 @@ def main(argv: list[str]) -> int:
             assert keeper is not None and keeper.lease is not None
             await keeper.start_proxies()
             socket.send_fds(ctrl, [json.dumps({"ok": {"lease": keeper.lease.to_dict()}}).encode()],
-                            [fd for fd in (keeper.guest_ns, keeper.tap) if fd >= 0])
+                            [] if keeper.gvisor else [fd for fd in (keeper.guest_ns, keeper.tap) if fd >= 0])
             await keeper.serve()
 
         asyncio.run(run())

@@ -220,6 +220,20 @@ def configure_guest(lease: Lease, bandwidth: int | None) -> None:
 TUNSETIFF = 0x400454CA
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
+GVISOR_PEER = "silo-gvisor"  # the far end of gvisor's veth until it moves into runsc's namespace
+
+
+def _guest_link(ipr: Any) -> None:
+    """Inside the sandbox's namespace: the near end of the link to a guest one hop
+    behind it (network.VM_TAP, which exists), its addresses, and forwarding."""
+    write_sysctl("net.ipv4.ip_forward", "1")
+    write_sysctl("net.ipv6.conf.all.forwarding", "1")
+    with contextlib.suppress(OSError):
+        write_sysctl(f"net.ipv6.conf.{network.VM_TAP}.accept_dad", "0")
+    tap = ipr.link_lookup(ifname=network.VM_TAP)[0]
+    ipr.addr("add", index=tap, address=network.VM_HOST4, prefixlen=network.VM_PREFIX4)
+    ipr.addr("add", index=tap, address=network.VM_HOST6, prefixlen=network.VM_PREFIX6, flags=0x02)
+    ipr.link("set", index=tap, state="up")
 
 
 def create_tap() -> int:
@@ -229,16 +243,44 @@ def create_tap() -> int:
     fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
     try:
         fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", network.VM_TAP.encode(), IFF_TAP | IFF_NO_PI))
-        write_sysctl("net.ipv4.ip_forward", "1")
-        write_sysctl("net.ipv6.conf.all.forwarding", "1")
-        with contextlib.suppress(OSError):
-            write_sysctl(f"net.ipv6.conf.{network.VM_TAP}.accept_dad", "0")
         with IPRoute() as ipr:
-            tap = ipr.link_lookup(ifname=network.VM_TAP)[0]
-            ipr.addr("add", index=tap, address=network.VM_HOST4, prefixlen=network.VM_PREFIX4)
-            ipr.addr("add", index=tap, address=network.VM_HOST6, prefixlen=network.VM_PREFIX6, flags=0x02)
-            ipr.link("set", index=tap, state="up")
+            _guest_link(ipr)
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+def create_gvisor_link() -> None:
+    """Inside the sandbox's namespace (the calling thread is in it): the gvisor level's
+    link, a veth pair whose near end plays the vm level's tap (network.VM_TAP, its
+    addresses: one set of rules serves both) and whose far end (:data:`GVISOR_PEER`)
+    waits here, down, until runsc's namespace exists (:func:`move_gvisor_end`)."""
+    with IPRoute() as ipr:
+        ipr.link("add", ifname=network.VM_TAP, kind="veth", peer={"ifname": GVISOR_PEER})
+        _guest_link(ipr)
+
+
+def move_gvisor_end(netns_fd: int) -> None:
+    """From the sandbox's namespace (the calling thread is in it): the far end of
+    gvisor's veth into runsc's namespace ``netns_fd`` as ``eth0``, with the guest's
+    addresses and default routes, which runsc's netstack takes over at its start."""
+    with IPRoute() as ipr:
+        peer = ipr.link_lookup(ifname=GVISOR_PEER)
+        if not peer:
+            raise SiloError("the gvisor sandbox's network link is gone (attached twice?)")
+        ipr.link("set", index=peer[0], net_ns_fd=netns_fd, ifname="eth0")
+    with in_netns(netns_fd):
+        for name in ("all", "default", "eth0"):
+            with contextlib.suppress(OSError):
+                write_sysctl(f"net.ipv6.conf.{name}.accept_dad", "0")
+                write_sysctl(f"net.ipv6.conf.{name}.accept_ra", "0")
+        with IPRoute() as ipr:
+            # runsc gives the Sentry a loopback only when the namespace's is up
+            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+            eth = ipr.link_lookup(ifname="eth0")[0]
+            ipr.addr("add", index=eth, address=network.VM_GUEST4, prefixlen=network.VM_PREFIX4)
+            ipr.addr("add", index=eth, address=network.VM_GUEST6, prefixlen=network.VM_PREFIX6, flags=0x02)
+            ipr.link("set", index=eth, state="up")
+            ipr.route("add", dst="0.0.0.0/0", gateway=network.VM_HOST4)
+            ipr.route("add", dst="::/0", gateway=network.VM_HOST6, family=10)

@@ -338,7 +338,8 @@ class Spawner:
                 from silo.net.keeper import KeeperClient
 
                 keeper = KeeperClient.start(policy_from_dict(json.loads(plan.network)),
-                                            f"run-{os.getpid()}-{next(self._seq)}")
+                                            f"run-{os.getpid()}-{next(self._seq)}",
+                                            gvisor=plan.isolation == "gvisor")
             started = launcher.start(plan, stdio, self.init_fd, self.setup_fd, bpf, cgroup,
                                      keeper.netns_fd if keeper is not None else netns, warm,
                                      keeper.attach if keeper is not None else None)

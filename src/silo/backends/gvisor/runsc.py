@@ -120,10 +120,12 @@ def choose(cache_dir: str, skeleton: str) -> str:
 
 
 def bundle(process: dict[str, Any], root: str, mounts: Sequence[dict[str, Any]], hostname: str, *,
-           readonly: bool = False, rlimits: Sequence[tuple[str, int, int]] = ()) -> dict[str, Any]:
+           readonly: bool = False, rlimits: Sequence[tuple[str, int, int]] = (),
+           network: bool = False) -> dict[str, Any]:
     """The ``config.json`` of a bundle whose root is ``root``: its own pid, network,
     ipc, uts and mount namespaces (gVisor's, in the Sentry), a fresh ``/proc``, no
-    capabilities unless ``process`` names some."""
+    capabilities unless ``process`` names some. With ``network`` the sandbox's process
+    stays in runsc's own network namespace, whose links its netstack takes over."""
     process = dict(process)
     process.setdefault("capabilities", {k: [] for k in ("bounding", "effective", "permitted", "inheritable",
                                                        "ambient")})
@@ -136,15 +138,18 @@ def bundle(process: dict[str, Any], root: str, mounts: Sequence[dict[str, Any]],
         "root": {"path": root, "readonly": readonly},
         "hostname": hostname,
         "mounts": [{"destination": "/proc", "type": "proc", "source": "proc"}, *mounts],
-        "linux": {"namespaces": [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount")]},
+        "linux": {"namespaces": [{"type": t, **({"path": "/proc/self/ns/net"} if t == "network" and network else {})}
+                                 for t in ("pid", "network", "ipc", "uts", "mount")]},
     }
 
 
-def argv(exe: str, state: str, bundle_dir: str, platform: str) -> tuple[str, ...]:
-    """``runsc run`` of the bundle: its state in ``state``, no network but loopback,
-    cgroups left to silo (the sandbox's own), no host unix sockets."""
-    return (exe, "--root", state, "--network=none", "--ignore-cgroups", f"--platform={platform}",
-            "run", "--bundle", bundle_dir, CONTAINER)
+def argv(exe: str, state: str, bundle_dir: str, platform: str, network: bool = False) -> tuple[str, ...]:
+    """``runsc run`` of the bundle: its state in ``state``, cgroups left to silo (the
+    sandbox's own), no host unix sockets; no network but loopback, or with ``network``
+    runsc's netstack on the links of the namespace it runs in (``eth0``, which silo's
+    keeper links to the policy's namespace: silo.net.keeper)."""
+    return (exe, "--root", state, f"--network={'sandbox' if network else 'none'}", "--ignore-cgroups",
+            f"--platform={platform}", "run", "--bundle", bundle_dir, CONTAINER)
 
 
 def platform_of(run_argv: Sequence[str]) -> str:
