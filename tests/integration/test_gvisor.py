@@ -202,3 +202,27 @@ def test_leaves_no_runsc_process_state_or_mount_behind() -> None:
     mounts = Path("/proc/mounts").read_text()
     assert "/scratch" not in mounts and "runsc" not in mounts
     assert not list(Path("/run").glob("runsc*")) and not Path("/var/run/runsc").exists()
+
+
+def test_every_sdk_run_is_a_runsc_sandbox_of_its_own_command() -> None:
+    """The SDK's Sandbox plans once and swaps the command into the plan's process at the
+    other levels; at this one the process is runsc and the command is in its bundle, so
+    each run (with its own env and workdir) is planned whole: the command runs in the
+    Sentry (gVisor's kernel release, the run's own 1 GiB tmpfs), never in runsc's place
+    with the host's root around it."""
+    import silo
+
+    host_release = os.uname().release
+    with tempfile.TemporaryDirectory(prefix="silo-gvisor-sdk-") as tmp, silo.Sandbox(isolation="gvisor") as sb:
+        os.chmod(tmp, 0o1777)
+        script = f'uname -r; echo "$FOO"; pwd; df -k /tmp | tail -1; touch {tmp}/escaped 2>/dev/null; echo done'
+        first = sb.run(["sh", "-c", script], env={"FOO": "one"}, workdir="/var")
+        second = sb.run(["sh", "-c", script])
+        assert not os.path.exists(f"{tmp}/escaped")  # the host's /tmp is not the sandbox's
+    for r in (first, second):
+        assert r.exit_code == 0, r
+    release, foo, cwd, df, done = first.stdout.decode().splitlines()
+    assert release != host_release and (foo, cwd, done) == ("one", "/var", "done"), first
+    assert df.split()[1] == str(1 << 20), df  # the run's own tmpfs, 1 GiB
+    release2, foo2, cwd2, _, _ = second.stdout.decode().splitlines()
+    assert (release2, foo2, cwd2) == (release, "", "/"), second

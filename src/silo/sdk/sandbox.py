@@ -187,15 +187,28 @@ class Sandbox:
              env: Mapping[str, str] | None = None, workdir: str | None = None) -> p.Plan:
         """The plan a run of ``argv`` would execute (nothing is started)."""
         argv = [os.fspath(a) for a in argv]
-        if self._base is None or self.spec.isolation is Isolation.APP:
-            self._base = planner.plan(self.spec, argv or ["true"])
-        plan = self._base
         if not argv:
             raise SpecError("no command given: pass the command as a list, like ['ls', '-l']")
         for i, arg in enumerate(argv):
             if "\0" in arg:
                 raise SpecError(f"argument {i} of the command contains a NUL byte, which no "
                                 "command can receive: remove it")
+        if self.spec.isolation is Isolation.GVISOR:
+            # The command, its environment and directory are in runsc's bundle, which
+            # the plan's operations write: a plan of its own for each command (the
+            # plan's process is runsc itself, never the command).
+            spec = self.spec
+            if env:
+                spec = dataclasses.replace(spec, env=(*spec.env, *(parse_env_entry(f"{k}={v}")
+                                                                   for k, v in env.items())))
+            if workdir is not None:
+                spec = dataclasses.replace(spec, workdir=workdir)
+            plan = planner.plan(spec, argv)
+            t = coerce_duration(timeout, "timeout")
+            return plan if t is None else dataclasses.replace(plan, timeout=t)
+        if self._base is None or self.spec.isolation is Isolation.APP:
+            self._base = planner.plan(self.spec, argv)
+        plan = self._base
         proc = plan.process
         changes: dict[str, Any] = {"argv": tuple(argv)}
         if env:
