@@ -1058,10 +1058,12 @@ def act_fill(params: dict) -> dict:  # type: ignore[type-arg]
 
 def act_flood(params: dict) -> None:
     """Write params["mb"] MiB to stdout as fast as possible."""
-    block = b"F" * (1 << 20)
+    block = memoryview(b"F" * (1 << 20))
     try:
         for _ in range(int(params.get("mb", 256))):
-            os.write(1, block)
+            done = 0
+            while done < len(block):  # a pipe may take less than asked (gVisor's host fds do)
+                done += os.write(1, block[done:])
     except OSError:
         pass
 
