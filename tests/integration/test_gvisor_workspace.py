@@ -199,13 +199,12 @@ def test_limits_and_refusals_of_a_gvisor_workspace(names: list[str]) -> None:
     name = started(names, "--memory", "96M")
     r = cli("exec", name, "--", "python3", "-c", "x = bytearray(300 << 20)")
     assert r.returncode != 0, r
-    for option, what in ((("--pids", "10"), "a pids limit"), (("--network", "internet"), "a network")):
-        other = new(names)
-        r = cli("create", other, "--isolation", "gvisor", *option)
-        assert (r.returncode, r.stderr) == (
-            BAD_INPUT, f"silo: a workspace at isolation 'gvisor' cannot have {what} yet: drop it, or use "
-                       "isolation 'process'\n"), r
-        assert client_state(other) == ""
+    other = new(names)
+    r = cli("create", other, "--isolation", "gvisor", "--pids", "10")
+    assert (r.returncode, r.stderr) == (
+        BAD_INPUT, "silo: a workspace at isolation 'gvisor' cannot have a pids limit yet: drop it, or use "
+                   "isolation 'process'\n"), r
+    assert client_state(other) == ""  # networks work (test_gvisor_network.py)
 
 
 def test_a_crashed_daemon_leaves_nothing_and_the_workspace_starts_again(tmp_path: Path) -> None:
