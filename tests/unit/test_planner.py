@@ -589,3 +589,33 @@ def test_describe(root_host: hostmod.Host, tmp_path: Path) -> None:
     # one line per operation, in plan order
     op_lines = [line for line in lines if line.split(" ", 1)[0] in p.OP_CLASSES]
     assert [line.split(" ", 1)[0] for line in op_lines] == [op.name for op in plan.ops]
+
+
+@pytest.mark.parametrize("network", [None, "internet"])
+def test_a_gvisor_plan_with_a_network_puts_runscs_netstack_behind_the_keeper(
+        root_host: hostmod.Host, monkeypatch: pytest.MonkeyPatch, network: str | None) -> None:
+    """runsc takes the links of its own network namespace (--network=sandbox, the
+    bundle's network namespace is runsc's own), asks silo's resolver on the keeper's end
+    of the link, and does not see /proc/sys/net/core (its root-namespace test); without
+    a network, loopback only."""
+    import json
+
+    from silo.backends.gvisor import runsc
+    from silo.model.network import VM_HOST4, build_policy
+
+    monkeypatch.setenv("SILO_GVISOR_PLATFORM", "ptrace")
+    monkeypatch.setattr(runsc, "runsc", lambda: "/usr/bin/runsc")
+    spec = Spec(isolation=Isolation.GVISOR, network=build_policy(network))
+    plan = planner.plan(spec, ["true"])
+    config = json.loads(next(op.data for op in _ops(plan, p.WriteFile) if op.path.endswith("/config.json")))
+    netns = next(ns for ns in config["linux"]["namespaces"] if ns["type"] == "network")
+    resolv = [op.data for op in _ops(plan, p.WriteFile) if op.path.endswith("/etc/resolv.conf")]
+    hidden = [op for op in _ops(plan, p.Tmpfs) if op.target == "/proc/sys/net/core"]
+    if network is None:
+        assert "--network=none" in plan.process.argv and plan.network is None
+        assert netns == {"type": "network"} and resolv == [] and hidden == []
+    else:
+        assert "--network=sandbox" in plan.process.argv and plan.network is not None
+        assert netns == {"type": "network", "path": "/proc/self/ns/net"}
+        assert resolv and f"nameserver {VM_HOST4}\n".encode() in resolv[0]
+        assert hidden and hidden[0].readonly and _index(plan, hidden[0]) > _index(plan, p.Proc("/proc"))
