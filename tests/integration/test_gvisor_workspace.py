@@ -89,6 +89,11 @@ def test_exec_takes_the_users_identity_directory_environment_and_exit_codes(name
             'id -u; id -g; pwd; echo "$FROM_SPEC $EXTRA"; grep CapEff /proc/self/status; exit 7')
     assert r.returncode == 7, r
     assert r.stdout.splitlines() == ["1000", "1000", "/srv", "spec x", "CapEff:\t0000000000000000"]
+    # no_new_privs holds for every exec (runsc exec inherits the bundle's); the Sentry's
+    # /proc/self/status has no NoNewPrivs line, so ask prctl(PR_GET_NO_NEW_PRIVS)
+    r = cli("exec", "-u", "1000", name, "--", "python3", "-c",
+            "import ctypes; print(ctypes.CDLL(None).prctl(39, 0, 0, 0, 0))")
+    assert (r.returncode, r.stdout) == (0, "1\n"), r
     # the workspace's environment is its commands', not runsc's (a host-side program)
     environs = [Path(f"/proc/{line.split()[0]}/environ").read_bytes() for line in runsc_processes()]
     assert environs and not [e for e in environs if b"FROM_SPEC" in e], environs

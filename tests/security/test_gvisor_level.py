@@ -41,6 +41,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import threading
 import time
@@ -276,6 +277,19 @@ def test_08_all_capabilities_dropped(sb: Any) -> None:
     for name, cap in f["sets"].items():
         assert cap["value"] == 0, f"{name} = {cap['hex']} {cap['names']}"
     assert f["NoNewPrivs"] is None and f["Seccomp"] == "0", f  # not in the Sentry's status
+
+
+SET_UID_PYTHON = "import ctypes, os; print(ctypes.CDLL(None).prctl(39, 0, 0, 0, 0), *os.getresuid())"
+
+
+def test_08_no_new_privs_holds_and_a_set_uid_program_raises_nothing(sb: Any, world_dir: Path) -> None:
+    """no_new_privs is set (prctl says so; the Sentry's status has no such line): a
+    set-uid copy of python (host root's, nobody's inside) runs as the caller."""
+    py = world_dir / "py"
+    shutil.copy2("/usr/bin/python3.11", py)
+    os.chmod(py, 0o4755)
+    r = sb.run(["/w/py", "-c", SET_UID_PYTHON], user="1000:1000", mounts=[f"{world_dir}:/w:ro"])
+    assert (r.exit_code, r.stdout) == (0, b"1 1000 1000 1000\n"), r
 
 
 def test_08_non_root_user_has_no_capabilities(sb: Any) -> None:
