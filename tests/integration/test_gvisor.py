@@ -162,9 +162,7 @@ def test_gaps_of_this_runsc_are_what_a_user_sees() -> None:
     # statx refuses AT_NO_AUTOMOUNT, which GNU ls passes; busybox ls works
     r = run("--", "sh", "-c", "ls /; busybox ls / | grep -c usr")
     assert "ls: cannot access '/': Invalid argument" in r.stderr and r.stdout == "1\n", r
-    # runsc looks the command up itself: its message and 128 rather than silo's 127
-    r = run("--", "no-such-command-here")
-    assert r.returncode == 128 and 'error finding executable "no-such-command-here"' in r.stderr, r
+
 
 
 def test_the_sentry_runs_under_its_own_seccomp_filter_on_the_host() -> None:

@@ -9,8 +9,6 @@ here). What is not re-run, and why:
   ``AT_NO_AUTOMOUNT`` flag with EINVAL ("ls: cannot access '/': Invalid argument");
   test_gvisor.py shows the gap. So test_command_without_double_dash (runs ``ls``) and
   test_root_dir_image (lists ``/``; its variant below uses busybox's ``ls``) differ.
-- 126 and 127: runsc looks the command up itself and fails with its own message and
-  exit 128 (test_gvisor.py checks what a user sees).
 - ``-u``: inside gVisor ``/proc/self/uid_map`` is the Sentry's identity map, so
   test_user's last check does not apply; the rest runs as test_user_and_group.
 - Capabilities (test_cap_adds_exactly_one): the Sentry gives its root a full bounding
@@ -55,6 +53,8 @@ from test_run_cli import (  # noqa: F401 - the fixtures and tests collected agai
     test_killed_by_signal_is_128_plus_n,
     test_memory_limit_kills_a_balloon,
     test_no_controlling_terminal_without_t,
+    test_not_executable_is_126,
+    test_not_found_is_127,
     test_private_writable_tmp_and_home,
     test_rlimit,
     test_root_dir_image_is_writable_through_the_overlay,

@@ -7,9 +7,9 @@ unchanged are imported by name. Where gVisor answers differently *by design* -- 
 workload talks to the Sentry, a kernel of gVisor's own, not to the host's -- the test
 is rewritten below with the refusal this level gives, and says why:
 
-- The command is PID 1 of the Sentry's pid namespace (no silo-init inside a one-shot
-  run: runsc's own init is outside the Sentry), and its stdio are host fds the Sentry
-  shows as ``host:[N]``.
+- PID 1 of the Sentry's pid namespace is silo-init from silo's read-only layer
+  (``/.silo/init``, not a memfd), which the probe may not look into (``EACCES``); the
+  stdio are host fds the Sentry shows as ``host:[N]``.
 - ``/proc`` and ``/sys`` are the Sentry's: none of the host's knobs exist
   (``ENOENT``); the few ``/proc/sys`` files it lets root write (its own netstack's TCP
   settings, its own ptrace scope) change the Sentry, not the host (written here, the
@@ -61,7 +61,6 @@ from test_process_level import (
     host_bait,
     make_image,
     test_01_writes_to_system_dirs_never_reach_the_host,
-    test_02_cwd_is_inside_the_root,
     test_02_only_stdio_reaches_the_sandbox,
     test_02_workdir_is_inside_the_root,
     test_02_workdir_through_proc_fd_is_refused,
@@ -92,6 +91,7 @@ from test_resource_exhaustion import (
 )
 
 from silo import SiloError, SpecError
+from silo.backends.gvisor.runsc import INIT_PATH
 
 pytestmark = pytest.mark.root
 
@@ -124,12 +124,15 @@ RUNTIME = ("silo-init", "silo-setup", "runsc", "python3 -m silo")
 
 def test_01_no_host_runtime_process_visible(sb: Any) -> None:
     f = sb.probe("1")["1"]
-    # The probe is the only process: PID 1 of the Sentry's pid namespace; runsc, its
-    # gofer, silo-init and the spawner are host processes the Sentry never shows.
-    assert [p["pid"] for p in f["processes"]] == [1] and f["self"] == 1, f["processes"]
-    for p in f["processes"]:
-        assert p["exe"] == "/usr/bin/python3.11", p
-        assert not any(r in " ".join(p["cmdline"][:1]) for r in RUNTIME), p
+    # silo-init (PID 1 inside the Sentry) and the probe; runsc, its gofer, the host's
+    # silo-init and the spawner are host processes the Sentry never shows.
+    procs = {p["pid"]: p for p in f["processes"]}
+    assert set(procs) == {1, f["self"]}, f["processes"]
+    assert procs[1]["cmdline"][:1] == [INIT_PATH] and procs[1]["comm"] == "silo-init", procs[1]
+    assert procs[1]["exe"] == "EACCES" and procs[1]["exe_open_write"] == "EACCES", procs[1]
+    me = procs[f["self"]]
+    assert me["exe"] == "/usr/bin/python3.11", me
+    assert not any(r in " ".join(me["cmdline"][:1]) for r in RUNTIME), me
 
 
 def test_01_visible_executables_cannot_be_overwritten_on_the_host(sb: Any) -> None:
@@ -137,9 +140,9 @@ def test_01_visible_executables_cannot_be_overwritten_on_the_host(sb: Any) -> No
     # write. What it writes lands in the run's own upper layer; the host's binary and
     # runsc (not visible inside at all) never change.
     before = hashlib.sha256(Path("/usr/bin/dash").read_bytes()).hexdigest()
-    out = sh(sb, "printf x >> /proc/self/exe && printf x >> /proc/1/exe && echo written; "
-                 "ls /usr/bin/runsc /usr/sbin/runsc 2>/dev/null; echo end")
-    assert out.splitlines() == ["written", "end"], out
+    out = sh(sb, "printf x >> /proc/self/exe && echo written; (printf x >> /proc/1/exe) 2>/dev/null || "
+                 "echo refused; ls /usr/bin/runsc /usr/sbin/runsc 2>/dev/null; echo end")
+    assert out.splitlines() == ["written", "refused", "end"], out
     assert hashlib.sha256(Path("/usr/bin/dash").read_bytes()).hexdigest() == before
 
 
@@ -153,12 +156,16 @@ def stdio_target() -> re.Pattern[str]:
     return GVISOR_STDIO  # the Sentry shows the host fds it was given as host:[N]
 
 
+def test_02_cwd_is_inside_the_root(sb: Any) -> None:
+    f = sb.probe("2")["2"]
+    assert f["cwd_link"] == "/" and f["getcwd"] == "/" and f["climbed_to_root"] is True, f
+    assert f["pid1_cwd"] == f["pid1_root"] == "EACCES", f  # silo-init's: not the probe's to look into
+
+
 def test_02_init_holds_no_host_fds(sb: Any) -> None:
     f = sb.probe("2", env=NO_URANDOM)["2"]
-    pid1 = f["pid1_fds"]  # PID 1 is the probe itself: its stdio, and the fd that listed them
-    assert isinstance(pid1, dict), pid1
-    pid1 = {n: t for n, t in pid1.items() if t != "ENOENT"}  # (gone when it was read)
-    assert set(pid1) == {"0", "1", "2"}, pid1
+    pid1 = f["pid1_fds"]  # silo-init's: the stdio it was given, nothing else
+    assert isinstance(pid1, dict) and set(pid1) == {"0", "1", "2"}, pid1
     assert all(GVISOR_STDIO.match(t) for t in pid1.values()), pid1
 
 
@@ -363,9 +370,10 @@ def test_10_the_sentrys_tun_makes_no_host_interface(sb: Any) -> None:
 
 def test_11_only_the_sandbox_processes_are_visible(sb: Any) -> None:
     f = sb.probe("11")["11"]
-    assert f["count"] == 1 and [p["pid"] for p in f["processes"]] == [1], f["processes"]
+    assert f["count"] == 2, f["processes"]
+    init = next(p for p in f["processes"] if p["pid"] == 1)
     host_init = [a.decode() for a in Path("/proc/1/cmdline").read_bytes().split(b"\0") if a]
-    assert f["processes"][0]["cmdline"] != host_init
+    assert init["cmdline"] != host_init and init["cmdline"][:1] == [INIT_PATH], init
 
 
 SHMAT = """

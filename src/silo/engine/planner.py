@@ -202,9 +202,12 @@ def _plan_gvisor(spec: Spec, argv: Sequence[str], term: str | None, tty: bool, l
     uid, gid = spec.user.uid, spec.user.gid
     # With a network, runsc's netstack sits one hop behind the keeper's namespace, as a
     # vm level's guest does, and asks silo's resolver there (silo.net.keeper).
-    tree = _root_tree(spec, layers, package_state=workspace,
-                      top=runsc.layer(h.cache_dir, native.built("silo-init")) if workspace else None,
+    tree = _root_tree(spec, layers, package_state=workspace, top=runsc.layer(h.cache_dir, native.built("silo-init")),
                       resolver=VM_HOST4)
+    if not workspace:
+        # silo-init inside finds the command as at the process level (127 and 126 with
+        # silo's messages, where runsc would fail with its own and 128) and reaps orphans
+        argv = (runsc.INIT_PATH, "--run", "-1", "--", *argv)
     ops = tree.ops
     if spec.workdir and not any(os.path.lexists(d + spec.workdir) for d in (f"{tree.upper}/root", *tree.lowers)):
         # a missing workdir is made the user's, as at the process level (runsc would make it root's)
