@@ -204,24 +204,20 @@ class Sandbox:
             if workdir is not None:
                 spec = dataclasses.replace(spec, workdir=workdir)
             plan = planner.plan(spec, argv)
-            t = coerce_duration(timeout, "timeout")
-            return plan if t is None else dataclasses.replace(plan, timeout=t)
-        if self._base is None or self.spec.isolation is Isolation.APP:
-            self._base = planner.plan(self.spec, argv)
-        plan = self._base
-        proc = plan.process
-        changes: dict[str, Any] = {"argv": tuple(argv)}
-        if env:
-            merged = dict(proc.env)
-            merged.update(parse_env_entry(f"{k}={v}") for k, v in env.items())
-            changes["env"] = tuple(merged.items())
-        if workdir is not None:
-            changes["cwd"] = Spec(workdir=workdir).workdir
-        plan = dataclasses.replace(plan, process=dataclasses.replace(proc, **changes))
+        else:
+            if self._base is None or self.spec.isolation is Isolation.APP:
+                self._base = planner.plan(self.spec, argv)
+            proc = self._base.process
+            changes: dict[str, Any] = {"argv": tuple(argv)}
+            if env:
+                merged = dict(proc.env)
+                merged.update(parse_env_entry(f"{k}={v}") for k, v in env.items())
+                changes["env"] = tuple(merged.items())
+            if workdir is not None:
+                changes["cwd"] = Spec(workdir=workdir).workdir
+            plan = dataclasses.replace(self._base, process=dataclasses.replace(proc, **changes))
         t = coerce_duration(timeout, "timeout")
-        if t is not None:
-            plan = dataclasses.replace(plan, timeout=t)
-        return plan
+        return plan if t is None else dataclasses.replace(plan, timeout=t)
 
     # the warm pool ---------------------------------------------------------------------
 
