@@ -413,6 +413,36 @@ def parse_netprobe(stdout: bytes | str) -> dict[str, str]:
     return result
 
 
+def probe_in(ws: Any, *checks: str, timeout: float = 2.0) -> dict[str, str]:
+    """The probe's findings from inside the workspace ``ws`` (a silo.Workspace)."""
+    r = ws.exec(netprobe_argv(*checks, timeout=timeout))
+    assert r.exit_code == 0, r
+    return parse_netprobe(r.stdout)
+
+
+def serve_8000(bind: str, tries: int = 100) -> str:
+    """A shell line for inside a sandbox: Python's HTTP server of /etc on port 8000 at
+    ``bind``, in the background, waited for (``tries`` x 50 ms) on the loopback."""
+    return (f"cd /etc && (python3 -m http.server 8000 --bind {bind} >/dev/null 2>&1 &) && "
+            f"python3 -c 'import socket,time\nfor _ in range({tries}):\n    try: socket.create_connection"
+            "((\"127.0.0.1\", 8000)).close(); break\n    except OSError: time.sleep(0.05)'")
+
+
+def http_get(port: int, path: str, wait: float = 20.0) -> bytes:
+    """GET ``path`` from 127.0.0.1:``port`` (a published port), retried for ``wait``
+    seconds until the answer is a 200; the last answer."""
+    deadline = time.monotonic() + wait
+    body = b""
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+            c.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+            body = b"".join(iter(lambda: c.recv(4096), b""))
+            if b"200" in body.split(b"\r\n")[0]:
+                return body
+        time.sleep(0.2)
+    return body
+
+
 # -- the fixture
 
 

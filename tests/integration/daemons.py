@@ -116,6 +116,18 @@ def private_daemon() -> Iterator[Daemon]:
         subprocess.run(["rm", "-rf", "--one-file-system", base], check=False)
 
 
+@contextlib.contextmanager
+def private_client() -> Iterator[silo.Client]:
+    """A client of a private silod of its own (``client.daemon``); the workspaces left
+    when the block ends are removed, then the daemon is stopped."""
+    with private_daemon() as d, silo.Client(d.socket, autostart=False) as c:
+        c.daemon = d  # type: ignore[attr-defined]
+        yield c
+        for info in c.list():
+            with contextlib.suppress(silo.SiloError):
+                c.get(info.name).remove(force=True)
+
+
 # Fixtures of the modules whose tests make workspaces by name on the module's private
 # daemon (tests/conftest.py's ``daemon``); such a module imports them.
 

@@ -41,6 +41,8 @@ from networld import (
     net_leftovers,
     netprobe_argv,
     parse_netprobe,
+    probe_in,
+    serve_8000,
 )
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the test world needs root")
@@ -201,15 +203,7 @@ def make(client: silo.Client, name: str, **options: Any) -> silo.Workspace:
     return ws
 
 
-SERVE_8000 = ("cd /etc && (python3 -m http.server 8000 --bind :: >/dev/null 2>&1 &) && "
-              "python3 -c 'import socket,time\nfor _ in range(100):\n    try: socket.create_connection"
-              "((\"127.0.0.1\", 8000)).close(); break\n    except OSError: time.sleep(0.05)'")
-
-
-def probe_in(ws: silo.Workspace, *checks: str, timeout: float = 2.0) -> dict[str, str]:
-    r = ws.exec(netprobe_argv(*checks, timeout=timeout))
-    assert r.exit_code == 0, r
-    return parse_netprobe(r.stdout)
+SERVE_8000 = serve_8000("::")
 
 
 def test_live_policy_change_cuts_forbidden_connections(world: World, client: silo.Client, daemon: Daemon) -> None:

@@ -36,6 +36,7 @@ from networld import (
     host_address,
     netprobe_argv,
     parse_netprobe,
+    serve_8000,
 )
 from users import PYTHON, SILO, User, peer_pid, usable_by
 
@@ -180,9 +181,7 @@ def ws_probe(user: User, name: str, *checks: str) -> dict[str, str]:
     return parse_netprobe(r.stdout)
 
 
-SERVE_8000 = ("cd /etc && (python3 -m http.server 8000 --bind 127.0.0.1 >/dev/null 2>&1 &) && "
-              "python3 -c 'import socket,time\nfor _ in range(100):\n    try: socket.create_connection"
-              "((\"127.0.0.1\", 8000)).close(); break\n    except OSError: time.sleep(0.05)'")
+SERVE_8000 = serve_8000("127.0.0.1")
 
 
 def test_a_rootless_workspace_publishes_changes_live_and_counts(world: World, daemon: User) -> None:

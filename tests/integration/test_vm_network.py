@@ -11,7 +11,6 @@ prohibited", which the guest's kernel reports as EHOSTUNREACH; both count as blo
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shlex
 import socket
@@ -21,7 +20,7 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from daemons import REPO, Daemon, private_daemon
+from daemons import REPO, Daemon, private_client
 
 import silo
 from networld import (
@@ -36,9 +35,12 @@ from networld import (
     World,
     blocked,
     host_address,
+    http_get,
     net_leftovers,
     netprobe_argv,
     parse_netprobe,
+    probe_in,
+    serve_8000,
 )
 from silo.model.network import VM_HOST4
 from vmtools import nothing_left, vm_processes
@@ -91,37 +93,12 @@ def test_a_one_shot_vm_in_allow_mode_reaches_only_what_is_listed(world: World) -
 
 @pytest.fixture
 def client(world: World) -> Iterator[silo.Client]:
-    with private_daemon() as d, silo.Client(d.socket, autostart=False) as c:
-        c.daemon = d  # type: ignore[attr-defined]
+    with private_client() as c:
         yield c
-        for info in c.list():
-            with contextlib.suppress(silo.SiloError):
-                c.get(info.name).remove(force=True)
     assert leftovers() == {**NOTHING, "vm": []}
 
 
-def probe_in(ws: silo.Workspace, *checks: str) -> dict[str, str]:
-    r = ws.exec(netprobe_argv(*checks, timeout=PROBE_TIMEOUT))
-    assert r.exit_code == 0, r
-    return parse_netprobe(r.stdout)
-
-
-SERVE_8000 = ("cd /etc && (python3 -m http.server 8000 --bind :: >/dev/null 2>&1 &) && "
-              "python3 -c 'import socket,time\nfor _ in range(400):\n    try: socket.create_connection"
-              "((\"127.0.0.1\", 8000)).close(); break\n    except OSError: time.sleep(0.05)'")
-
-
-def http_get(port: int, path: str) -> bytes:
-    deadline = time.monotonic() + 20
-    body = b""
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=5) as c:
-            c.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
-            body = b"".join(iter(lambda: c.recv(4096), b""))
-            if b"200" in body.split(b"\r\n")[0]:
-                return body
-        time.sleep(0.2)
-    return body
+SERVE_8000 = serve_8000("::", tries=400)
 
 
 def test_a_vm_workspace_network_policy_publish_links_live_changes_and_cleanup(client: silo.Client) -> None:
@@ -131,7 +108,7 @@ def test_a_vm_workspace_network_policy_publish_links_live_changes_and_cleanup(cl
     name = f"vmnet-{uuid.uuid4().hex[:6]}"
     ws = client.create(name, isolation="vm", network="internet", dns=[DNS4], publish=[f"{port}:8000"])
     ws.start()
-    got = probe_in(ws, f"http:{PUBLIC4}:80", f"tcp:{LAN4}:80", "dns:public.test")
+    got = probe_in(ws, f"http:{PUBLIC4}:80", f"tcp:{LAN4}:80", "dns:public.test", timeout=PROBE_TIMEOUT)
     assert got == {f"http:{PUBLIC4}:80": f"ok:hello from {PUBLIC4}", f"tcp:{LAN4}:80": "refused",
                    "dns:public.test": f"ok:{PUBLIC6},{PUBLIC4}"}, got
     net = ws.info().network
@@ -145,11 +122,11 @@ def test_a_vm_workspace_network_policy_publish_links_live_changes_and_cleanup(cl
     app = client.create("app", network="internet", dns=[DNS4], links=[name])
     app.start()
     addr4, addr6 = net["address"]["ipv4"], net["address"]["ipv6"]
-    got = probe_in(app, f"tcp:{addr4}:8000", f"tcp:[{addr6}]:8000", f"dns:{name}")
+    got = probe_in(app, f"tcp:{addr4}:8000", f"tcp:[{addr6}]:8000", f"dns:{name}", timeout=PROBE_TIMEOUT)
     assert got == {f"tcp:{addr4}:8000": "ok", f"tcp:[{addr6}]:8000": "ok", f"dns:{name}": f"ok:{addr4},{addr6}"}, got
     # a live change holds for the guest at once, no restart
     ws.set_network("allow", allow=[f"{PUBLIC4_B}/32"])
-    got = probe_in(ws, f"tcp:{PUBLIC4}:80", f"tcp:{PUBLIC4_B}:80")
+    got = probe_in(ws, f"tcp:{PUBLIC4}:80", f"tcp:{PUBLIC4_B}:80", timeout=PROBE_TIMEOUT)
     assert got == {f"tcp:{PUBLIC4}:80": "refused", f"tcp:{PUBLIC4_B}:80": "ok"}, got
     app.remove(force=True)
     ws.stop()
@@ -168,7 +145,7 @@ def test_a_daemon_crash_leaves_no_vm_network(client: silo.Client) -> None:
     with silo.Client(d.socket, autostart=False) as c2:
         again = c2.get("vmcrash")
         again.start()
-        assert probe_in(again, f"tcp:{PUBLIC4}:80") == {f"tcp:{PUBLIC4}:80": "ok"}
+        assert probe_in(again, f"tcp:{PUBLIC4}:80", timeout=PROBE_TIMEOUT) == {f"tcp:{PUBLIC4}:80": "ok"}
         again.remove(force=True)
 
 
