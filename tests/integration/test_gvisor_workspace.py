@@ -200,6 +200,113 @@ def test_snapshot_restore_reset_fork_and_templates_share_the_process_levels_stor
     nothing_left()
 
 
+COUNTER = "i=0; while :; do i=$((i+1)); echo $i > /root/count; sleep 0.2; done"
+
+
+def inside_pids(name: str, pattern: str) -> list[str]:
+    ps = ok("exec", name, "--", "ps", "-eo", "pid,args")
+    return [line.split()[0] for line in ps.splitlines() if pattern in line and "ps -eo" not in line]
+
+
+def test_snapshot_memory_saves_a_running_workspaces_processes_and_restore_resumes_them(
+        client: silo.Client, names: list[str], daemon: Daemon) -> None:
+    """``silo snapshot --memory`` (runsc checkpoint): the workspace runs on with the same
+    processes; the snapshot keeps their memory with the files of the same instant, and
+    after ``restore`` the next start brings those processes back, once."""
+    name = started(names)
+    ok("exec", name, "--", "sh", "-c", f"echo before > /root/v; ({COUNTER}) </dev/null >/dev/null 2>&1 &")
+    time.sleep(1)
+    pids = inside_pids(name, "while :")
+    assert len(pids) == 1, pids
+    assert ok("snapshot", name, "live", "--memory") == "live\n"
+    # it runs on, with the same process (same pid inside), still counting
+    assert client_state(name) == "running"
+    assert inside_pids(name, "while :") == pids
+    at = int(ok("exec", name, "--", "cat", "/root/count"))
+    time.sleep(1)
+    later = int(ok("exec", name, "--", "cat", "/root/count"))
+    assert later > at, (at, later)
+    snaps = client.get(name).snapshots()
+    assert [(s.tag, s.memory) for s in snaps] == [("live", True)]
+    assert ok("snapshots", name).splitlines()[1].split()[-1] == "saved"
+    # the memory image is the store's, owned by the workspace's id range, not host root
+    (image,) = Path(daemon.state, "images").iterdir()
+    assert (image / "checkpoint.img").stat().st_size > 0 and image.stat().st_uid != 0
+    assert not Path(daemon.state, "workspaces", name, "checkpoint").exists()
+    ok("exec", name, "--", "sh", "-c", "echo after > /root/v")
+    ok("stop", name)
+    ok("restore", name, "live")
+    info = client.get(name).info()
+    assert info.gvisor is not None and info.gvisor["resumes"] == "live"
+    ok("start", name)
+    # the process is back, with the snapshot's files and memory: its count went on from
+    # what it was at the snapshot, below what it had reached since
+    assert inside_pids(name, "while :") == pids
+    assert ok("exec", name, "--", "cat", "/root/v") == "before\n"
+    time.sleep(0.5)
+    resumed = int(ok("exec", name, "--", "cat", "/root/count"))
+    assert 0 < resumed < later + 10, (resumed, later)
+    assert "resumed" in ok("logs", name)
+    info = client.get(name).info()
+    assert info.gvisor is not None and info.gvisor["resumes"] is None
+    # once: the next start is a fresh one, with the files
+    ok("restart", name)
+    assert inside_pids(name, "while :") == []
+    assert ok("exec", name, "--", "cat", "/root/v") == "before\n"
+    # a plain snapshot, reset and fork carry no processes
+    ok("stop", name)
+    ok("snapshot", name, "files")
+    assert [(s.tag, s.memory) for s in client.get(name).snapshots()] == [("live", True), ("files", False)]
+    ok("restore", name, "live")
+    fork = new(names)
+    ok("fork", name, fork)
+    fork_info = client.get(fork).info()
+    assert fork_info.gvisor is None or fork_info.gvisor["resumes"] is None
+    ok("reset", name)
+    info = client.get(name).info()
+    assert info.gvisor is not None and info.gvisor["resumes"] is None
+    # deleting the snapshot frees its image (the daemon's garbage collection)
+    ok("snapshot", "rm", name, "live")
+    ok("rm", "-f", fork)
+    deadline = time.monotonic() + 10
+    while list(Path(daemon.state, "images").iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert list(Path(daemon.state, "images").iterdir()) == []
+    nothing_left_of(name)
+
+
+def nothing_left_of(name: str) -> None:
+    ok("rm", "-f", name)
+    nothing_left()
+
+
+def test_snapshot_memory_refusals_name_the_problem_and_keep_the_processes(
+        client: silo.Client, names: list[str]) -> None:
+    name = started(names)
+    ok("exec", name, "--", "sh", "-c", "sleep 300 </dev/null >/dev/null 2>&1 &")
+    ok("snapshot", name, "taken", "--memory")
+    # a tag in use is refused before anything is saved: the processes run on
+    r = cli("snapshot", name, "taken", "--memory")
+    assert r.returncode != 0 and "already has a snapshot 'taken'" in r.stderr, r
+    assert client_state(name) == "running" and inside_pids(name, "sleep 300")
+    # the SDK asks the same
+    with pytest.raises(silo.WorkspaceExists, match="already has a snapshot"):
+        client.get(name).snapshot("taken", memory=True)
+    ok("stop", name)
+    r = cli("snapshot", name, "--memory")
+    assert r.returncode != 0 and r.stderr == (
+        f"silo: workspace {name!r} is stopped: 'silo snapshot --memory' saves a running workspace's processes; "
+        f"start it first (silo start {name}), or drop --memory\n"), r
+    other = daemons.started(names, "process", ok)
+    r = cli("snapshot", other, "--memory")
+    assert r.returncode != 0 and r.stderr.startswith(
+        "silo: 'silo snapshot --memory' saves processes at isolation 'gvisor' only"), r
+    assert client_state(other) == "running"
+    assert [s.tag for s in client.get(name).snapshots()] == ["taken"]
+    ok("rm", "-f", other)
+    nothing_left_of(name)
+
+
 def test_limits_and_refusals_of_a_gvisor_workspace(names: list[str]) -> None:
     name = started(names, "--memory", "96M")
     r = cli("exec", name, "--", "python3", "-c", "x = bytearray(300 << 20)")

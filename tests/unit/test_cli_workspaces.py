@@ -161,8 +161,19 @@ def test_snapshots_fork_diff_logs(cli: Run, tmp_path: Path) -> None:
     assert cli("snapshot", "web", "clean") == (0, "clean\n", "")
     assert cli("snapshot", "web") == (0, "snap-1\n", "")
     code, out, _ = cli("snapshots", "web")
-    assert code == 0 and out.splitlines()[0].split() == ["TAG", "CREATED"] and "clean" in out
-    assert [s["tag"] for s in json.loads(cli("snapshots", "web", "--json")[1])] == ["clean", "snap-1"]
+    assert code == 0 and out.splitlines()[0].split() == ["TAG", "CREATED", "PROCESSES"] and "clean" in out
+    assert [(s["tag"], s["memory"]) for s in json.loads(cli("snapshots", "web", "--json")[1])] == [
+        ("clean", False), ("snap-1", False)]
+    # 'snapshot ls' and 'snapshot rm', as the error messages name them
+    assert cli("snapshot", "ls", "web")[1] == out
+    assert cli("snapshot", "rm", "web", "snap-1") == (0, "", "")
+    assert [s["tag"] for s in json.loads(cli("snapshot", "ls", "web", "--json")[1])] == ["clean"]
+    code, _, err = cli("snapshot", "web", "a", "b")
+    assert code == 2 and err == ("silo: too many arguments: use 'silo snapshot NAME [TAG]', 'silo snapshot ls "
+                                 "NAME' or 'silo snapshot rm NAME TAG'\n")
+    # the fake daemon saves no processes, as a non-gvisor workspace
+    code, _, err = cli("snapshot", "web", "--memory")
+    assert code != 0 and "saves processes at isolation 'gvisor' only" in err
     assert cli("reset", "web") == (0, "", "")
     assert json.loads(cli("diff", "web", "--json")[1]) == []
     assert cli("restore", "web", "clean") == (0, "", "")

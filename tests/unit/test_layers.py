@@ -6,6 +6,7 @@ import functools
 import itertools
 import json
 import os
+import shutil
 import stat
 import time
 from collections.abc import Callable
@@ -469,8 +470,13 @@ def setup_workspaces(s: Storage) -> None:
 def summary(s: Storage) -> dict[str, object]:
     out: dict[str, object] = {"templates": sorted(t.name for t in s.templates())}
     for name in s.names():
-        out[name] = (view(s, name), [x.tag for x in s.snapshots(name)])
+        out[name] = (view(s, name), [(x.tag, x.memory) for x in s.snapshots(name)], s.resumes(name))
     return out
+
+
+def memory_image(s: Storage, name: str, data: bytes = b"image") -> None:
+    """What runsc checkpoint leaves in the workspace's stage."""
+    Path(s.memory_stage(name), "checkpoint.img").write_bytes(data)
 
 
 OPS: dict[str, Callable[[Storage], object]] = {
@@ -483,6 +489,7 @@ OPS: dict[str, Callable[[Storage], object]] = {
     "remove": lambda s: s.remove("web"),
     "remove-template": lambda s: s.remove_template("unused"),
     "delete-snapshot": lambda s: s.delete_snapshot("web", "one"),
+    "snapshot-memory": lambda s: (memory_image(s, "web"), s.snapshot("web", "two", memory=True)),
 }
 
 
@@ -598,3 +605,82 @@ def test_snapshot_reset_and_fork_of_1_gib_are_fast(s: Storage) -> None:
     fill(s.stack("web").upper, gib)
     assert timed(lambda: s.fork("web", "web2")) < 0.3
     assert s.usage("web2") >= gib
+
+
+# snapshot --memory: memory images beside the layers ------------------------------------------
+
+
+def test_a_memory_snapshot_keeps_the_image_and_the_next_start_resumes_it_once(s: Storage) -> None:
+    s.create("web", "host")
+    put(s, "web", "root/a", b"a")
+    memory_image(s, "web", b"state")
+    stage = s.root / "workspaces" / "web" / "checkpoint"
+    assert mode(stage) == 0o700 and os.lstat(stage).st_uid == OWNER[0]  # runsc writes it as the workspace's root
+    info = s.snapshot("web", "live", memory=True)
+    assert (info.tag, info.memory) == ("live", True)
+    assert not stage.exists()
+    (image,) = (s.root / "images").iterdir()
+    assert (image / "checkpoint.img").read_bytes() == b"state"
+    assert mode(s.root / "images") == 0o711
+    # the snapshot's files are frozen with it, and its image is what the next start resumes
+    assert view(s, "web") == {"root/a": b"a"} and s.stack("web").resume == str(image)
+    assert s.resumes("web") == "live"
+    assert s.take_resume("web") == str(image)
+    assert s.take_resume("web") is None and s.resumes("web") is None and s.stack("web").resume is None
+    # restore brings it back; a plain snapshot has none
+    s.snapshot("web", "files")
+    assert [(x.tag, x.memory) for x in s.snapshots("web")] == [("live", True), ("files", False)]
+    s.restore("web", "files")
+    assert s.resumes("web") is None
+    s.restore("web", "live")
+    assert s.resumes("web") == "live"
+    s.fork("web", "copy")
+    assert s.resumes("copy") is None and s.snapshots("copy") == []
+    s.reset("web")
+    assert s.resumes("web") is None
+    # the image lives while a snapshot or a pending resume names it
+    s.restore("web", "live")
+    s.delete_snapshot("web", "live")
+    s.gc()
+    assert image.is_dir()
+    s.take_resume("web")
+    s.gc()
+    assert not image.exists() and os.listdir(s.root / "images") == []
+
+
+def test_a_memory_snapshot_refusals(s: Storage) -> None:
+    s.create("web", "host")
+    with pytest.raises(InternalError, match="has no memory image to keep"):
+        s.snapshot("web", memory=True)
+    s.memory_stage("web")  # made, but runsc wrote nothing
+    with pytest.raises(InternalError, match="has no memory image to keep"):
+        s.snapshot("web", "x", memory=True)
+    assert s.snapshots("web") == [] and s.new_tag("web") == "snap-1"
+    s.snapshot("web", "x")
+    with pytest.raises(WorkspaceExists, match="already has a snapshot 'x'"):
+        s.new_tag("web", "x")
+    memory_image(s, "web")
+    s.snapshot("web", "y", memory=True)
+    shutil.rmtree(next((s.root / "images").iterdir()))
+    with pytest.raises(UserError, match=r"^snapshot 'y' of workspace 'web' is damaged: its memory image"):
+        s.restore("web", "y")
+
+
+def test_stack_files_without_memory_are_read_and_written_as_before(s: Storage) -> None:
+    s.create("web", "host")
+    put(s, "web", "root/a")
+    s.snapshot("web", "one")
+    raw = json.loads((s.root / "workspaces" / "web" / "stack.json").read_text())
+    assert "resume" not in raw and set(raw["snapshots"][0]) == {"tag", "created", "layers"}
+    raw["resume"] = "not an id"
+    (s.root / "workspaces" / "web" / "stack.json").write_text(json.dumps(raw))
+    with pytest.raises(UserError, match="is not a memory image id"):
+        s.stack("web")
+
+
+def test_recover_trashes_a_memory_image_a_crash_cut_short(s: Storage) -> None:
+    s.create("web", "host")
+    memory_image(s, "web")
+    s.recover()
+    assert not (s.root / "workspaces" / "web" / "checkpoint").exists()
+    assert s.snapshots("web") == [] and len(trash(s)) == 1

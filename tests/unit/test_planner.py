@@ -619,3 +619,47 @@ def test_a_gvisor_plan_with_a_network_puts_runscs_netstack_behind_the_keeper(
         assert netns == {"type": "network", "path": "/proc/self/ns/net"}
         assert resolv and f"nameserver {VM_HOST4}\n".encode() in resolv[0]
         assert hidden and hidden[0].readonly and _index(plan, hidden[0]) > _index(plan, p.Proc("/proc"))
+
+
+def test_a_gvisor_workspace_resumes_a_memory_image_with_runsc_restore_of_the_same_bundle(
+        root_host: hostmod.Host, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The init of a workspace restored to a snapshot --memory is ``runsc restore`` of
+    the image with the bundle a fresh start would have; its commands join it as ever.
+    Only the gvisor level resumes processes."""
+    from silo.backends.gvisor import runsc
+
+    monkeypatch.setenv("SILO_GVISOR_PLATFORM", "ptrace")
+    monkeypatch.setattr(runsc, "runsc", lambda: "/usr/bin/runsc")
+    spec = Spec(isolation=Isolation.GVISOR)
+    fresh = planner.plan_workspace(spec, planner.Layers())
+    image = str(tmp_path / "images" / "0123456789abcdef")
+    resumed = planner.plan_workspace(spec, planner.Layers(), image)
+    argv = list(resumed.process.argv)
+    assert argv[argv.index("restore"):] == ["restore", "--image-path", image, "--bundle", *fresh.process.argv[-2:]]
+    assert "run" in fresh.process.argv and "restore" not in fresh.process.argv
+    assert resumed.ops == fresh.ops and resumed.gvisor == fresh.gvisor
+    # checkpoint, like exec and kill, runs as the workspace's root in its namespaces, no operations
+    save = planner.plan_runsc(resumed, runsc.checkpoint_argv(resumed.process.argv, image))
+    assert save.ops == () and save.namespaces == ("user", "pid") and save.gvisor is None
+    assert save.process.argv[3:] == ("checkpoint", "--image-path", image, runsc.CONTAINER)
+    assert (save.process.uid, save.process.gid) == (0, 0)
+    with pytest.raises(SpecError, match="only a gvisor workspace resumes saved processes"):
+        planner.plan_workspace(Spec(), planner.Layers(), image)
+
+
+def test_open_tcp_connections_and_runscs_refusals_are_read() -> None:
+    from silo.backends.gvisor import runsc
+
+    tables = (b"  sl  local_address rem_address   st tx_queue rx_queue\n"
+              b"   3: 00000000:1F40 00000000:0000 0A 00000000:00000000\n"  # a listener
+              b"   5: FEFFD50A:1F40 FDFFD50A:BC56 01 00000000:00000000\n"  # over eth0: refused by gVisor
+              b"   6: 0100007F:2328 0100007F:C001 01 00000000:00000000\n"  # over loopback: saved
+              b"  sl  local_address                         remote_address                        st\n"
+              b"   0: 00000000000000000000000001000000:2328 00000000000000000000000001000000:C002 01\n"
+              b"   1: 000080FE00000000FF00000000000000:1F40 000080FE00000000FF00000001000000:C003 01\n")
+    assert runsc.open_connections(tables) == 2
+    assert runsc.open_connections(b"") == 0
+    said = b"checkpoint failed: ... save rejected due to unsupported networking state: endpoint cannot be saved " \
+           b"in connected state: local 10.213.255.254:8000"
+    assert "TIME_WAIT" in (runsc.checkpoint_refusal(said) or "")
+    assert runsc.checkpoint_refusal(b"something else") is None

@@ -269,9 +269,34 @@ def cmd_ls(ns: argparse.Namespace) -> None:
              _info_row)
 
 
+def _snapshot_parser() -> _Parser:
+    ps = _parser("snapshot", "Snapshot a stopped workspace's private layer and print the tag (NAME [TAG]); "
+                 "'silo snapshot ls NAME' lists the snapshots, 'silo snapshot rm NAME TAG' deletes one.", names=None)
+    return _with(ps, (("args",), {"metavar": "NAME [TAG] | ls NAME | rm NAME TAG", "nargs": "+"}),
+                 (("--memory",), {"action": "store_true",
+                                  "help": "a running gvisor workspace's processes too: it runs on, and after "
+                                          "'silo restore NAME TAG' its next start resumes them"}), _JSON)
+
+
+def cmd_snapshot(ns: argparse.Namespace) -> None:
+    args = ns.args
+    if args[0] == "rm" and len(args) == 3:
+        ns.name = args[1]
+        _on(ns, lambda ws: ws.delete_snapshot(args[2]))
+    elif args[0] == "ls" and len(args) == 2:
+        ns.name = args[1]
+        cmd_snapshots(ns)
+    elif len(args) <= 2:
+        ns.name, tag = args[0], (args[1] if len(args) == 2 else None)
+        print(_on(ns, lambda ws: ws.snapshot(tag, memory=ns.memory)).tag)
+    else:
+        raise SpecError("too many arguments: use 'silo snapshot NAME [TAG]', 'silo snapshot ls NAME' or "
+                        "'silo snapshot rm NAME TAG'")
+
+
 def cmd_snapshots(ns: argparse.Namespace) -> None:
-    _listing(ns, _on(ns, Workspace.snapshots), lambda s: {"tag": s.tag, "created": s.created}, ["TAG", "CREATED"],
-             lambda s: [s.tag, relative_time(s.created)])
+    _listing(ns, _on(ns, Workspace.snapshots), lambda s: {"tag": s.tag, "created": s.created, "memory": s.memory},
+             ["TAG", "CREATED", "PROCESSES"], lambda s: [s.tag, relative_time(s.created), "saved" if s.memory else "-"])
 
 
 def cmd_diff(ns: argparse.Namespace) -> None:
@@ -489,9 +514,7 @@ VERBS: dict[str, tuple[Parse, Run]] = {
                 lambda ns: _print_json(_on(ns, Workspace.info).to_dict())),
     "exec": (_exec_parser, cmd_exec),
     "cp": (_cp_parser, cmd_cp),
-    "snapshot": (_named("snapshot", "Snapshot a stopped workspace's private layer; prints the tag.",
-                        (("tag",), {"metavar": "TAG", "nargs": "?"})),
-                 lambda ns: print(_on(ns, lambda ws: ws.snapshot(ns.tag)).tag)),
+    "snapshot": (_snapshot_parser, cmd_snapshot),
     "snapshots": (_named("snapshots", "List a workspace's snapshots.", _JSON), cmd_snapshots),
     "restore": (_named("restore", "Bring a stopped workspace back to a snapshot.", (("tag",), {"metavar": "TAG"})),
                 lambda ns: _on(ns, lambda ws: ws.restore(ns.tag))),

@@ -94,6 +94,7 @@ class Version(BaseModel):
 class SnapshotOut(BaseModel):
     tag: str
     created: float
+    memory: bool = False  # it saved the workspace's processes too (gvisor: snapshot --memory)
 
 
 class WorkspaceOut(BaseModel):
@@ -152,6 +153,7 @@ class ExecIn(BaseModel):
 
 class SnapshotIn(BaseModel):
     tag: str | None = None
+    memory: bool = False  # a running gvisor workspace's processes too (runsc checkpoint)
 
 
 class RestoreIn(BaseModel):
@@ -359,7 +361,8 @@ def build(manager: Manager) -> FastAPI:
     @app.post("/v1/workspaces/{name}/snapshots", response_model=SnapshotOut, status_code=201)
     async def snapshot(request: Request, name: str,
                        body: Annotated[SnapshotIn | None, Body()] = None) -> dict[str, Any]:
-        return await manager.snapshot(peer_of(request), name, body.tag if body else None)
+        return await manager.snapshot(peer_of(request), name, body.tag if body else None,
+                                      body.memory if body else False)
 
     @app.get("/v1/workspaces/{name}/snapshots", response_model=list[SnapshotOut])
     async def snapshots(request: Request, name: str) -> list[dict[str, Any]]:

@@ -61,6 +61,7 @@ log = logging.getLogger("silod")
 OUTPUT_CAP = 16 << 20  # bytes of stdout/stderr a captured exec keeps (the rest is read and dropped)
 LOG_CAP = 8 << 20  # a workspace's log is cut to its last half beyond this, at start
 STOP_TIMEOUT = 10.0
+CHECKPOINT_TIMEOUT = 300.0  # seconds for runsc to write a gvisor workspace's memory image
 RESTART_BACKOFF = (1.0, 2.0, 5.0, 10.0, 30.0)
 
 
@@ -132,6 +133,7 @@ class Manager:
         self._pids = os.path.join(run_dir, "workspaces")
         os.makedirs(self._pids, mode=0o700, exist_ok=True)
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._collecting = asyncio.Lock()
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -142,6 +144,20 @@ class Manager:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _collect(self) -> None:
+        """In the background, one at a time: trash the layers and memory images nothing
+        uses any more (Storage.gc: after rm, snapshot rm, restore, reset, template rm
+        and at start) and delete what is in the trash."""
+        async def collect() -> None:
+            async with self._collecting:
+                try:
+                    await asyncio.to_thread(self.storage.gc)
+                    await asyncio.to_thread(self.storage.empty_trash)
+                except SiloError as e:
+                    log.error("%s", e.message)
+
+        self._background(collect())
 
     def record(self, peer: int, name: str) -> WorkspaceRecord:
         """``name``'s record if ``peer`` may see it; else the same error as a missing one."""
@@ -177,7 +193,8 @@ class Manager:
         run = self.running.get(record.name)
         snaps: list[dict[str, Any]] = []
         with contextlib.suppress(UserError):
-            snaps = [{"tag": s.tag, "created": s.created} for s in self.storage.snapshots(record.name)]
+            snaps = [{"tag": s.tag, "created": s.created, "memory": s.memory}
+                     for s in self.storage.snapshots(record.name)]
         private = None
         if usage:
             with contextlib.suppress(UserError, OSError):
@@ -192,15 +209,20 @@ class Manager:
 
     def gvisor_info(self, record: WorkspaceRecord, run: Running | None) -> dict[str, Any] | None:
         """A gvisor workspace's platform: its running sandbox's, else the cached verdict
-        of the probe (never a probe here: this runs on the loop, for every listed record)."""
+        of the probe (never a probe here: this runs on the loop, for every listed record);
+        and ``resumes``, the snapshot whose processes its next start resumes."""
         if record.spec.isolation is not Isolation.GVISOR:
             return None
         from silo.backends.gvisor import runsc
 
-        if run is not None:
-            return {"platform": runsc.platform_of(run.plan.process.argv)}
-        platform = runsc.known(self.host.cache_dir)
-        return {"platform": platform} if platform is not None else None
+        resumes = None
+        if run is None:
+            with contextlib.suppress(UserError):
+                resumes = self.storage.resumes(record.name)
+        platform = runsc.platform_of(run.plan.process.argv) if run is not None else runsc.known(self.host.cache_dir)
+        if platform is None and resumes is None:
+            return None
+        return {"platform": platform, "resumes": resumes}
 
     @staticmethod
     def memory_stats(run: Running) -> dict[str, Any] | None:
@@ -287,13 +309,15 @@ class Manager:
                 log.error("workspace %s is removed, but not yet its storage: %s", name, e.message)
             with contextlib.suppress(OSError):
                 self.store.workspace_dir(name).rmdir()
+            self._collect()
             self._locks.pop(name, None)
 
     # -- start / stop ----------------------------------------------------------------
 
-    def _plan(self, record: WorkspaceRecord, level: Isolation | None = None) -> p.Plan:
+    def _plan(self, record: WorkspaceRecord, level: Isolation | None = None, resume: str | None = None) -> p.Plan:
         """The plan of ``record``'s init; ``level`` builds its file system at another
-        level (a stopped gvisor workspace's is copied at the process level)."""
+        level (a stopped gvisor workspace's is copied at the process level); ``resume``,
+        a gvisor workspace's memory image to restore (Storage.take_resume)."""
         stack = self.storage.stack(record.name)
         spec = record.spec.sandbox_spec(root=stack.base)
         if level is not None:
@@ -304,7 +328,7 @@ class Manager:
             layers = planner.Layers(lowers=stack.lowers)
         else:
             layers = planner.Layers(upper=stack.upper, work=stack.work, lowers=stack.lowers)
-        return planner.plan_workspace(spec, layers)
+        return planner.plan_workspace(spec, layers, resume)
 
     def _plan_vm(self, record: WorkspaceRecord, spec: Spec, stack: Any) -> p.Plan:
         """A vm workspace's machine: its layers' disks (silo.backends.vm.disk), its own
@@ -338,9 +362,23 @@ class Manager:
 
     async def _start(self, record: WorkspaceRecord) -> WorkspaceRecord:
         name = record.name
+        # A gvisor workspace restored to a snapshot --memory resumes its processes, once:
+        # the image is taken off the stack now, whether the start succeeds or not.
+        resumes = self.storage.resumes(name) if record.spec.isolation is Isolation.GVISOR else None
+        image = await asyncio.to_thread(self.storage.take_resume, name) if resumes is not None else None
+        try:
+            return await self._launch(record, image)
+        except SiloError as e:
+            if image is None:
+                raise
+            raise type(e)(f"workspace {name!r} could not resume the processes of snapshot {resumes!r}: {e.message}; "
+                          f"its files are the snapshot's: 'silo start {name}' starts it without them") from None
+
+    async def _launch(self, record: WorkspaceRecord, resume: str | None) -> WorkspaceRecord:
+        name = record.name
         # off the loop: a vm workspace's plan makes its disk (qemu-img, and mkfs.ext4 the
         # first time in a state directory)
-        plan = await asyncio.to_thread(self._plan, record)
+        plan = await asyncio.to_thread(self._plan, record, None, resume)
         path = self.log_path(record)
         with contextlib.suppress(OSError):
             if os.path.getsize(path) > LOG_CAP:
@@ -373,7 +411,7 @@ class Manager:
             await self.runtime.stop(proc, 0)
             self._remove_pid(name)
             raise
-        self._log(record, f"started (init pid {proc.pid})")
+        self._log(record, f"{'resumed' if resume else 'started'} (init pid {proc.pid})")
         run.supervisor = asyncio.get_running_loop().create_task(self._supervise(name, run))
         if record.spec.on_start:
             self._background(self._on_start(record, run))
@@ -642,7 +680,7 @@ class Manager:
                 except SiloError as e:
                     log.error("cannot restart %s: %s", name, e.message)
                     self.store.update(name, error=f"restart failed: {e.message}")
-        self._background(asyncio.to_thread(self.storage.empty_trash))
+        self._collect()
 
     # -- exec ------------------------------------------------------------------------
 
@@ -775,27 +813,105 @@ class Manager:
         require(verb, name, record.state, disposable=record.spec.disposable)
         return record
 
-    async def snapshot(self, peer: int, name: str, tag: str | None) -> dict[str, Any]:
+    async def snapshot(self, peer: int, name: str, tag: str | None, memory: bool = False) -> dict[str, Any]:
         async with self.lock(name):
+            if memory:
+                return await self._snapshot_memory(peer, name, tag)
             record = await self._quiet(peer, name, "snapshot")
             snap = await asyncio.to_thread(self.storage.snapshot, name, tag)
             self._log(record, f"snapshot {snap.tag}")
-            return {"tag": snap.tag, "created": snap.created}
+            return {"tag": snap.tag, "created": snap.created, "memory": False}
+
+    async def _snapshot_memory(self, peer: int, name: str, tag: str | None) -> dict[str, Any]:
+        """``snapshot --memory`` of a running gvisor workspace: ``runsc checkpoint`` saves
+        its processes and ends its sandbox, so the files are snapshotted at rest, at the
+        same instant; then the workspace resumes from that image (``runsc restore``) and
+        runs on. Commands attached at that moment lose their client (their processes go
+        on inside)."""
+        from silo.backends.gvisor import runsc
+
+        record = self.record(peer, name)
+        if record.spec.isolation is not Isolation.GVISOR:
+            raise UserError(f"'silo snapshot --memory' saves processes at isolation 'gvisor' only (runsc checkpoint); "
+                            f"workspace {name!r} is at {record.spec.isolation.value!r}: drop --memory to snapshot "
+                            f"its files (stop it first)")
+        if record.spec.disposable:
+            require("snapshot", name, record.state, disposable=True)
+        run = self.running.get(name)
+        if record.state is not State.RUNNING or run is None:
+            raise WorkspaceStateError(f"workspace {name!r} is {record.state.value}: 'silo snapshot --memory' saves "
+                                      f"a running workspace's processes; start it first (silo start {name}), or "
+                                      f"drop --memory")
+        tag = self.storage.new_tag(name, tag)
+        if run.network is not None:
+            # gVisor saves no TCP connection but over loopback, and a failed save ends the
+            # sandbox: refuse first while one is open (one closed in the last minute, in
+            # TIME_WAIT, is not listed: that save fails, and says why)
+            out = os.memfd_create("net-tcp", os.MFD_CLOEXEC)
+            try:
+                await self.runtime.run_joined(run.proc, planner.plan_join(run.plan, ["cat", *runsc.NET_TCP]), out,
+                                              10.0)
+                count = runsc.open_connections(os.pread(out, 1 << 20, 0))
+            finally:
+                os.close(out)
+            if count:
+                raise WorkspaceStateError(f"workspace {name!r} has {count} open TCP connection"
+                                          f"{'s' if count > 1 else ''}, and gVisor cannot save those: close "
+                                          f"{'them' if count > 1 else 'it'} and try again (its processes run on)")
+        stage = await asyncio.to_thread(self.storage.memory_stage, name)
+        out = os.memfd_create("runsc-checkpoint", os.MFD_CLOEXEC)  # runsc's words, for the log and the error
+        run.stopping = True
+        try:
+            code = await self.runtime.run_joined(run.proc, planner.plan_runsc(
+                run.plan, runsc.checkpoint_argv(run.plan.process.argv, stage)), out, CHECKPOINT_TIMEOUT)
+            if code != 0:  # gVisor ends a sandbox whose save failed: give it a moment to
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(run.proc.exited), 5.0)
+        except BaseException:
+            run.stopping = False
+            raise
+        finally:
+            said = os.pread(out, 1 << 20, 0)
+            os.close(out)
+        if said:
+            self._log(record, "runsc checkpoint: " + said.decode(errors="replace").strip())
+        if code == 0:
+            record = await self._stop(record, STOP_TIMEOUT)
+        else:
+            self.storage.drop_memory_stage(name)
+            why = runsc.checkpoint_refusal(said) or f"runsc exited with {code}; see 'silo logs {name}'"
+            if not run.proc.exited.done():
+                run.stopping = False
+                raise WorkspaceStateError(f"gVisor could not save the processes of workspace {name!r} ({why}); "
+                                          f"they run on")
+            await self._stop(record, STOP_TIMEOUT)
+            raise WorkspaceStateError(f"gVisor could not save the processes of workspace {name!r} ({why}), and a "
+                                      f"failed save ends them (runsc's way); its files are kept: 'silo start "
+                                      f"{name}' starts it again")
+        snap = await asyncio.to_thread(self.storage.snapshot, name, tag, memory=True)
+        self._log(record, f"snapshot {snap.tag} with its processes")
+        try:
+            await self._start(record)
+        except SiloError as e:
+            raise type(e)(f"snapshot {snap.tag!r} is saved, but {e.message}") from None
+        return {"tag": snap.tag, "created": snap.created, "memory": True}
 
     def snapshots(self, peer: int, name: str) -> list[dict[str, Any]]:
         self.record(peer, name)
-        return [{"tag": s.tag, "created": s.created} for s in self.storage.snapshots(name)]
+        return [{"tag": s.tag, "created": s.created, "memory": s.memory} for s in self.storage.snapshots(name)]
 
     async def delete_snapshot(self, peer: int, name: str, tag: str) -> None:
         async with self.lock(name):
             self.record(peer, name)
             await asyncio.to_thread(self.storage.delete_snapshot, name, tag)
+            self._collect()
 
     async def restore(self, peer: int, name: str, tag: str) -> WorkspaceRecord:
         async with self.lock(name):
             record = await self._quiet(peer, name, "restore")
             await asyncio.to_thread(self.storage.restore, name, tag)
             self._log(record, f"restored snapshot {tag}")
+            self._collect()
             return self.store.update(name)
 
     async def reset(self, peer: int, name: str) -> WorkspaceRecord:
@@ -803,6 +919,7 @@ class Manager:
             record = await self._quiet(peer, name, "reset")
             await asyncio.to_thread(self.storage.reset, name)
             self._log(record, "reset")
+            self._collect()
             return self.store.update(name)
 
     async def fork(self, peer: int, name: str, new_name: str) -> WorkspaceRecord:
@@ -866,6 +983,7 @@ class Manager:
         parse_name(tname, "template name")
         self.template_of(peer, tname)
         await asyncio.to_thread(self.storage.remove_template, tname)
+        self._collect()
 
     # -- export / import -------------------------------------------------------------
 

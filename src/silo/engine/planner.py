@@ -90,9 +90,10 @@ class Layers:
     lowers: tuple[str, ...] = ()
 
 
-def plan_workspace(spec: Spec, layers: Layers) -> p.Plan:
+def plan_workspace(spec: Spec, layers: Layers, resume: str | None = None) -> p.Plan:
     """The plan of a workspace's init: the sandbox of ``spec`` on ``layers``, with no
-    command (silo-init waits as its PID 1; commands join it later).
+    command (silo-init waits as its PID 1; commands join it later). ``resume``: a gvisor
+    workspace's memory image (a directory), whose processes its sandbox restores.
 
     Unlike a one-shot sandbox, a root-run workspace on the host's root also gets
     copy-on-write views of the host's package state (:data:`~silo.engine.host.PACKAGE_STATE`),
@@ -100,7 +101,9 @@ def plan_workspace(spec: Spec, layers: Layers) -> p.Plan:
     if spec.isolation is Isolation.GVISOR:
         from silo.backends.gvisor import runsc
 
-        return _plan_gvisor(spec, runsc.INIT_ARGV, None, False, layers, workspace=True)
+        return _plan_gvisor(spec, runsc.INIT_ARGV, None, False, layers, workspace=True, resume=resume)
+    if resume is not None:
+        raise SpecError(f"only a gvisor workspace resumes saved processes, not one at {spec.isolation.value!r}")
     if spec.isolation is not Isolation.PROCESS:
         raise SpecError(f"isolation {spec.isolation.value!r} cannot run a workspace: use 'process' or 'gvisor'")
     return _plan_process(spec, (), None, False, layers, package_state=True)
@@ -183,7 +186,7 @@ def _check_gvisor(spec: Spec, tty: bool) -> None:
 
 
 def _plan_gvisor(spec: Spec, argv: Sequence[str], term: str | None, tty: bool, layers: Layers = Layers(),
-                 workspace: bool = False) -> p.Plan:
+                 workspace: bool = False, resume: str | None = None) -> p.Plan:
     """gVisor: ``runsc run`` of a bundle silo writes (silo.backends.gvisor.runsc), in
     the namespaces of a process-level sandbox -- its user namespace and id range
     included -- on the same root: the overlays and volume binds of :func:`_root_tree`,
@@ -192,7 +195,8 @@ def _plan_gvisor(spec: Spec, argv: Sequence[str], term: str | None, tty: bool, l
     host, as at the process level; runsc's state, the bundle and its control socket
     (abstract, in the sandbox's own network namespace) are the sandbox's alone. A
     ``workspace``'s container runs silo-init as its PID 1, and its commands join it
-    (:func:`plan_join`)."""
+    (:func:`plan_join`); with ``resume`` (a memory image of ``runsc checkpoint``) it is
+    ``runsc restore`` of that image instead: the same bundle, the processes it saved."""
     from silo import native
     from silo.backends.gvisor import runsc
 
@@ -246,7 +250,7 @@ def _plan_gvisor(spec: Spec, argv: Sequence[str], term: str | None, tty: bool, l
         ops.append(p.Mkdir(f"{s}/exec"))
     platform = runsc.choose(h.cache_dir, hostmod.skeleton())
     launcher = p.Process(argv=runsc.argv(runsc.runsc(), f"{s}/state", f"{s}/bundle", platform,
-                                         network=spec.network.enabled),
+                                         network=spec.network.enabled, restore=resume),
                          env=(("PATH", DEFAULT_PATH),),
                          cwd="/", uid=0, gid=0, no_new_privs=False,
                          seccomp="unconfined", init=True, harden=False, setgroups=h.is_root)
@@ -269,11 +273,17 @@ def _join_gvisor(workspace: p.Plan, process: p.Process) -> p.Plan:
     pid_file = f"{hostmod.host().scratch}/exec/{secrets.token_hex(8)}"
     argv = runsc.exec_argv(workspace.process.argv, process.argv, process.env, process.cwd, process.uid,
                            process.gid, pid_file)
-    relay = replace(workspace.process, argv=argv, env=(("PATH", DEFAULT_PATH),), cwd="/", uid=0, gid=0,
-                    init=True, new_session=True)
     assert workspace.gvisor is not None
-    return replace(workspace, namespaces=("user", "pid"), ops=(), process=relay,
-                   gvisor=replace(workspace.gvisor, pid_file=pid_file))
+    return replace(plan_runsc(workspace, argv), gvisor=replace(workspace.gvisor, pid_file=pid_file))
+
+
+def plan_runsc(workspace: p.Plan, argv: Sequence[str]) -> p.Plan:
+    """``argv``, a runsc command line (exec, kill, checkpoint), run in the gvisor
+    workspace whose init's plan is ``workspace``: as the root of its user namespace, in
+    its mount, pid and network namespaces (where runsc's state and control socket are)."""
+    relay = replace(workspace.process, argv=tuple(argv), env=(("PATH", DEFAULT_PATH),), cwd="/", uid=0, gid=0,
+                    init=True, new_session=True)
+    return replace(workspace, namespaces=("user", "pid"), ops=(), process=relay, gvisor=None)
 
 
 VM_MEMORY = 512 << 20  # guest RAM when no --memory is given

@@ -761,6 +761,7 @@ def require(verb: str, name: str, state: State, *, disposable: bool = False) -> 
 class Snapshot:
     tag: str
     created: float  # unix time
+    memory: bool = False  # it saved a gvisor workspace's processes too (snapshot --memory)
 
     def __post_init__(self) -> None:
         parse_name(self.tag, "snapshot tag")

@@ -155,7 +155,7 @@ class DaemonVersion:
 
 
 def _snapshot_dict(s: Snapshot) -> dict[str, object]:
-    return {"tag": s.tag, "created": s.created}
+    return {"tag": s.tag, "created": s.created, "memory": s.memory}
 
 
 # -- reading replies (untrusted) -----------------------------------------------------------
@@ -209,7 +209,7 @@ def _json(response: httpx.Response) -> object:
 def _parse_snapshot(untrusted: object) -> Snapshot:
     table = _table(untrusted, "a snapshot")
     try:
-        return Snapshot(_get(table, "tag", str), _time(table, "created"))
+        return Snapshot(_get(table, "tag", str), _time(table, "created"), bool(_opt(table, "memory", bool)))
     except SpecError as e:
         raise _malformed(e.message) from None
 
@@ -364,8 +364,10 @@ def _req_get(name: str, src: str, sink: IO[bytes]) -> _Call[None]:
     return _Call("GET", _ws(name, "/files"), _no_reply, params={"path": src}, download=sink)
 
 
-def _req_snapshot(name: str, tag: str | None) -> _Call[Snapshot]:
-    body = {} if tag is None else {"tag": parse_name(tag, "snapshot tag")}
+def _req_snapshot(name: str, tag: str | None, memory: bool) -> _Call[Snapshot]:
+    body: dict[str, object] = {} if tag is None else {"tag": parse_name(tag, "snapshot tag")}
+    if memory:
+        body["memory"] = True
     return _Call("POST", _ws(name, "/snapshots"), _reply(_parse_snapshot), json=body)
 
 
@@ -690,8 +692,10 @@ class Workspace:
             tar.seek(0)
             tp.unpack(tar, host_path)
 
-    def snapshot(self, tag: str | None = None) -> Snapshot:
-        return self.client._send(_req_snapshot(self.name, tag))
+    def snapshot(self, tag: str | None = None, *, memory: bool = False) -> Snapshot:
+        """Snapshot the workspace's files (it must be stopped); with ``memory`` a running
+        gvisor workspace's processes too, and it runs on (see ``silo snapshot --memory``)."""
+        return self.client._send(_req_snapshot(self.name, tag, memory))
 
     def snapshots(self) -> builtins.list[Snapshot]:
         return self.client._send(_req_snapshots(self.name))
@@ -866,8 +870,8 @@ class AsyncWorkspace:
             tar.seek(0)
             await tp.run_blocking(tp.unpack, tar, host_path)
 
-    async def snapshot(self, tag: str | None = None) -> Snapshot:
-        return await self.client._send(_req_snapshot(self.name, tag))
+    async def snapshot(self, tag: str | None = None, *, memory: bool = False) -> Snapshot:
+        return await self.client._send(_req_snapshot(self.name, tag, memory))
 
     async def snapshots(self) -> builtins.list[Snapshot]:
         return await self.client._send(_req_snapshots(self.name))

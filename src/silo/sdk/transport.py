@@ -635,6 +635,9 @@ class FakeDaemon:
 
     def _snapshot(self, request: httpx.Request, name: str) -> httpx.Response:
         ws = self._ws(name)
+        if self._body(request).get("memory"):  # the fake runs no processes to save
+            raise UserError(f"'silo snapshot --memory' saves processes at isolation 'gvisor' only; workspace "
+                            f"{name!r} is a fake's: drop --memory")
         ws.move("snapshot")
         tag = parse_name(str(self._body(request).get("tag") or f"snap-{next(self._tags)}"), "snapshot tag")
         if tag in ws.snapshots:

@@ -7,7 +7,9 @@ Owns a workspace's private files under the daemon's state directory, beside the 
     workspaces/<name>/work/<target>   overlay's work directories (same file system)
     workspaces/<name>/stack.json      base, template, own frozen layers and snapshots
     workspaces/<name>/journal.json    the steps of an operation in progress
+    workspaces/<name>/checkpoint/     a memory image being written (runsc checkpoint)
     layers/<id>/<target>              frozen layers: former uppers, immutable, shared by id
+    images/<id>/checkpoint.img        memory images of ``snapshot --memory``, immutable, by id
     templates/<name>/template.json    a template: a base and a stack of layers
     staging/                          imports and exports in progress (see silo.store.archive)
     trash/                            what waits for :meth:`Storage.empty_trash`
@@ -79,7 +81,8 @@ RECORD = "record.json"  # the Store's file: only its existence is ever looked at
 _MAX_JSON = 8 << 20
 _ID_RE = re.compile(r"[0-9a-f]{16}")
 _TMP_RE = re.compile(r"\.(stack|journal|template)\.json\.[0-9a-f]{16}\.tmp")
-_TOPS = ("workspaces", "layers", "templates", "staging", "trash")
+_TOPS = ("workspaces", "layers", "images", "templates", "staging", "trash")
+CHECKPOINT = "checkpoint"  # a workspace's memory image in the making (see memory_stage)
 WHITEOUT_XATTRS = ("user.overlay.whiteout", "trusted.overlay.whiteout")
 OPAQUE_XATTRS = ("user.overlay.opaque", "trusted.overlay.opaque")
 _MAX_DEPTH = 64  # remove_tree keeps at most this many directories open
@@ -96,12 +99,14 @@ class Stack:
     lowers: tuple[str, ...]  # absolute layer directories, top first: own frozen layers, then the template's
     upper: str  # <ws>/upper
     work: str  # <ws>/work
+    resume: str | None = None  # a memory image the next start resumes from (see Storage.take_resume)
 
 
 @dataclass(frozen=True)
 class SnapshotInfo:
     tag: str
     created: float
+    memory: bool = False  # it saved the workspace's processes too (snapshot --memory)
 
 
 @dataclass(frozen=True)
@@ -123,9 +128,16 @@ class Change:
 # -- the files on disk -------------------------------------------------------------------
 
 
-def _table(untrusted: object, keys: Sequence[str], what: str) -> dict[str, object]:
-    if not isinstance(untrusted, dict) or set(untrusted) != set(keys):
-        raise ValueError(f"{what} must be an object with exactly the keys {', '.join(keys)}")
+def _table(untrusted: object, keys: Sequence[str], what: str, optional: Sequence[str] = ()) -> dict[str, object]:
+    if not isinstance(untrusted, dict) or not set(keys) <= set(untrusted) <= {*keys, *optional}:
+        raise ValueError(f"{what} must be an object with exactly the keys {', '.join(keys)}"
+                         + (f" (and maybe {', '.join(optional)})" if optional else ""))
+    return untrusted
+
+
+def _image(untrusted: object) -> str | None:
+    if untrusted is not None and not (isinstance(untrusted, str) and _ID_RE.fullmatch(untrusted)):
+        raise ValueError(f"{untrusted!r} is not a memory image id")
     return untrusted
 
 
@@ -156,6 +168,13 @@ class _Snap:
     tag: str
     created: float
     layers: tuple[str, ...]
+    memory: str | None = None  # the id of its memory image under images/
+
+    def to_dict(self) -> dict[str, object]:
+        out: dict[str, object] = {"tag": self.tag, "created": self.created, "layers": list(self.layers)}
+        if self.memory is not None:  # absent otherwise: files an older silo reads unchanged
+            out["memory"] = self.memory
+        return out
 
 
 @dataclass(frozen=True)
@@ -165,16 +184,20 @@ class _StackFile:
     template: str | None = None
     template_layers: tuple[str, ...] = ()
     snapshots: tuple[_Snap, ...] = ()
+    resume: str | None = None  # the memory image (id) the next start resumes from
 
     def to_dict(self) -> dict[str, object]:
-        return {"format": FORMAT, "layers": list(self.layers), "template": self.template,
-                "template_layers": list(self.template_layers), "base": self.base,
-                "snapshots": [{"tag": s.tag, "created": s.created, "layers": list(s.layers)}
-                              for s in self.snapshots]}
+        out: dict[str, object] = {"format": FORMAT, "layers": list(self.layers), "template": self.template,
+                                  "template_layers": list(self.template_layers), "base": self.base,
+                                  "snapshots": [s.to_dict() for s in self.snapshots]}
+        if self.resume is not None:
+            out["resume"] = self.resume
+        return out
 
     @classmethod
     def parse(cls, untrusted: object) -> _StackFile:
-        top = _table(untrusted, ("format", "layers", "template", "template_layers", "base", "snapshots"), "it")
+        top = _table(untrusted, ("format", "layers", "template", "template_layers", "base", "snapshots"), "it",
+                     ("resume",))
         if top["format"] != FORMAT:
             raise ValueError(f"format {top['format']!r} is not {FORMAT}: another version of silo wrote it")
         template = top["template"]
@@ -185,16 +208,20 @@ class _StackFile:
             raise ValueError("snapshots is not a list")
         snaps = []
         for raw in raw_snaps:
-            snap = _table(raw, ("tag", "created", "layers"), "a snapshot")
+            snap = _table(raw, ("tag", "created", "layers"), "a snapshot", ("memory",))
             snaps.append(_Snap(parse_name(snap["tag"], "snapshot tag"), _time(snap["created"]),  # type: ignore[arg-type]
-                               _ids(snap["layers"])))
+                               _ids(snap["layers"]), _image(snap.get("memory"))))
         if len({s.tag for s in snaps}) != len(snaps):
             raise ValueError("a snapshot tag appears twice")
         return cls(base=check_base(top["base"]), layers=_ids(top["layers"]), template=template,
-                   template_layers=_ids(top["template_layers"]), snapshots=tuple(snaps))
+                   template_layers=_ids(top["template_layers"]), snapshots=tuple(snaps),
+                   resume=_image(top.get("resume")))
 
     def all_layers(self) -> set[str]:
         return {*self.layers, *self.template_layers, *(i for s in self.snapshots for i in s.layers)}
+
+    def all_images(self) -> set[str]:
+        return {i for i in (self.resume, *(s.memory for s in self.snapshots)) if i is not None}
 
 
 @dataclass(frozen=True)
@@ -539,11 +566,13 @@ class Storage:
         self._fs = FileOps()
         self._workspaces = self.root / "workspaces"
         self._layers = self.root / "layers"
+        self._images = self.root / "images"
         self._templates = self.root / "templates"
         self._staging = self.root / "staging"
         self._trash = self.root / "trash"
         try:
             for path, mode in ((self.root, 0o711), (self._workspaces, 0o711), (self._layers, 0o711),
+                               (self._images, 0o711),
                                (self._templates, 0o700), (self._staging, 0o700), (self._trash, 0o700)):
                 self._ensure_dir(path, mode)
         except OSError as e:
@@ -584,7 +613,7 @@ class Storage:
         ids: list[str] = []
         while len(ids) < count:
             lid = secrets.token_hex(8)
-            if lid not in ids and not os.path.lexists(self._layers / lid):
+            if lid not in ids and not os.path.lexists(self._layers / lid) and not os.path.lexists(self._images / lid):
                 ids.append(lid)
         return ids
 
@@ -826,7 +855,8 @@ class Storage:
                 if st is None or not stat.S_ISDIR(st.st_mode):
                     raise UserError(f"workspace {name!r} is damaged: {path} is missing; "
                                     f"remove it ('silo rm {name}') and make it again")
-            return Stack(s.base, lowers, str(ws / "upper"), str(ws / "work"))
+            return Stack(s.base, lowers, str(ws / "upper"), str(ws / "work"),
+                         str(self._images / s.resume) if s.resume is not None else None)
 
     def remove(self, name: str) -> None:
         """Trash stack.json (the commit point), upper/, work/ and any journal; the record and
@@ -836,7 +866,7 @@ class Storage:
             if not os.path.isdir(ws):
                 return
             try:
-                for entry in (STACK, "upper", "work", JOURNAL):
+                for entry in (STACK, "upper", "work", JOURNAL, CHECKPOINT):
                     if os.path.lexists(ws / entry):
                         self._do(self._to_trash(ws / entry, f"{name}.{entry}"))
                 for leftover in os.listdir(ws):
@@ -860,7 +890,7 @@ class Storage:
                 steps += self._fresh(target, new_name)
                 if layers != s.layers:
                     steps.append(_WriteStack(name, replace(s, layers=layers), s))
-                steps.append(_WriteStack(new_name, replace(s, layers=layers, snapshots=()), None))
+                steps.append(_WriteStack(new_name, replace(s, layers=layers, snapshots=(), resume=None), None))
                 self._run(name, f"fork workspace {name!r}", steps)
             except BaseException:
                 self._unclaim(target, made)
@@ -871,26 +901,67 @@ class Storage:
         with self._mutex:
             s = self._load(name)
             self._run(name, f"reset workspace {name!r}",
-                      [*self._fresh(self._ws(name), name), _WriteStack(name, replace(s, layers=()), s)])
+                      [*self._fresh(self._ws(name), name), _WriteStack(name, replace(s, layers=(), resume=None), s)])
 
     # -- snapshots -----------------------------------------------------------------------
 
-    def snapshot(self, name: str, tag: str | None = None) -> SnapshotInfo:
-        """Freeze the upper (when not empty) and name the resulting stack ``tag`` ("snap-N" by default)."""
+    def _tag(self, name: str, s: _StackFile, tag: str | None) -> str:
+        tags = {snap.tag for snap in s.snapshots}
+        if tag is None:
+            n = len(tags) + 1
+            while f"snap-{n}" in tags:
+                n += 1
+            return f"snap-{n}"
+        if parse_name(tag, "snapshot tag") in tags:
+            raise WorkspaceExists(f"workspace {name!r} already has a snapshot {tag!r}: pick another tag, "
+                                  f"or delete that snapshot first ('silo snapshot rm {name} {tag}')")
+        return tag
+
+    def new_tag(self, name: str, tag: str | None = None) -> str:
+        """The tag :meth:`snapshot` would give (``tag`` checked), without snapshotting."""
+        with self._mutex:
+            return self._tag(name, self._load(name), tag)
+
+    def memory_stage(self, name: str) -> str:
+        """A fresh, empty directory of the owner's for ``runsc checkpoint`` to write the
+        workspace's memory image in; :meth:`snapshot` with ``memory`` keeps it."""
+        with self._mutex:
+            stage = self._ws(name) / CHECKPOINT
+            try:
+                if os.path.lexists(stage):
+                    self._do(self._to_trash(stage, f"{name}.{CHECKPOINT}"))
+                self._make_private(stage)
+            except OSError as e:
+                raise _os_error(e, f"make room for workspace {name!r}'s memory image") from None
+            return str(stage)
+
+    def drop_memory_stage(self, name: str) -> None:
+        with self._mutex:
+            stage = self._ws(name) / CHECKPOINT
+            if os.path.lexists(stage):
+                with contextlib.suppress(OSError):
+                    self._do(self._to_trash(stage, f"{name}.{CHECKPOINT}"))
+
+    def snapshot(self, name: str, tag: str | None = None, *, memory: bool = False) -> SnapshotInfo:
+        """Freeze the upper (when not empty) and name the resulting stack ``tag`` ("snap-N" by
+        default). With ``memory`` the image in :meth:`memory_stage` becomes the snapshot's,
+        and the next start resumes from it."""
         with self._mutex:
             s = self._load(name)
-            tags = {snap.tag for snap in s.snapshots}
-            if tag is None:
-                n = len(tags) + 1
-                while f"snap-{n}" in tags:
-                    n += 1
-                tag = f"snap-{n}"
-            elif parse_name(tag, "snapshot tag") in tags:
-                raise WorkspaceExists(f"workspace {name!r} already has a snapshot {tag!r}: pick another tag, "
-                                      f"or delete that snapshot first ('silo snapshot rm {name} {tag}')")
-            steps, layers = self._freeze(name, s)
-            info = SnapshotInfo(tag, self._clock())
-            new = replace(s, layers=layers, snapshots=(*s.snapshots, _Snap(tag, info.created, layers)))
+            tag = self._tag(name, s, tag)
+            image = None
+            steps: list[_Step] = []
+            if memory:
+                stage = self._ws(name) / CHECKPOINT
+                if not os.path.isfile(stage / "checkpoint.img"):
+                    raise InternalError(f"workspace {name!r} has no memory image to keep ({stage} is empty)")
+                (image,) = self._new_ids(1)
+                steps.append(_Move(self._rel(stage), f"images/{image}"))
+            freeze, layers = self._freeze(name, s)
+            steps += freeze
+            info = SnapshotInfo(tag, self._clock(), memory)
+            new = replace(s, layers=layers, snapshots=(*s.snapshots, _Snap(tag, info.created, layers, image)),
+                          resume=image if memory else s.resume)
             if steps:
                 self._run(name, f"snapshot workspace {name!r}", [*steps, _WriteStack(name, new, s)])
             else:
@@ -906,7 +977,24 @@ class Storage:
     def snapshots(self, name: str) -> list[SnapshotInfo]:
         """The snapshots of ``name``, oldest first."""
         with self._mutex:
-            return [SnapshotInfo(s.tag, s.created) for s in self._load(name).snapshots]
+            return [SnapshotInfo(s.tag, s.created, s.memory is not None) for s in self._load(name).snapshots]
+
+    def resumes(self, name: str) -> str | None:
+        """The tag of the snapshot whose processes the next start resumes, if any."""
+        with self._mutex:
+            s = self._load(name)
+            return next((snap.tag for snap in s.snapshots if s.resume is not None and snap.memory == s.resume),
+                        None)
+
+    def take_resume(self, name: str) -> str | None:
+        """The memory image the next start resumes from (its directory), forgotten here:
+        a start resumes it once, whether it succeeds or not (the snapshot keeps it)."""
+        with self._mutex:
+            s = self._load(name)
+            if s.resume is None:
+                return None
+            self._commit(name, replace(s, resume=None), f"start workspace {name!r}")
+            return str(self._images / s.resume)
 
     def _find(self, name: str, s: _StackFile, tag: str) -> _Snap:
         parse_name(tag, "snapshot tag")
@@ -932,8 +1020,12 @@ class Storage:
                 if not os.path.isdir(self._layers / lid):
                     raise UserError(f"snapshot {tag!r} of workspace {name!r} is damaged: layer {lid} is missing; "
                                     f"delete it ('silo snapshot rm {name} {tag}')")
+            if snap.memory is not None and not os.path.isdir(self._images / snap.memory):
+                raise UserError(f"snapshot {tag!r} of workspace {name!r} is damaged: its memory image "
+                                f"{snap.memory} is missing; delete it ('silo snapshot rm {name} {tag}')")
             self._run(name, f"restore snapshot {tag!r} of workspace {name!r}",
-                      [*self._fresh(self._ws(name), name), _WriteStack(name, replace(s, layers=snap.layers), s)])
+                      [*self._fresh(self._ws(name), name),
+                       _WriteStack(name, replace(s, layers=snap.layers, resume=snap.memory), s)])
 
     # -- templates -----------------------------------------------------------------------
 
@@ -1086,6 +1178,8 @@ class Storage:
                 else:
                     steps = [self._to_trash(ws / sub, f"{name}.{sub}") for sub in ("upper", "work")
                              if os.path.lexists(ws / sub)]
+                if os.path.lexists(ws / CHECKPOINT):  # a snapshot --memory the crash cut short
+                    steps.append(self._to_trash(ws / CHECKPOINT, f"{name}.{CHECKPOINT}"))
                 for step in steps:
                     self._do(step)
             for tname in self._names_in(self._templates, "template name"):
@@ -1112,15 +1206,18 @@ class Storage:
         self._fs.fsync_dir(str(journal.parent))
 
     def gc(self) -> None:
-        """Trash the layers no stack, snapshot or template uses. Does nothing while a journal
+        """Trash the layers and memory images no stack, snapshot or template uses. Does nothing while a journal
         is pending (:meth:`recover` first), and nothing at all if any file cannot be read."""
         with self._mutex:
             used: set[str] = set()
+            images: set[str] = set()
             for name in self._names_in(self._workspaces, "workspace name"):
                 if os.path.lexists(self._workspaces / name / JOURNAL):
                     return
                 if os.path.lexists(self._workspaces / name / STACK):
-                    used |= self._load(name).all_layers()
+                    stack = self._load(name)
+                    used |= stack.all_layers()
+                    images |= stack.all_images()
             for tname in self._names_in(self._templates, "template name"):
                 if os.path.lexists(self._templates / tname / TEMPLATE):
                     used |= set(self._load_template(tname).layers)
@@ -1129,6 +1226,10 @@ class Storage:
                     if _ID_RE.fullmatch(lid) and lid not in used:
                         self._do(self._to_trash(self._layers / lid, f"layer.{lid}"))
                 self._fs.fsync_dir(str(self._layers))
+                for iid in os.listdir(self._images):
+                    if _ID_RE.fullmatch(iid) and iid not in images:
+                        self._do(self._to_trash(self._images / iid, f"image.{iid}"))
+                self._fs.fsync_dir(str(self._images))
             except OSError as e:
                 raise _os_error(e, "collect unused layers") from None
 

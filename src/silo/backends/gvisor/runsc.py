@@ -143,13 +143,55 @@ def bundle(process: dict[str, Any], root: str, mounts: Sequence[dict[str, Any]],
     }
 
 
-def argv(exe: str, state: str, bundle_dir: str, platform: str, network: bool = False) -> tuple[str, ...]:
+def argv(exe: str, state: str, bundle_dir: str, platform: str, network: bool = False,
+         restore: str | None = None) -> tuple[str, ...]:
     """``runsc run`` of the bundle: its state in ``state``, cgroups left to silo (the
     sandbox's own), no host unix sockets; no network but loopback, or with ``network``
     runsc's netstack on the links of the namespace it runs in (``eth0``, which silo's
-    keeper links to the policy's namespace: silo.net.keeper)."""
+    keeper links to the policy's namespace: silo.net.keeper). With ``restore`` (the
+    directory of a :func:`checkpoint_argv` image) it is ``runsc restore`` of that image:
+    the bundle's container with the processes the image saved."""
+    verb = ("restore", "--image-path", restore) if restore is not None else ("run",)
     return (exe, "--root", state, f"--network={'sandbox' if network else 'none'}", "--ignore-cgroups",
-            f"--platform={platform}", "run", "--bundle", bundle_dir, CONTAINER)
+            f"--platform={platform}", *verb, "--bundle", bundle_dir, CONTAINER)
+
+
+def checkpoint_argv(run_argv: Sequence[str], image: str) -> tuple[str, ...]:
+    """``runsc checkpoint`` of the sandbox that ``run_argv`` started: its processes'
+    state goes to ``image``/checkpoint.img, and the sandbox ends."""
+    return (*global_flags(run_argv), "checkpoint", "--image-path", image, CONTAINER)
+
+
+_REFUSALS = (  # what runsc checkpoint says when gVisor cannot save a sandbox, and what that means
+    (b"endpoint cannot be saved in connected state",
+     "gVisor saves no TCP connection (open, or closed less than a minute ago: TIME_WAIT); close them and try "
+     "again"),
+    (b"unsupported networking state", "gVisor cannot save the state of one of its sockets"),
+)
+
+
+NET_TCP = ("/proc/net/tcp", "/proc/net/tcp6")  # the Sentry's own tables, read by open_connections
+_LOOPBACK = {"0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F"}
+
+
+def open_connections(tables: bytes) -> int:
+    """TCP connections in the Sentry's ``/proc/net/tcp`` and ``tcp6`` (``tables``, as
+    ``cat`` gives them) that ``runsc checkpoint`` would refuse to save: every one but
+    listeners and those over loopback, which gVisor saves (TIME_WAIT ones are not listed)."""
+    count = 0
+    for line in tables.decode(errors="replace").splitlines():
+        fields = line.split()
+        if len(fields) < 4 or not fields[0].rstrip(":").isdigit() or fields[3] == "0A":  # 0A: LISTEN
+            continue
+        if fields[2].split(":")[0].upper() not in _LOOPBACK:
+            count += 1
+    return count
+
+
+def checkpoint_refusal(said: bytes) -> str | None:
+    """Why ``runsc checkpoint`` refused, in a line, from what it said (None: not known)."""
+    return next((why for marker, why in _REFUSALS if marker in said), None)
+
 
 
 def platform_of(run_argv: Sequence[str]) -> str:
