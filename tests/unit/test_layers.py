@@ -625,7 +625,7 @@ def test_a_memory_snapshot_keeps_the_image_and_the_next_start_resumes_it_once(s:
     # the snapshot's files are frozen with it, and its image is what the next start resumes
     assert view(s, "web") == {"root/a": b"a"} and s.stack("web").resume == str(image)
     assert s.resumes("web") == "live"
-    assert s.take_resume("web") == str(image)
+    assert s.take_resume("web") == ("live", str(image))
     assert s.take_resume("web") is None and s.resumes("web") is None and s.stack("web").resume is None
     # restore brings it back; a plain snapshot has none
     s.snapshot("web", "files")

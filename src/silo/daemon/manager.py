@@ -364,14 +364,15 @@ class Manager:
         name = record.name
         # A gvisor workspace restored to a snapshot --memory resumes its processes, once:
         # the image is taken off the stack now, whether the start succeeds or not.
-        resumes = self.storage.resumes(name) if record.spec.isolation is Isolation.GVISOR else None
-        image = await asyncio.to_thread(self.storage.take_resume, name) if resumes is not None else None
+        taken = (await asyncio.to_thread(self.storage.take_resume, name)
+                 if record.spec.isolation is Isolation.GVISOR else None)
+        if taken is None:
+            return await self._launch(record, None)
+        tag, image = taken
         try:
             return await self._launch(record, image)
         except SiloError as e:
-            if image is None:
-                raise
-            raise type(e)(f"workspace {name!r} could not resume the processes of snapshot {resumes!r}: {e.message}; "
+            raise type(e)(f"workspace {name!r} could not resume the processes of snapshot {tag!r}: {e.message}; "
                           f"its files are the snapshot's: 'silo start {name}' starts it without them") from None
 
     async def _launch(self, record: WorkspaceRecord, resume: str | None) -> WorkspaceRecord:
@@ -847,32 +848,24 @@ class Manager:
             # gVisor saves no TCP connection but over loopback, and a failed save ends the
             # sandbox: refuse first while one is open (one closed in the last minute, in
             # TIME_WAIT, is not listed: that save fails, and says why)
-            out = os.memfd_create("net-tcp", os.MFD_CLOEXEC)
-            try:
-                await self.runtime.run_joined(run.proc, planner.plan_join(run.plan, ["cat", *runsc.NET_TCP]), out,
-                                              10.0)
-                count = runsc.open_connections(os.pread(out, 1 << 20, 0))
-            finally:
-                os.close(out)
+            _, tables = await self.runtime.run_joined(run.proc, planner.plan_join(run.plan, ["cat", *runsc.NET_TCP]),
+                                                      10.0)
+            count = runsc.open_connections(tables)
             if count:
                 raise WorkspaceStateError(f"workspace {name!r} has {count} open TCP connection"
                                           f"{'s' if count > 1 else ''}, and gVisor cannot save those: close "
                                           f"{'them' if count > 1 else 'it'} and try again (its processes run on)")
         stage = await asyncio.to_thread(self.storage.memory_stage, name)
-        out = os.memfd_create("runsc-checkpoint", os.MFD_CLOEXEC)  # runsc's words, for the log and the error
         run.stopping = True
-        try:
-            code = await self.runtime.run_joined(run.proc, planner.plan_runsc(
-                run.plan, runsc.checkpoint_argv(run.plan.process.argv, stage)), out, CHECKPOINT_TIMEOUT)
+        try:  # runsc's words go to the log, and name the reason of a refusal
+            code, said = await self.runtime.run_joined(run.proc, planner.plan_runsc(
+                run.plan, runsc.checkpoint_argv(run.plan.process.argv, stage)), CHECKPOINT_TIMEOUT)
             if code != 0:  # gVisor ends a sandbox whose save failed: give it a moment to
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(asyncio.shield(run.proc.exited), 5.0)
         except BaseException:
             run.stopping = False
             raise
-        finally:
-            said = os.pread(out, 1 << 20, 0)
-            os.close(out)
         if said:
             self._log(record, "runsc checkpoint: " + said.decode(errors="replace").strip())
         if code == 0:

@@ -411,25 +411,30 @@ class Runtime:
         proc.inside = send
         proc.exited.add_done_callback(forget)
 
-    async def run_joined(self, target: Process, plan: p.Plan, log_fd: int, timeout: float) -> int:
-        """Run ``plan`` (a join plan: planner.plan_runsc) in the workspace whose init is
-        ``target`` to its end, its output to ``log_fd``; killed after ``timeout``
-        seconds. Returns its exit status."""
+    async def run_joined(self, target: Process, plan: p.Plan, timeout: float) -> tuple[int, bytes]:
+        """Run ``plan`` (a join plan: planner.plan_join or plan_runsc) in the workspace
+        whose init is ``target`` to its end; killed after ``timeout`` seconds. Returns
+        its exit status and its output (stdout and stderr, the first MiB)."""
         null = os.open(DEVNULL, os.O_RDONLY | os.O_CLOEXEC)
+        out = os.memfd_create("joined-output", os.MFD_CLOEXEC)
         try:
-            started = launcher.join(target.pidfd, plan, (null, log_fd, log_fd), self.init_fd, self.setup_fd,
-                                    None, target.cgroup)
-        except OSError as e:
-            raise InternalError(f"cannot start {plan.process.argv[0]} in the workspace: {e}") from None
+            try:
+                started = launcher.join(target.pidfd, plan, (null, out, out), self.init_fd, self.setup_fd,
+                                        None, target.cgroup)
+            except OSError as e:
+                raise InternalError(f"cannot start {plan.process.argv[0]} in the workspace: {e}") from None
+            finally:
+                os.close(null)
+            proc = self._watch(started, None)
+            try:
+                code = await asyncio.wait_for(asyncio.shield(proc.exited), timeout)
+            except TimeoutError:
+                code = await self.kill(proc)
+            finally:
+                proc.close()
+            return code, os.pread(out, 1 << 20, 0)
         finally:
-            os.close(null)
-        proc = self._watch(started, None)
-        try:
-            return await asyncio.wait_for(asyncio.shield(proc.exited), timeout)
-        except TimeoutError:
-            return await self.kill(proc)
-        finally:
-            proc.close()
+            os.close(out)
 
     async def _running(self, started: launcher.Started, cgroup: Any) -> Process:
         """Watch ``started`` and return once its command runs; killed if it cannot."""

@@ -928,19 +928,21 @@ class Storage:
         with self._mutex:
             stage = self._ws(name) / CHECKPOINT
             try:
-                if os.path.lexists(stage):
-                    self._do(self._to_trash(stage, f"{name}.{CHECKPOINT}"))
+                self._drop_stage(name)
                 self._make_private(stage)
             except OSError as e:
                 raise _os_error(e, f"make room for workspace {name!r}'s memory image") from None
             return str(stage)
 
+    def _drop_stage(self, name: str) -> None:
+        stage = self._ws(name) / CHECKPOINT
+        if os.path.lexists(stage):
+            self._do(self._to_trash(stage, f"{name}.{CHECKPOINT}"))
+
     def drop_memory_stage(self, name: str) -> None:
-        with self._mutex:
-            stage = self._ws(name) / CHECKPOINT
-            if os.path.lexists(stage):
-                with contextlib.suppress(OSError):
-                    self._do(self._to_trash(stage, f"{name}.{CHECKPOINT}"))
+        """Trash what :meth:`memory_stage` made, when no snapshot keeps it."""
+        with self._mutex, contextlib.suppress(OSError):
+            self._drop_stage(name)
 
     def snapshot(self, name: str, tag: str | None = None, *, memory: bool = False) -> SnapshotInfo:
         """Freeze the upper (when not empty) and name the resulting stack ``tag`` ("snap-N" by
@@ -986,15 +988,17 @@ class Storage:
             return next((snap.tag for snap in s.snapshots if s.resume is not None and snap.memory == s.resume),
                         None)
 
-    def take_resume(self, name: str) -> str | None:
-        """The memory image the next start resumes from (its directory), forgotten here:
-        a start resumes it once, whether it succeeds or not (the snapshot keeps it)."""
+    def take_resume(self, name: str) -> tuple[str, str] | None:
+        """The snapshot whose processes the next start resumes and its memory image (tag,
+        directory), forgotten here: a start resumes it once, whether it succeeds or not
+        (the snapshot keeps the image)."""
         with self._mutex:
             s = self._load(name)
             if s.resume is None:
                 return None
+            tag = next((snap.tag for snap in s.snapshots if snap.memory == s.resume), s.resume)  # or its image id
             self._commit(name, replace(s, resume=None), f"start workspace {name!r}")
-            return str(self._images / s.resume)
+            return tag, str(self._images / s.resume)
 
     def _find(self, name: str, s: _StackFile, tag: str) -> _Snap:
         parse_name(tag, "snapshot tag")

@@ -162,14 +162,6 @@ def checkpoint_argv(run_argv: Sequence[str], image: str) -> tuple[str, ...]:
     return (*global_flags(run_argv), "checkpoint", "--image-path", image, CONTAINER)
 
 
-_REFUSALS = (  # what runsc checkpoint says when gVisor cannot save a sandbox, and what that means
-    (b"endpoint cannot be saved in connected state",
-     "gVisor saves no TCP connection (open, or closed less than a minute ago: TIME_WAIT); close them and try "
-     "again"),
-    (b"unsupported networking state", "gVisor cannot save the state of one of its sockets"),
-)
-
-
 NET_TCP = ("/proc/net/tcp", "/proc/net/tcp6")  # the Sentry's own tables, read by open_connections
 _LOOPBACK = {"0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F"}
 
@@ -188,10 +180,17 @@ def open_connections(tables: bytes) -> int:
     return count
 
 
+_REFUSALS = (  # what runsc checkpoint says when gVisor cannot save a sandbox, and what that means
+    (b"endpoint cannot be saved in connected state",
+     "gVisor saves no TCP connection (open, or closed less than a minute ago: TIME_WAIT); close them and try "
+     "again"),
+    (b"unsupported networking state", "gVisor cannot save the state of one of its sockets"),
+)
+
+
 def checkpoint_refusal(said: bytes) -> str | None:
     """Why ``runsc checkpoint`` refused, in a line, from what it said (None: not known)."""
     return next((why for marker, why in _REFUSALS if marker in said), None)
-
 
 
 def platform_of(run_argv: Sequence[str]) -> str:
