@@ -90,6 +90,27 @@ def pty_run(argv: list[str], env: dict[str, str], rows: int = 30, cols: int = 10
     return buf, os.waitstatus_to_exitcode(status)
 
 
+def shell_dialogue() -> tuple[list[str], Callable[[int, int, bytes], None]]:
+    """An ``on_output`` for :func:`pty_run` of an interactive ``sh -i`` whose prompt is
+    ``$ ``: it starts ``sleep 60``, interrupts it with ctrl-C, then has the shell read
+    ``abc`` and exit 5 after printing ``got-abc``. Returns the steps done and the driver."""
+    steps: list[str] = []
+
+    def drive(pid: int, master: int, buf: bytes) -> None:
+        if not steps and buf.endswith(b"$ "):
+            steps.append("sleep")
+            os.write(master, b"echo sle''eping; sleep 60\n")
+        elif steps == ["sleep"] and b"sleeping\r\n" in buf:
+            steps.append("ctrl-c")
+            time.sleep(0.3)  # sleep is running, not just forked
+            os.write(master, b"\x03")
+        elif steps == ["sleep", "ctrl-c"] and buf.endswith(b"$ "):
+            steps.append("read")
+            os.write(master, b"read x; echo got-$x; exit 5\nabc\n")
+
+    return steps, drive
+
+
 def client_env(runtime_dir: str, extra: dict[str, str] | None = None) -> dict[str, str]:
     """The test's environment without SILO_* settings, pointed at ``runtime_dir``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SILO_")}

@@ -12,17 +12,21 @@ Each test makes its own workspaces and removes them.
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import os
 import re
 import signal
+import struct
 import subprocess
+import termios
 import time
 import uuid
 from pathlib import Path
 
 import daemons
 import pytest
+from cli_servers import pty_run, shell_dialogue
 from daemons import REPO, Daemon, cli, client, names, ok  # noqa: F401 - fixtures
 
 import silo
@@ -105,8 +109,46 @@ def test_exec_takes_the_users_identity_directory_environment_and_exit_codes(name
                                              "check the name and PATH\n"), r
     r = cli("exec", name, "--", "/etc/hostname")
     assert r.returncode == 126 and "not executable inside the sandbox" in r.stderr, r
-    r = cli("exec", "-t", name, "--", "true")
-    assert r.returncode == 125 and "-t in a workspace at isolation 'gvisor' is not available yet" in r.stderr, r
+
+
+def test_exec_t_is_a_terminal_sized_from_the_start_with_input_ctrl_c_and_resize(
+        client: silo.Client, names: list[str]) -> None:
+    """exec -t: silo-setup's pty (in the workspace's own devpts) is runsc exec's
+    terminal, and through it the command's (its process file says so). Sized before the
+    command runs; an interactive shell reads its input; ctrl-C interrupts its foreground
+    job and a resize sends SIGWINCH (runsc passes the terminal's signals to the
+    foreground group inside); the exec's files are gone afterwards."""
+    name = started(names)
+    out, code = pty_run([SILO, "exec", "-t", name, "--", "sh", "-c", "stty size; test -t 0 && echo stdin-tty"],
+                        dict(os.environ), rows=33, cols=101, timeout=30)
+    assert (code, out.decode().replace("\r", "").split()) == (0, ["33", "101", "stdin-tty"])
+    steps, drive = shell_dialogue()
+
+    begun = time.monotonic()
+    out, code = pty_run([SILO, "exec", "-it", "-e", "PS1=$ ", name, "--", "sh", "-i"], dict(os.environ),
+                        on_output=drive, timeout=45)
+    assert steps == ["sleep", "ctrl-c", "read"], out
+    assert (code, out.decode().replace("\r", "").splitlines()[-1]) == (5, "got-abc"), out
+    assert time.monotonic() - begun < 30  # the sleep was interrupted
+    # a resize reaches the foreground group as SIGWINCH (here the shell's own: no job control)
+    resized: list[bool] = []
+
+    def resize(pid: int, master: int, buf: bytes) -> None:
+        if b"ready" in buf and not resized:
+            fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 132, 0, 0))
+            resized.append(True)
+
+    script = 'trap "stty size; exit 3" WINCH; echo ready; i=0; while [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done'
+    out, code = pty_run([SILO, "exec", "-t", name, "--", "sh", "-c", script], dict(os.environ), on_output=resize,
+                        timeout=45)
+    assert resized and (code, out.decode().replace("\r", "").split()[-2:]) == (3, ["50", "132"]), out
+    # the pty is the workspace's devpts's, and no exec left its process or pid file
+    init = client.get(name).info().pid
+    assert init is not None
+    mounts = [line.split() for line in Path(f"/proc/{init}/mountinfo").read_text().splitlines()]
+    assert [m for m in mounts if m[4] == "/dev/pts" and "ptmxmode=666" in m[-1]], mounts
+    scratch = next(m[4] for m in mounts if m[4].endswith("/scratch"))
+    assert os.listdir(f"/proc/{init}/root{scratch}/exec") == []
 
 
 def test_signals_and_timeouts_reach_the_command_inside(client: silo.Client, names: list[str]) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from silo.backends.process import script
 from silo.engine import host as hostmod
 from silo.engine import planner
 from silo.model import plan as p
@@ -645,6 +646,71 @@ def test_a_gvisor_workspace_resumes_a_memory_image_with_runsc_restore_of_the_sam
     assert (save.process.uid, save.process.gid) == (0, 0)
     with pytest.raises(SpecError, match="only a gvisor workspace resumes saved processes"):
         planner.plan_workspace(Spec(), planner.Layers(), image)
+
+
+def test_a_gvisor_run_with_t_has_runsc_make_the_pty_and_silo_init_take_its_master(
+        root_host: hostmod.Host, monkeypatch: pytest.MonkeyPatch) -> None:
+    """-t: the bundle's process has a terminal, runsc hands the master of the pty it
+    makes over a socket in the sandbox's scratch, where silo-init (told by the launcher's
+    ``console``) takes it; silo-setup makes none. The sandbox's own devpts is mounted
+    for that pty, with or without -t; without -t nothing else changes."""
+    import json
+
+    from silo.backends.gvisor import runsc
+
+    monkeypatch.setenv("SILO_GVISOR_PLATFORM", "ptrace")
+    monkeypatch.setattr(runsc, "runsc", lambda: "/usr/bin/runsc")
+    spec = Spec(isolation=Isolation.GVISOR)
+    plain, tty = planner.plan(spec, ["sh"]), planner.plan(spec, ["sh"], tty=True, term="xterm")
+    console = f"{root_host.scratch}/console"
+    argv = list(tty.process.argv)
+    assert argv[argv.index("run"):argv.index("--bundle")] == ["run", "--console-socket", console]
+    assert (tty.process.tty, tty.process.console) == (True, console)
+    assert (plain.process.tty, plain.process.console) == (False, "")
+    assert "--console-socket" not in plain.process.argv
+
+    def config(plan: p.Plan) -> dict[str, Any]:
+        return json.loads(next(op.data for op in _ops(plan, p.WriteFile) if op.path.endswith("/config.json")))
+
+    assert config(tty)["process"]["terminal"] is True and "terminal" not in config(plain)["process"]
+    assert "TERM=xterm" in config(tty)["process"]["env"]
+    for plan in (plain, tty):
+        assert _index(plan, p.Devpts("/dev/pts")) > _index(plan, p.Proc("/proc"))
+    # the script tells silo-setup where silo-init is to take the master
+    assert console.encode() + b"\0" in script.encode(tty, None)
+
+
+def test_a_gvisor_exec_is_a_process_file_the_join_writes_and_t_is_its_terminal(
+        root_host: hostmod.Host, monkeypatch: pytest.MonkeyPatch) -> None:
+    """runsc exec reads the command from a process file (0600, written by the join as
+    the workspace's root, in its scratch): its environment is in no host command line,
+    and ``terminal`` is how this runsc gives a command the pty silo-setup made. A signal
+    relay (plan_runsc) of a -t run has no terminal of its own."""
+    import json
+
+    from silo.backends.gvisor import runsc
+
+    monkeypatch.setenv("SILO_GVISOR_PLATFORM", "ptrace")
+    monkeypatch.setattr(runsc, "runsc", lambda: "/usr/bin/runsc")
+    ws = planner.plan_workspace(Spec(isolation=Isolation.GVISOR, env=(("SECRET", "s3"),)), planner.Layers())
+    for tty in (False, True):
+        plan = planner.plan_join(ws, ["sh", "-c", "echo hi"], env=[("K", "V")], cwd="/tmp", uid=1000, tty=tty)
+        assert plan.gvisor is not None and plan.gvisor.pid_file.startswith(f"{root_host.scratch}/exec/")
+        (write,) = plan.ops
+        assert isinstance(write, p.WriteFile) and write.mode == 0o600
+        assert write.path == runsc.process_file(plan.gvisor.pid_file)
+        spec = json.loads(write.data)
+        assert spec["args"] == [runsc.INIT_PATH, "--run", "-1", "--", "sh", "-c", "echo hi"]
+        assert spec["terminal"] is tty and spec["cwd"] == "/tmp" and spec["user"] == {"uid": 1000, "gid": 1000}
+        assert "K=V" in spec["env"] and "SECRET=s3" in spec["env"]
+        assert plan.process.argv[3:] == ("exec", f"--internal-pid-file={plan.gvisor.pid_file}",
+                                         f"--process={write.path}", runsc.CONTAINER)
+        assert not [a for a in plan.process.argv if "s3" in a]
+        assert (plan.process.tty, plan.process.console) == (tty, "")
+    run = planner.plan(Spec(isolation=Isolation.GVISOR), ["sh"], tty=True)
+    relay = planner.plan_runsc(run, runsc.signal_argv(run.process.argv, 2))
+    assert relay.process.argv[3:] == ("kill", runsc.CONTAINER, "2")
+    assert (relay.process.tty, relay.process.console, relay.ops) == (False, "", ())
 
 
 def test_open_tcp_connections_and_runscs_refusals_are_read() -> None:

@@ -197,6 +197,18 @@ class Machine:
         return command
 
 
+def _forget_exec(target: Process, plan: p.Plan) -> None:
+    """Remove the files a ``runsc exec`` of ``plan`` leaves in the gvisor workspace
+    whose init is ``target`` (its process file and pid file), once it has ended."""
+    from silo.backends.gvisor import runsc
+
+    if plan.gvisor is None or not plan.gvisor.pid_file:
+        return
+    for path in (plan.gvisor.pid_file, runsc.process_file(plan.gvisor.pid_file)):
+        with contextlib.suppress(OSError):
+            os.unlink(f"/proc/{target.pid}/root{path}")
+
+
 def _error(cls: str, message: str) -> SiloError:
     kind = getattr(errors, str(cls), None)
     if isinstance(kind, type) and issubclass(kind, SiloError):
@@ -365,7 +377,11 @@ class Runtime:
                                     self.bpf(plan.process), target.cgroup)
         except OSError as e:
             raise InternalError(f"cannot start the command: {e}") from None
-        proc = await self._running(started, None)
+        try:
+            proc = await self._running(started, None)
+        except BaseException:
+            _forget_exec(target, plan)
+            raise
         if plan.gvisor is not None and plan.gvisor.pid_file:
             self._relay_signals(proc, target, plan)
         return proc
@@ -404,12 +420,8 @@ class Runtime:
             relay = self._watch(started, None)
             relay.exited.add_done_callback(lambda _: relay.close())
 
-        def forget(_: object) -> None:
-            with contextlib.suppress(OSError):
-                os.unlink(pid_file)
-
         proc.inside = send
-        proc.exited.add_done_callback(forget)
+        proc.exited.add_done_callback(lambda _: _forget_exec(target, plan))
 
     async def run_joined(self, target: Process, plan: p.Plan, timeout: float) -> tuple[int, bytes]:
         """Run ``plan`` (a join plan: planner.plan_join or plan_runsc) in the workspace
@@ -432,6 +444,7 @@ class Runtime:
                 code = await self.kill(proc)
             finally:
                 proc.close()
+                _forget_exec(target, plan)
             return code, os.pread(out, 1 << 20, 0)
         finally:
             os.close(out)

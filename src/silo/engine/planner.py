@@ -180,8 +180,8 @@ def _check_level(level: str, asked: Sequence[tuple[str, object]], why_root: str)
                              "run as root, or use --isolation process")
 
 
-def _check_gvisor(spec: Spec, tty: bool) -> None:
-    _check_level("gvisor", (("-t", tty), ("--pids", spec.limits.pids), ("--seccomp", spec.seccomp != "default")),
+def _check_gvisor(spec: Spec) -> None:
+    _check_level("gvisor", (("--pids", spec.limits.pids), ("--seccomp", spec.seccomp != "default")),
                  "runsc's sandbox and gofer")
 
 
@@ -200,7 +200,7 @@ def _plan_gvisor(spec: Spec, argv: Sequence[str], term: str | None, tty: bool, l
     from silo import native
     from silo.backends.gvisor import runsc
 
-    _check_gvisor(spec, tty)
+    _check_gvisor(spec)
     h = hostmod.host()
     s = h.scratch
     uid, gid = spec.user.uid, spec.user.gid
@@ -234,13 +234,19 @@ def _plan_gvisor(spec: Spec, argv: Sequence[str], term: str | None, tty: bool, l
     if workspace:
         # the commands' environment comes with each 'runsc exec' (plan_join), whole
         process.update(user={"uid": 0, "gid": 0}, cwd="/", env=[])
+    # -t: runsc makes the pty and hands its master to silo-init over this socket
+    console = f"{s}/console" if tty else None
+    if tty:
+        process["terminal"] = True
     if spec.caps:
         process["capabilities"] = {k: [f"CAP_{c}" for c in spec.caps]
                                    for k in ("bounding", "effective", "permitted")}
     config = runsc.bundle(process, tree.root, mounts, spec.hostname, rlimits=spec.rlimits,
                           network=spec.network.enabled)
+    # The sandbox's own devpts: the ptys runsc (a run's) and silo-setup (an exec's) make
+    # for -t are not the host's (/dev/ptmx opens the devpts at /dev/pts beside it).
     ops += [p.Mkdir(f"{s}/bundle"), p.WriteFile(f"{s}/bundle/config.json", json.dumps(config).encode()),
-            p.Mkdir(f"{s}/state"), p.Proc("/proc")]
+            p.Mkdir(f"{s}/state"), p.Proc("/proc"), p.Devpts("/dev/pts")]
     if spec.network.enabled:
         # runsc (20221219) refuses a network in the host's namespace, which it tells by
         # /proc/sys/net/core/rmem_default existing: since Linux 6.x every namespace has
@@ -250,10 +256,11 @@ def _plan_gvisor(spec: Spec, argv: Sequence[str], term: str | None, tty: bool, l
         ops.append(p.Mkdir(f"{s}/exec"))
     platform = runsc.choose(h.cache_dir, hostmod.skeleton())
     launcher = p.Process(argv=runsc.argv(runsc.runsc(), f"{s}/state", f"{s}/bundle", platform,
-                                         network=spec.network.enabled, restore=resume),
+                                         network=spec.network.enabled, restore=resume, console=console),
                          env=(("PATH", DEFAULT_PATH),),
                          cwd="/", uid=0, gid=0, no_new_privs=False,
-                         seccomp="unconfined", init=True, harden=False, setgroups=h.is_root)
+                         seccomp="unconfined", init=True, harden=False, setgroups=h.is_root,
+                         tty=tty, console=console or "")
     uid_map, gid_map = _id_maps(spec, h)
     return p.Plan(isolation="gvisor", namespaces=p.NAMESPACES, uid_map=uid_map, gid_map=gid_map, ops=tuple(ops),
                   process=launcher, memory=spec.limits.memory, cpus=spec.limits.cpus, timeout=spec.timeout,
@@ -263,26 +270,28 @@ def _plan_gvisor(spec: Spec, argv: Sequence[str], term: str | None, tty: bool, l
 
 def _join_gvisor(workspace: p.Plan, process: p.Process) -> p.Plan:
     """A command in a gvisor workspace: ``runsc exec`` of ``process`` (its argv, env,
-    cwd and ids), run as the root of the workspace's user namespace, in its mount,
-    pid and network namespaces (where runsc's state and control socket are)."""
+    cwd and ids, in a process file the join writes first), run as the root of the
+    workspace's user namespace, in its mount, pid and network namespaces (where
+    runsc's state and control socket are). With ``tty`` runsc's stdio is the pty
+    silo-setup makes (in the sandbox's own devpts), and the command's too."""
     from silo.backends.gvisor import runsc
 
-    if process.tty:
-        raise SpecError("-t in a workspace at isolation 'gvisor' is not available yet: drop -t, or use a "
-                        "workspace at isolation 'process'")
     pid_file = f"{hostmod.host().scratch}/exec/{secrets.token_hex(8)}"
-    argv = runsc.exec_argv(workspace.process.argv, process.argv, process.env, process.cwd, process.uid,
-                           process.gid, pid_file)
+    spec = runsc.exec_process(process.argv, process.env, process.cwd, process.uid, process.gid, process.tty)
+    joined = plan_runsc(workspace, runsc.exec_argv(workspace.process.argv, runsc.process_file(pid_file), pid_file))
     assert workspace.gvisor is not None
-    return replace(plan_runsc(workspace, argv), gvisor=replace(workspace.gvisor, pid_file=pid_file))
+    return replace(joined, ops=(p.WriteFile(runsc.process_file(pid_file), json.dumps(spec).encode(), 0o600),),
+                   process=replace(joined.process, tty=process.tty),
+                   gvisor=replace(workspace.gvisor, pid_file=pid_file))
 
 
 def plan_runsc(workspace: p.Plan, argv: Sequence[str]) -> p.Plan:
     """``argv``, a runsc command line (exec, kill, checkpoint), run in the gvisor
-    workspace whose init's plan is ``workspace``: as the root of its user namespace, in
-    its mount, pid and network namespaces (where runsc's state and control socket are)."""
+    workspace (or one-shot run) whose init's plan is ``workspace``: as the root of its
+    user namespace, in its mount, pid and network namespaces (where runsc's state and
+    control socket are)."""
     relay = replace(workspace.process, argv=tuple(argv), env=(("PATH", DEFAULT_PATH),), cwd="/", uid=0, gid=0,
-                    init=True, new_session=True)
+                    init=True, new_session=True, tty=False, console="", winsize=(0, 0))
     return replace(workspace, namespaces=("user", "pid"), ops=(), process=relay, gvisor=None)
 
 

@@ -225,6 +225,10 @@ class Process:
     setgroups: bool = True  # False when the user namespace denies setgroups (rootless)
     tty: bool = False  # stdio is a pty made in the sandbox's own devpts; the master goes to the client
     winsize: tuple[int, int] = (0, 0)  # the pty's rows and columns from the start (0, 0: left to the client)
+    # With tty: a unix socket path where the command (runsc --console-socket) hands over
+    # the master of a pty it made itself; silo-init takes it there instead of silo-setup
+    # making one.
+    console: str = ""
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,11 @@
  *
  *   silo-init --run FD -- ARGV0 [ARG...]  run ARGV0 (looked up in the PATH of the
  *                                         environment we were given)
+ *   silo-init --run FD --console PATH WINSIZE -- ARGV0 [ARG...]
+ *                                         the same for a command that makes its own
+ *                                         pty and hands its master over the unix
+ *                                         socket PATH (runsc --console-socket): see
+ *                                         take_console()
  *   silo-init --wait FD                   a warm sandbox: wait on the SOCK_SEQPACKET
  *                                         socket FD for the command, then run it
  *   silo-init --idle FD                   a workspace's PID 1: no command of its own;
@@ -37,12 +42,17 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <poll.h>
+#include <sys/ioctl.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/types.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
+
+#include "fdpass.h"
 
 #define GO_MAX (64 * 1024) /* the spawner starts larger commands cold */
 #define MAX_ARGS 8192
@@ -197,6 +207,73 @@ static int exit_code(int status) {
     return 125;
 }
 
+static int listen_console(int chan, const char *path) {
+    struct sockaddr_un addr = {.sun_family = AF_UNIX};
+    if (strlen(path) >= sizeof addr.sun_path)
+        fail(chan, 125, "the console socket path is too long: %s", path);
+    memcpy(addr.sun_path, path, strlen(path));
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0 || bind(fd, (struct sockaddr *)&addr, sizeof addr) < 0 || listen(fd, 1) < 0)
+        fail(chan, 125, "cannot listen on the console socket %s: %s", path, strerror(errno));
+    return fd;
+}
+
+/* The master of the pty the command made, from one connection to `listener`: the
+ * one terminal fd it carries, or -1. */
+static int receive_master(int listener) {
+    int conn = accept4(listener, NULL, NULL, SOCK_CLOEXEC);
+    if (conn < 0)
+        return -1;
+    char buf[64];
+    union {
+        struct cmsghdr hdr;
+        char space[CMSG_SPACE(4 * sizeof(int))];
+    } control;
+    struct iovec iov = {.iov_base = buf, .iov_len = sizeof buf};
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.space,
+                         .msg_controllen = sizeof control.space};
+    ssize_t n = recvmsg(conn, &msg, MSG_CMSG_CLOEXEC);
+    close(conn);
+    struct cmsghdr *c = n < 0 ? NULL : CMSG_FIRSTHDR(&msg);
+    if (!c || c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+        return -1;
+    int fds[4], count = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+    memcpy(fds, CMSG_DATA(c), (size_t)count * sizeof(int));
+    if (count == 1 && !(msg.msg_flags & MSG_CTRUNC) && isatty(fds[0]))
+        return fds[0];
+    for (int i = 0; i < count; i++)
+        close(fds[i]);
+    return -1;
+}
+
+/* --console: wait (while the command lives) for the master of the pty it made, size
+ * it (`winsize` is rows << 16 | cols; 0: the client sizes it) and hand it to the
+ * spawner on the channel as silo-setup hands over its own: "pty" with the fd. Only
+ * our own processes share the namespace the socket is in. */
+static void take_console(int chan, int listener, pid_t child, long long winsize) {
+    for (;;) {
+        struct pollfd ready = {.fd = listener, .events = POLLIN};
+        if (poll(&ready, 1, 100) > 0) {
+            int master = receive_master(listener);
+            if (master < 0)
+                continue;
+            if (winsize > 0) {
+                struct winsize size = {.ws_row = (unsigned short)(winsize >> 16 & 0xffff),
+                                       .ws_col = (unsigned short)(winsize & 0xffff)};
+                ioctl(master, TIOCSWINSZ, &size);
+            }
+            if (send_pty(chan, master) < 0) {
+                /* the spawner is gone: the command dies with us */
+            }
+            close(master);
+            return;
+        }
+        siginfo_t info = {0};
+        if (waitid(P_PID, (id_t)child, &info, WEXITED | WNOHANG | WNOWAIT) == 0 && info.si_pid == child)
+            return; /* it ended without a terminal: its status says why */
+    }
+}
+
 /* A workspace's PID 1. Its commands arrive through joins (silo-setup --join), each
  * under its own silo-init --run outside this pid namespace; orphans are reparented
  * here and reaped. SIGTERM (or SIGINT, SIGHUP) stops the workspace: every other
@@ -229,7 +306,9 @@ static int idle(int chan) {
 
 int main(int argc, char **argv) {
     extern char **environ;
-    int chan = -1;
+    int chan = -1, listener = -1;
+    const char *console = NULL;
+    long long winsize = 0;
     char **cmd, **envp = environ;
     char path[PATH_MAX];
     static char request[GO_MAX + 1];
@@ -260,8 +339,18 @@ int main(int argc, char **argv) {
         prctl(PR_SET_NAME, "silo-init", 0, 0, 0); /* not the fd number execveat gave us */
         cmd = argv + 4;
         resolve(chan, cmd[0], envp, path, sizeof path);
+    } else if (argc >= 8 && strcmp(argv[1], "--run") == 0 && strcmp(argv[3], "--console") == 0 &&
+               strcmp(argv[6], "--") == 0) {
+        chan = atoi(argv[2]);
+        prctl(PR_SET_NAME, "silo-init", 0, 0, 0);
+        cmd = argv + 7;
+        resolve(chan, cmd[0], envp, path, sizeof path);
+        console = argv[4];
+        winsize = atoll(argv[5]);
+        listener = listen_console(chan, console);
     } else {
-        die("usage: silo-init --run FD -- ARGV0 [ARG...] | silo-init --wait FD | silo-init --idle FD");
+        die("usage: silo-init --run FD [--console PATH WINSIZE] -- ARGV0 [ARG...] | silo-init --wait FD | "
+            "silo-init --idle FD");
     }
 
     signal(SIGTTIN, SIG_IGN);
@@ -294,6 +383,8 @@ int main(int argc, char **argv) {
         sigprocmask(SIG_SETMASK, &none, NULL);
         if (chan >= 0)
             close(chan);
+        if (listener >= 0)
+            close(listener);
         execve(path, cmd, envp);
         int err = errno;
         if (write(report[1], &err, sizeof err) < 0) {
@@ -312,6 +403,11 @@ int main(int argc, char **argv) {
         int status;
         waitpid(child, &status, 0);
         fail(chan, err == ENOENT ? 127 : 126, "%s: cannot execute inside the sandbox: %s", cmd[0], strerror(err));
+    }
+    if (listener >= 0) {
+        take_console(chan, listener, child, winsize);
+        close(listener);
+        unlink(console);
     }
     if (chan >= 0)
         close(chan); /* the spawner sees the end of the channel: the command runs */

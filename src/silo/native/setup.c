@@ -61,7 +61,9 @@
 #include <sys/types.h>
 #include <unistd.h>
 
-#define MAGIC "silo-setup 3"
+#include "fdpass.h"
+
+#define MAGIC "silo-setup 4"
 #define LAST_CAP 40
 #define MAX_SCRIPT (16 << 20)
 
@@ -632,19 +634,7 @@ static void open_pty(long long winsize) {
             internal("dup2: %s", strerror(errno));
     close(slave);
     /* the master goes to the spawner, and on to the client */
-    union {
-        struct cmsghdr hdr;
-        char space[CMSG_SPACE(sizeof(int))];
-    } control;
-    struct iovec iov = {.iov_base = "pty", .iov_len = 3};
-    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.space,
-                         .msg_controllen = sizeof control.space};
-    struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
-    c->cmsg_level = SOL_SOCKET;
-    c->cmsg_type = SCM_RIGHTS;
-    c->cmsg_len = CMSG_LEN(sizeof(int));
-    memcpy(CMSG_DATA(c), &master, sizeof(int));
-    if (sendmsg(err_fd, &msg, 0) < 0)
+    if (send_pty(err_fd, master) < 0)
         internal("cannot hand over the pty: %s", strerror(errno));
     close(master);
 }
@@ -817,6 +807,9 @@ int main(int argc, char **argv) {
     int no_new_privs = (int)num(&r), harden = (int)num(&r), new_session = (int)num(&r), tty = (int)num(&r),
         with_init = (int)num(&r);
     long long winsize = num(&r);
+    /* With tty: where the command (runsc) hands over the master of a pty it made
+     * itself; silo-init listens there and passes it on, and we make none. */
+    const char *console = str(&r);
     long long nrlimits = num(&r);
     struct {
         int resource;
@@ -835,11 +828,12 @@ int main(int argc, char **argv) {
     long long nargs = num(&r);
     if (nargs < 0 || nargs > 1 << 20)
         internal("malformed setup script (argv)");
-    char **cmd = calloc((size_t)nargs + 5, sizeof *cmd); /* room for silo-init --run FD -- */
+    /* room for silo-init --run FD [--console PATH WINSIZE] -- before the command */
+    char **cmd = calloc((size_t)nargs + 8, sizeof *cmd);
     if (!cmd)
         internal("out of memory");
     for (long long i = 0; i < nargs; i++)
-        cmd[i + 4] = str(&r);
+        cmd[i + 7] = str(&r);
     long long nenv = num(&r);
     if (nenv < 0 || nenv > 1 << 20)
         internal("malformed setup script (env)");
@@ -885,7 +879,7 @@ int main(int argc, char **argv) {
         /* SECURITY: no controlling terminal of the host (SECURITY.md #7). */
         if (setsid() < 0)
             internal("setsid: %s", strerror(errno));
-        if (tty)
+        if (tty && !console[0])
             open_pty(winsize);
     }
     for (long long i = 0; i < nrlimits; i++)
@@ -928,11 +922,19 @@ int main(int argc, char **argv) {
             char *init_argv[] = {"silo-init", "--idle", chan, NULL};
             syscall(SYS_execveat, init_fd, "", init_argv, envp, AT_EMPTY_PATH);
         } else {
-            cmd[0] = "silo-init";
-            cmd[1] = "--run";
-            cmd[2] = chan;
-            cmd[3] = "--";
-            syscall(SYS_execveat, init_fd, "", cmd, envp, AT_EMPTY_PATH);
+            char size[24];
+            snprintf(size, sizeof size, "%lld", winsize);
+            char **init_argv = cmd + (console[0] ? 0 : 3);
+            init_argv[0] = "silo-init";
+            init_argv[1] = "--run";
+            init_argv[2] = chan;
+            if (console[0]) {
+                init_argv[3] = "--console";
+                init_argv[4] = (char *)console;
+                init_argv[5] = size;
+            }
+            cmd[6] = "--";
+            syscall(SYS_execveat, init_fd, "", init_argv, envp, AT_EMPTY_PATH);
         }
         internal("cannot exec silo-init: %s", strerror(errno));
     }
@@ -944,7 +946,7 @@ int main(int argc, char **argv) {
     sigprocmask(SIG_SETMASK, &none, NULL);
     extern char **environ;
     environ = envp; /* execvp searches the command's PATH */
-    execvp(cmd[4], cmd + 4);
+    execvp(cmd[7], cmd + 7);
     report(errno == ENOENT ? "CommandNotFound" : "CommandNotExecutable", errno == ENOENT ? 127 : 126,
-           "%s: cannot execute inside the sandbox: %s", cmd[4], strerror(errno));
+           "%s: cannot execute inside the sandbox: %s", cmd[7], strerror(errno));
 }

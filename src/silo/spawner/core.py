@@ -284,8 +284,39 @@ class Spawner:
     def _on_signal(self, conn: Connection, message: tuple[Any, ...], fds: list[int]) -> None:
         _, job_id, signum = message
         job = conn.jobs.get(job_id)
-        if job is not None and isinstance(signum, int) and 0 < signum < 65:
+        if job is None or not isinstance(signum, int) or not 0 < signum < 65:
+            return
+        if job.plan is not None and job.plan.isolation == "gvisor" and signum != signal.SIGKILL and job.pidfd >= 0:
+            self._signal_inside(job, signum)
+        else:
             self._kill(job, signum)
+
+    def _signal_inside(self, job: Job, signum: int) -> None:
+        """A gvisor run's signal goes to its command inside: ``runsc kill`` of the
+        container (whose PID 1, silo-init, passes it to the command's group), joined into
+        the run's namespaces like a workspace's command. ``runsc run`` itself passes no
+        signal on: it would die of it, and the sandbox with it."""
+        from silo.backends.gvisor import runsc
+        from silo.engine import planner
+
+        assert job.plan is not None
+        relay = planner.plan_runsc(job.plan, runsc.signal_argv(job.plan.process.argv, signum))
+        null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            started = launcher.join(job.pidfd, relay, (null, null, null), self.init_fd, self.setup_fd, None,
+                                    job.cgroup)
+        except (OSError, SiloError):
+            return  # the run is ending: nothing left to signal
+        finally:
+            os.close(null)
+        os.close(started.err_fd)
+        self.sel.register(started.pidfd, selectors.EVENT_READ, ("relay", started))
+
+    def _on_relay_exit(self, started: launcher.Started) -> None:
+        self.sel.unregister(started.pidfd)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(started.pid, 0)
+        os.close(started.pidfd)
 
     def _on_run(self, conn: Connection, message: tuple[Any, ...], fds: list[int]) -> None:
         if len(message) != 3 or not isinstance(message[1], int):
@@ -902,6 +933,7 @@ class Spawner:
         dispatch: dict[str, Callable[[Any], None]] = {
             "conn": self._on_conn, "exit": self._on_exit, "err": self._on_err, "limit": self._on_limit,
             "warm": self._drop_warm, "poolmsg": self._on_pool_msg, "pooldead": self._on_pool_dead,
+            "relay": self._on_relay_exit,
         }
         dispatch.update(self.extra_dispatch)
         # Everything alive now (modules, code, caches) lives as long as we do: keep the

@@ -13,6 +13,8 @@ configuration, no control socket in the host's network namespace.
 A workspace's sandbox runs silo-init (``--idle``, from silo's read-only top layer:
 :func:`layer`) as the container's PID 1; each command joins it with ``runsc
 exec`` (:func:`exec_argv`), and is signalled with ``runsc kill --pid`` (:func:`kill_argv`).
+With ``-t`` a one-shot run's runsc makes the pty itself (``--console-socket``: silo-init
+takes the master, see :func:`argv`); an exec's is silo-setup's, as at the process level.
 
 The platform is chosen by a probe, cached per runsc binary and host kernel:
 ``systrap`` or ``kvm`` where the installed runsc has them and a sandbox actually runs
@@ -144,14 +146,19 @@ def bundle(process: dict[str, Any], root: str, mounts: Sequence[dict[str, Any]],
 
 
 def argv(exe: str, state: str, bundle_dir: str, platform: str, network: bool = False,
-         restore: str | None = None) -> tuple[str, ...]:
+         restore: str | None = None, console: str | None = None) -> tuple[str, ...]:
     """``runsc run`` of the bundle: its state in ``state``, cgroups left to silo (the
     sandbox's own), no host unix sockets; no network but loopback, or with ``network``
     runsc's netstack on the links of the namespace it runs in (``eth0``, which silo's
     keeper links to the policy's namespace: silo.net.keeper). With ``restore`` (the
     directory of a :func:`checkpoint_argv` image) it is ``runsc restore`` of that image:
-    the bundle's container with the processes the image saved."""
+    the bundle's container with the processes the image saved. With ``console`` (a
+    bundle whose process has ``terminal``) runsc makes the container's pty and hands
+    its master over that unix socket; the sandbox is the pty's session leader, and
+    passes the terminal's signals (ctrl-C) to the container's foreground group."""
     verb = ("restore", "--image-path", restore) if restore is not None else ("run",)
+    if console is not None:
+        verb = (*verb, "--console-socket", console)
     return (exe, "--root", state, f"--network={'sandbox' if network else 'none'}", "--ignore-cgroups",
             f"--platform={platform}", *verb, "--bundle", bundle_dir, CONTAINER)
 
@@ -203,17 +210,39 @@ def global_flags(run_argv: Sequence[str]) -> tuple[str, ...]:
     return tuple(run_argv[:3])
 
 
-def exec_argv(run_argv: Sequence[str], argv: Sequence[str], env: Sequence[tuple[str, str]], cwd: str,
-              uid: int, gid: int, pid_file: str) -> tuple[str, ...]:
-    """``runsc exec`` of ``argv`` in the sandbox that ``run_argv`` started, as
-    ``uid:gid`` in ``cwd`` with exactly ``env`` (the container's own is empty), under
-    silo-init ``--run`` inside: it finds the command as at the process level (127 and
-    126 with silo's messages), puts it in a process group of its own and passes every
-    signal it gets to that group (``runsc kill`` reaches one process only), and the
-    command dies with it. Its pid inside goes to ``pid_file``, for :func:`kill_argv`."""
-    flags = [f"--env={k}={v}" for k, v in env]
-    return (*global_flags(run_argv), "exec", f"--user={uid}:{gid}", f"--cwd={cwd}",
-            f"--internal-pid-file={pid_file}", *flags, CONTAINER, INIT_PATH, "--run", "-1", "--", *argv)
+def exec_argv(run_argv: Sequence[str], process_file: str, pid_file: str) -> tuple[str, ...]:
+    """``runsc exec`` of the process that ``process_file`` describes (:func:`exec_process`)
+    in the sandbox that ``run_argv`` started. Its pid inside goes to ``pid_file``, for
+    :func:`kill_argv`. A file, not flags: runsc (20221219) gives a command a terminal
+    only when its process file says so, and flags would show its environment to every
+    host user in ``ps``."""
+    return (*global_flags(run_argv), "exec", f"--internal-pid-file={pid_file}", f"--process={process_file}",
+            CONTAINER)
+
+
+def exec_process(argv: Sequence[str], env: Sequence[tuple[str, str]], cwd: str, uid: int, gid: int,
+                 tty: bool) -> dict[str, Any]:
+    """The process file of :func:`exec_argv`: ``argv`` as ``uid:gid`` in ``cwd`` with
+    exactly ``env`` (the container's own is empty), under silo-init ``--run`` inside: it
+    finds the command as at the process level (127 and 126 with silo's messages), puts
+    it in a process group of its own and passes every signal it gets to that group
+    (``runsc kill`` reaches one process only), and the command dies with it. With
+    ``tty`` its stdio is a terminal: the pty of the ``runsc exec`` that reads the file
+    (made by silo-setup, as at the process level), whose signals (ctrl-C, a resize)
+    runsc passes to the command's foreground group inside."""
+    return {"terminal": tty, "user": {"uid": uid, "gid": gid}, "cwd": cwd,
+            "args": [INIT_PATH, "--run", "-1", "--", *argv], "env": [f"{k}={v}" for k, v in env]}
+
+
+def process_file(pid_file: str) -> str:
+    """Where the process file of the exec whose pid file is ``pid_file`` lives."""
+    return f"{pid_file}.json"
+
+
+def signal_argv(run_argv: Sequence[str], sig: int) -> tuple[str, ...]:
+    """``runsc kill`` of the container that ``run_argv`` started: signal ``sig`` to its
+    PID 1 (silo-init, which passes it to the command's process group)."""
+    return (*global_flags(run_argv), "kill", CONTAINER, str(sig))
 
 
 def kill_argv(run_argv: Sequence[str], pid: int, sig: int) -> tuple[str, ...]:

@@ -5,11 +5,12 @@ namespaces; this module is the one place that knows the layout it reads. A scrip
 a flat sequence of fields, each a 4-byte little-endian length, the bytes and a NUL
 (so the C side can use every field as a C string in place):
 
-    "silo-setup 3"
+    "silo-setup 4"
     user_ns mnt_ns pid_ns cgroup_ns inside_uid inside_gid setgroups idmapped_layers
     N  then N operations: the op's name, then its fields in plan.py's order
        (a tuple is a count and its items; bools and ints are decimal text)
     cwd uid gid capability-mask no_new_privs harden new_session tty init winsize (rows << 16 | cols)
+    console (with tty: the socket path the command hands its own pty's master over; empty: none)
     R  then R rlimits: resource number, soft, hard (-1: unlimited)
     seccomp BPF (empty: none)
     A  then A argv strings;  E  then E "KEY=VALUE" strings
@@ -37,7 +38,7 @@ from silo.model.errors import (
 )
 from silo.model.spec import CAPABILITIES
 
-MAGIC = b"silo-setup 3"
+MAGIC = b"silo-setup 4"
 
 RLIMITS = {"nofile": resource.RLIMIT_NOFILE, "nproc": resource.RLIMIT_NPROC,
            "core": resource.RLIMIT_CORE, "stack": resource.RLIMIT_STACK,
@@ -99,7 +100,7 @@ def encode(plan: p.Plan, bpf: bytes | None) -> bytes:
         keep |= 1 << CAPABILITIES[name]
     process: tuple[Any, ...] = (proc.cwd, proc.uid, proc.gid, keep, proc.no_new_privs, proc.harden,
                                 proc.new_session, proc.tty, proc.init, proc.winsize[0] << 16 | proc.winsize[1],
-                                len(proc.rlimits))
+                                proc.console, len(proc.rlimits))
     for value in process:
         _field(out, value)
     for name, soft, hard in proc.rlimits:
