@@ -79,13 +79,20 @@ def test_the_platform_is_probed_once_cached_and_shown_in_the_plan() -> None:
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--pids", "10"], "--pids with --isolation gvisor is not available yet: drop it, or use --isolation process"),
-    (["--seccomp", "unconfined"], "--seccomp with --isolation gvisor is not available yet: drop it, or use "
-                                  "--isolation process"),
+    (["--seccomp", "/etc/hostname"], "--seccomp PROFILE with --isolation gvisor is not available yet: drop it, "
+                                     "or use --isolation process"),
 ])
 def test_what_this_level_lacks_yet_is_refused_in_one_line(args: list[str], message: str) -> None:
     r = run(*args, "--", "true")
     assert (r.returncode, r.stderr, r.stdout) == (125, f"silo: {message}\n", ""), r
+
+
+def test_seccomp_default_and_unconfined_add_no_filter_inside() -> None:
+    """The Sentry is the command's kernel and filter: neither choice puts a seccomp
+    filter inside it (the process level's 'default' is silo's profile)."""
+    for choice in ("default", "unconfined"):
+        r = run("--seccomp", choice, "--", "grep", "^Seccomp:", "/proc/self/status")
+        assert (r.returncode, r.stdout) == (0, "Seccomp:\t0\n"), r
 
 
 def test_t_gives_the_command_runscs_pty_with_the_terminals_size_input_and_ctrl_c() -> None:
@@ -105,6 +112,25 @@ def test_t_gives_the_command_runscs_pty_with_the_terminals_size_input_and_ctrl_c
     assert steps == ["sleep", "ctrl-c", "read"], out
     assert (code, out.decode().replace("\r", "").splitlines()[-1]) == (5, "got-abc"), out
     assert time.monotonic() - started < 30  # the sleep was interrupted
+
+
+def test_pids_contains_a_fork_loop_for_every_user_inside() -> None:
+    """--pids is RLIMIT_NPROC inside the Sentry, which holds for root too (no capability
+    exempts it there): a fork loop is refused its 17th task and the run ends at once.
+    Below the limit nothing is refused. The count is per user: silo cannot read the
+    Sentry's refusals, so the run's end is the shell's own error, not silo's."""
+    started = time.monotonic()
+    r = run("--pids", "16", "--", "sh", "-c", "while :; do sleep 30 & done")
+    assert r.returncode != 0 and "Cannot fork" in r.stderr, r
+    assert time.monotonic() - started < 20
+    r = run("--pids", "16", "--", "sh", "-c", "sleep 0 & sleep 0 & wait; echo ok; ulimit -p")
+    assert (r.returncode, r.stdout) == (0, "ok\n16\n"), r
+    threads = "import threading, time\nn = 0\ntry:\n    for _ in range(40):\n" \
+              "        threading.Thread(target=time.sleep, args=(5,), daemon=True).start(); n += 1\n" \
+              "except RuntimeError:\n    print('refused after', n)"
+    r = run("--pids", "16", "-u", "1000", "--", "python3", "-c", threads)
+    assert r.returncode == 0 and r.stdout.startswith("refused after "), r
+    assert int(r.stdout.split()[-1]) < 16  # threads count too
 
 
 def test_runsc_holds_no_host_privilege_and_its_control_socket_is_the_sandboxs() -> None:

@@ -16,16 +16,19 @@ here). What is not re-run, and why:
   below 1024 needs no capability in gVisor's network stack (this runsc), so
   test_cap_net_bind_service_binds_a_low_port's refusal does not happen; with no
   network but loopback, that port is the sandbox's own.
-- test_leaves_nothing_behind lists the process level's cgroups with ``--pids``, which
-  this level refuses; test_gvisor.py checks that runs leave no process, mount or state.
+- test_leaves_nothing_behind lists the process level's pids cgroups, which this level
+  has none of (``--pids`` is RLIMIT_NPROC inside the Sentry); test_gvisor.py checks that
+  runs leave no process, mount or state.
 
 Since runsc runs as the root of the sandbox's user namespace (silo's id range), the
 image and volume tests run unchanged: an image owned by silo's range is writable
 through the overlay, a read-write volume writes through with the sandbox's ids, and a
 file of host root's stays unwritable.
-- Signal dispositions, ctrl-C, and the cgroup tests (--pids is refused; the cgroup
-  holds runsc, its gofer and Sentry, whose threads are not the command's) are not
-  re-run; test_gvisor.py checks the memory limit and the cleanup.
+- Signal dispositions (the Sentry's ``/proc/self/status`` has no ``SigIgn``/``SigBlk``)
+  and the cgroup tests (the cgroup holds runsc, its gofer and Sentry, whose threads are
+  not the command's; test_pids_limit_contains_a_fork_loop expects silo's "process
+  limit", which only a pids cgroup tells) are not re-run; test_gvisor.py checks --pids,
+  -t, the memory limit and the cleanup. ctrl-C and the terminal's resize are re-run.
 """
 
 # ruff: noqa: F811 - the imported fixtures are the tests' parameters by name

@@ -713,6 +713,32 @@ def test_a_gvisor_exec_is_a_process_file_the_join_writes_and_t_is_its_terminal(
     assert (relay.process.tty, relay.process.console, relay.ops) == (False, "", ())
 
 
+def test_gvisor_pids_is_rlimit_nproc_inside_and_no_cgroup_limit(
+        root_host: hostmod.Host, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--pids at the gvisor level is the bundle's RLIMIT_NPROC (the Sentry enforces it),
+    the lower of it and an --rlimit nproc; the plan asks no pids cgroup, which would
+    count runsc's threads."""
+    import json
+
+    from silo.backends.gvisor import runsc
+
+    monkeypatch.setenv("SILO_GVISOR_PLATFORM", "ptrace")
+    monkeypatch.setattr(runsc, "runsc", lambda: "/usr/bin/runsc")
+
+    def nproc(spec: Spec) -> list[dict[str, Any]]:
+        plan = planner.plan(spec, ["true"])
+        assert plan.pids is None
+        config = json.loads(next(op.data for op in _ops(plan, p.WriteFile) if op.path.endswith("/config.json")))
+        return [r for r in config["process"].get("rlimits", []) if r["type"] == "RLIMIT_NPROC"]
+
+    gv = Spec(isolation=Isolation.GVISOR)
+    assert nproc(gv) == []
+    assert nproc(dataclasses.replace(gv, limits=Limits(pids=16))) == [
+        {"type": "RLIMIT_NPROC", "soft": 16, "hard": 16}]
+    both = dataclasses.replace(gv, limits=Limits(pids=16), rlimits=(("nofile", 64, 64), ("nproc", 8, 32)))
+    assert nproc(both) == [{"type": "RLIMIT_NPROC", "soft": 8, "hard": 16}]
+
+
 def test_open_tcp_connections_and_runscs_refusals_are_read() -> None:
     from silo.backends.gvisor import runsc
 

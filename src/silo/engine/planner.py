@@ -181,8 +181,25 @@ def _check_level(level: str, asked: Sequence[tuple[str, object]], why_root: str)
 
 
 def _check_gvisor(spec: Spec) -> None:
-    _check_level("gvisor", (("--pids", spec.limits.pids), ("--seccomp", spec.seccomp != "default")),
+    # The command's filter is gVisor's Sentry (itself under a host filter): 'default' and
+    # 'unconfined' add none inside. A profile of the user's is not applied yet: runsc
+    # (20221219) loads an OCI profile for the container's first process only, never
+    # for a workspace's 'runsc exec' (see docs/design.md).
+    _check_level("gvisor", (("--seccomp PROFILE", spec.seccomp not in ("default", "unconfined")),),
                  "runsc's sandbox and gofer")
+
+
+def _gvisor_rlimits(spec: Spec) -> tuple[tuple[str, int, int], ...]:
+    """The bundle's rlimits: the spec's, and ``--pids`` as RLIMIT_NPROC, which the
+    Sentry enforces for every user inside, root too (no capability exempts it there),
+    counting each user's tasks, threads included. A pids cgroup on the host would count
+    the Sentry's and gofer's threads instead, not the workload's processes."""
+    pids = spec.limits.pids
+    if pids is None:
+        return spec.rlimits
+    own = next(((soft, hard) for name, soft, hard in spec.rlimits if name == "nproc"), (-1, -1))
+    soft, hard = (pids if v < 0 else min(v, pids) for v in own)  # -1: unlimited
+    return (*[r for r in spec.rlimits if r[0] != "nproc"], ("nproc", soft, hard))
 
 
 def _plan_gvisor(spec: Spec, argv: Sequence[str], term: str | None, tty: bool, layers: Layers = Layers(),
@@ -241,7 +258,7 @@ def _plan_gvisor(spec: Spec, argv: Sequence[str], term: str | None, tty: bool, l
     if spec.caps:
         process["capabilities"] = {k: [f"CAP_{c}" for c in spec.caps]
                                    for k in ("bounding", "effective", "permitted")}
-    config = runsc.bundle(process, tree.root, mounts, spec.hostname, rlimits=spec.rlimits,
+    config = runsc.bundle(process, tree.root, mounts, spec.hostname, rlimits=_gvisor_rlimits(spec),
                           network=spec.network.enabled)
     # The sandbox's own devpts: the ptys runsc (a run's) and silo-setup (an exec's) make
     # for -t are not the host's (/dev/ptmx opens the devpts at /dev/pts beside it).

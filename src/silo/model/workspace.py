@@ -15,7 +15,7 @@ Its errors are :class:`FieldError`, which carry the path of the offending key so
 spec file loader can turn them into ``FILE:LINE:COL`` positions.
 
 Isolation levels are the ones :class:`silo.model.spec.Isolation` knows; what a level
-cannot do yet is refused by the spec's own checks (``_check_vm``, ``_check_gvisor``).
+cannot do yet is refused by the spec's own checks (``_check_vm``).
 """
 
 from __future__ import annotations
@@ -205,8 +205,6 @@ class WorkspaceSpec:
         check_kernel(self.kernel, self.isolation)
         if self.isolation is Isolation.VM:
             self._check_vm()
-        if self.isolation is Isolation.GVISOR:
-            self._check_gvisor()
         for flag, what in (("encrypted", "an encrypted workspace needs isolation 'vm' (its files on a disk "
                                          "of its own)"),
                            ("diskless", "a diskless workspace needs isolation 'vm' (its files in its VM's RAM)")):
@@ -253,12 +251,6 @@ class WorkspaceSpec:
         missing = [what for what, asked in (("a pids limit", self.limits.pids is not None),) if asked]
         if missing:
             raise SpecError(f"a workspace at isolation 'vm' cannot have {', '.join(missing)} yet: "
-                            "drop it, or use isolation 'process'")
-
-    def _check_gvisor(self) -> None:
-        missing = [what for what, asked in (("a pids limit", self.limits.pids is not None),) if asked]
-        if missing:
-            raise SpecError(f"a workspace at isolation 'gvisor' cannot have {', '.join(missing)} yet: "
                             "drop it, or use isolation 'process'")
 
     @property
