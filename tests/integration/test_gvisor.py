@@ -78,13 +78,23 @@ def test_the_platform_is_probed_once_cached_and_shown_in_the_plan() -> None:
     assert "runsc --root /" in plan and "--network=none" in plan and "--ignore-cgroups" in plan
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--seccomp", "/etc/hostname"], "--seccomp PROFILE with --isolation gvisor is not available yet: drop it, "
-                                     "or use --isolation process"),
-])
-def test_what_this_level_lacks_yet_is_refused_in_one_line(args: list[str], message: str) -> None:
-    r = run(*args, "--", "true")
-    assert (r.returncode, r.stderr, r.stdout) == (125, f"silo: {message}\n", ""), r
+MKDIR_REFUSED = ('{"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["mkdir", "mkdirat"], '
+                 '"action": "SCMP_ACT_ERRNO", "errnoRet": 1}]}')
+
+
+def test_a_seccomp_profile_is_enforced_inside_by_gvisors_kernel(tmp_path: Path) -> None:
+    """--seccomp FILE: silo's own compiled program (the process level's), loaded by
+    silo-init inside the Sentry before the command runs; a bad profile is one line."""
+    profile = tmp_path / "profile.json"
+    profile.write_text(MKDIR_REFUSED)
+    script = "mkdir /tmp/d 2>/dev/null && echo made || echo refused; grep ^Seccomp: /proc/self/status; " \
+             "echo x > /tmp/f && echo wrote"
+    r = run("--seccomp", str(profile), "--", "sh", "-c", script)
+    assert (r.returncode, r.stdout) == (0, "refused\nSeccomp:\t2\nwrote\n"), r
+    profile.write_text("{not json")
+    r = run("--seccomp", str(profile), "--", "true")
+    assert r.returncode == 125 and r.stderr.startswith(f"silo: {profile}:1:2: invalid JSON"), r
+    assert len(r.stderr.splitlines()) == 1
 
 
 def test_seccomp_default_and_unconfined_add_no_filter_inside() -> None:

@@ -349,7 +349,7 @@ def test_snapshot_memory_refusals_name_the_problem_and_keep_the_processes(
     nothing_left_of(name)
 
 
-def test_limits_and_refusals_of_a_gvisor_workspace(names: list[str]) -> None:
+def test_limits_of_a_gvisor_workspace(names: list[str]) -> None:
     name = started(names, "--memory", "96M")
     r = cli("exec", name, "--", "python3", "-c", "x = bytearray(300 << 20)")
     assert r.returncode != 0, r

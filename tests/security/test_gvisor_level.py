@@ -30,7 +30,7 @@ is rewritten below with the refusal this level gives, and says why:
 - The Sentry's CPU clock inside is its own estimate, so the CPU quota is measured by
   the work done, against a run without it.
 - ``--pids`` is RLIMIT_NPROC inside the Sentry (fork gets EAGAIN, the run goes on);
-  ``--seccomp PROFILE`` is refused at this level (one line, tested here).
+  ``--seccomp PROFILE`` is loaded by silo-init inside the Sentry (tested here).
 """
 
 # ruff: noqa: F401, F811 - the imported tests and fixtures are collected here by name
@@ -330,9 +330,17 @@ def test_09_dangerous_syscalls_are_answered_by_the_sentry(sb: Any) -> None:
     assert calls["open_by_handle_at"] == "ENOTSUP" and calls["mount"] == "EPERM", calls
 
 
-def test_09_what_this_level_lacks_is_refused(sb: Any) -> None:
-    with pytest.raises(SpecError, match="--seccomp PROFILE with --isolation gvisor is not available yet"):
-        sb.run(["true"], seccomp="/etc/hostname")
+def test_09_a_seccomp_profile_refuses_inside_the_sentry(sb: Any, tmp_path: Path) -> None:
+    """--seccomp FILE is silo's compiled program, loaded by silo-init inside the Sentry
+    for the command (gVisor's kernel enforces it); a profile that is not one is refused."""
+    profile = tmp_path / "p.json"
+    profile.write_text('{"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["unshare"], '
+                       '"action": "SCMP_ACT_ERRNO", "errnoRet": 1}]}')
+    result = sb.run(["/usr/bin/unshare", "-U", "true"], seccomp=str(profile))
+    assert result.exit_code != 0 and b"Operation not permitted" in result.stderr, result
+    assert sb.run(["/usr/bin/unshare", "-U", "true"]).exit_code == 0  # the Sentry allows it otherwise
+    with pytest.raises(SpecError, match=r"seccomp profile /etc: not a regular file"):
+        sb.run(["true"], seccomp="/etc")
 
 
 # 10. devices ----------------------------------------------------------------------------

@@ -739,6 +739,47 @@ def test_gvisor_pids_is_rlimit_nproc_inside_and_no_cgroup_limit(
     assert nproc(both) == [{"type": "RLIMIT_NPROC", "soft": 8, "hard": 16}]
 
 
+def test_a_gvisor_seccomp_profile_is_silos_program_loaded_by_silo_init_for_each_command(
+        root_host: hostmod.Host, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """--seccomp FILE at the gvisor level: the process level's compiled program, in hex,
+    for silo-init inside to load before a run's command and before each exec's (runsc's
+    OCI seccomp would miss the execs); 'default' and 'unconfined' load none; a bad
+    profile is refused at planning, in one line."""
+    import json
+
+    from silo.backends.gvisor import runsc
+    from silo.sys import seccomp
+
+    monkeypatch.setenv("SILO_GVISOR_PLATFORM", "ptrace")
+    monkeypatch.setattr(runsc, "runsc", lambda: "/usr/bin/runsc")
+    profile = tmp_path / "p.json"
+    profile.write_text('{"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["mkdir"], '
+                       '"action": "SCMP_ACT_ERRNO", "errnoRet": 1}]}')
+    program = seccomp.compile_profile(str(profile)).hex()
+
+    def args(plan: p.Plan) -> list[str]:
+        config = json.loads(next(op.data for op in _ops(plan, p.WriteFile) if op.path.endswith("/config.json")))
+        return list(config["process"]["args"])
+
+    gv = Spec(isolation=Isolation.GVISOR)
+    for choice in ("default", "unconfined"):
+        assert args(planner.plan(dataclasses.replace(gv, seccomp=choice), ["true"])) == [
+            runsc.INIT_PATH, "--run", "-1", "--", "true"]
+    filtered = dataclasses.replace(gv, seccomp=str(profile))
+    assert args(planner.plan(filtered, ["true"])) == [runsc.INIT_PATH, "--run", "-1", "--seccomp", program, "--",
+                                                      "true"]
+    ws = planner.plan_workspace(filtered, planner.Layers())
+    assert ws.gvisor is not None and ws.gvisor.seccomp == program
+    assert p.Plan.from_wire(marshal.loads(marshal.dumps(ws.to_wire()))).gvisor == ws.gvisor
+    (write,) = planner.plan_join(ws, ["mkdir", "/x"]).ops
+    assert isinstance(write, p.WriteFile)
+    assert json.loads(write.data)["args"] == [runsc.INIT_PATH, "--run", "-1", "--seccomp", program, "--",
+                                              "mkdir", "/x"]
+    profile.write_text("{not json")
+    with pytest.raises(SpecError, match="invalid JSON"):
+        planner.plan(dataclasses.replace(gv, seccomp=str(profile)), ["true"])
+
+
 def test_open_tcp_connections_and_runscs_refusals_are_read() -> None:
     from silo.backends.gvisor import runsc
 

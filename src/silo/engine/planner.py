@@ -180,13 +180,17 @@ def _check_level(level: str, asked: Sequence[tuple[str, object]], why_root: str)
                              "run as root, or use --isolation process")
 
 
-def _check_gvisor(spec: Spec) -> None:
-    # The command's filter is gVisor's Sentry (itself under a host filter): 'default' and
-    # 'unconfined' add none inside. A profile of the user's is not applied yet: runsc
-    # (20221219) loads an OCI profile for the container's first process only, never
-    # for a workspace's 'runsc exec' (see docs/design.md).
-    _check_level("gvisor", (("--seccomp PROFILE", spec.seccomp not in ("default", "unconfined")),),
-                 "runsc's sandbox and gofer")
+def _gvisor_filter(spec: Spec) -> str:
+    """The command's seccomp program at the gvisor level, in hex for silo-init inside
+    (runsc.init_argv): none for 'default' and 'unconfined', whose filter is gVisor's
+    kernel itself (under runsc's filter on the host); a profile file compiled as at the
+    process level, loaded into the Sentry for each command (runsc's own OCI seccomp
+    would reach the container's first process only, never a 'runsc exec')."""
+    if spec.seccomp in ("default", "unconfined"):
+        return ""
+    from silo.sys import seccomp
+
+    return seccomp.compile_profile(spec.seccomp).hex()
 
 
 def _gvisor_rlimits(spec: Spec) -> tuple[tuple[str, int, int], ...]:
@@ -217,7 +221,7 @@ def _plan_gvisor(spec: Spec, argv: Sequence[str], term: str | None, tty: bool, l
     from silo import native
     from silo.backends.gvisor import runsc
 
-    _check_gvisor(spec)
+    _check_level("gvisor", (), "runsc's sandbox and gofer")
     h = hostmod.host()
     s = h.scratch
     uid, gid = spec.user.uid, spec.user.gid
@@ -225,10 +229,11 @@ def _plan_gvisor(spec: Spec, argv: Sequence[str], term: str | None, tty: bool, l
     # vm level's guest does, and asks silo's resolver there (silo.net.keeper).
     tree = _root_tree(spec, layers, package_state=workspace, top=runsc.layer(h.cache_dir, native.built("silo-init")),
                       resolver=VM_HOST4)
+    seccomp = _gvisor_filter(spec)
     if not workspace:
         # silo-init inside finds the command as at the process level (127 and 126 with
         # silo's messages, where runsc would fail with its own and 128) and reaps orphans
-        argv = (runsc.INIT_PATH, "--run", "-1", "--", *argv)
+        argv = runsc.init_argv(argv, seccomp)
     ops = tree.ops
     if spec.workdir and not any(os.path.lexists(d + spec.workdir) for d in (f"{tree.upper}/root", *tree.lowers)):
         # a missing workdir is made the user's, as at the process level (runsc would make it root's)
@@ -281,7 +286,7 @@ def _plan_gvisor(spec: Spec, argv: Sequence[str], term: str | None, tty: bool, l
     uid_map, gid_map = _id_maps(spec, h)
     return p.Plan(isolation="gvisor", namespaces=p.NAMESPACES, uid_map=uid_map, gid_map=gid_map, ops=tuple(ops),
                   process=launcher, memory=spec.limits.memory, cpus=spec.limits.cpus, timeout=spec.timeout,
-                  gvisor=p.Gvisor(uid, gid, spec.workdir or "/", env) if workspace else None,
+                  gvisor=p.Gvisor(uid, gid, spec.workdir or "/", env, seccomp=seccomp) if workspace else None,
                   network=_network(spec))
 
 
@@ -294,9 +299,10 @@ def _join_gvisor(workspace: p.Plan, process: p.Process) -> p.Plan:
     from silo.backends.gvisor import runsc
 
     pid_file = f"{hostmod.host().scratch}/exec/{secrets.token_hex(8)}"
-    spec = runsc.exec_process(process.argv, process.env, process.cwd, process.uid, process.gid, process.tty)
-    joined = plan_runsc(workspace, runsc.exec_argv(workspace.process.argv, runsc.process_file(pid_file), pid_file))
     assert workspace.gvisor is not None
+    spec = runsc.exec_process(process.argv, process.env, process.cwd, process.uid, process.gid, process.tty,
+                              workspace.gvisor.seccomp)
+    joined = plan_runsc(workspace, runsc.exec_argv(workspace.process.argv, runsc.process_file(pid_file), pid_file))
     return replace(joined, ops=(p.WriteFile(runsc.process_file(pid_file), json.dumps(spec).encode(), 0o600),),
                    process=replace(joined.process, tty=process.tty),
                    gvisor=replace(workspace.gvisor, pid_file=pid_file))

@@ -279,6 +279,7 @@ class Gvisor:
     cwd: str
     env: tuple[tuple[str, str], ...] = ()  # the commands' environment (runsc's own is PATH alone)
     pid_file: str = ""
+    seccomp: str = ""  # the commands' compiled seccomp program, in hex (silo-init loads it inside)
 
 
 def _vm_from_wire(untrusted: Any) -> Vm:
@@ -379,7 +380,8 @@ class Plan:
                 tuple(built_ops), p, memory, cpus, pids, timeout, network,
                 None if vm is None else _vm_from_wire(vm),
                 None if gvisor is None else Gvisor(int(gvisor[0]), int(gvisor[1]), str(gvisor[2]),
-                                                   tuple((str(k), str(v)) for k, v in gvisor[3]), str(gvisor[4])),
+                                                   tuple((str(k), str(v)) for k, v in gvisor[3]), str(gvisor[4]),
+                                                   str(gvisor[5])),
             )
         except (TypeError, ValueError, KeyError, IndexError) as e:
             raise ProtocolError(f"malformed plan: {e}") from None

@@ -3,11 +3,14 @@
  *
  *   silo-init --run FD -- ARGV0 [ARG...]  run ARGV0 (looked up in the PATH of the
  *                                         environment we were given)
- *   silo-init --run FD --console PATH WINSIZE -- ARGV0 [ARG...]
- *                                         the same for a command that makes its own
+ *   silo-init --run FD [--console PATH WINSIZE] [--seccomp HEX] -- ARGV0 [ARG...]
+ *                                         the same, for a command that makes its own
  *                                         pty and hands its master over the unix
- *                                         socket PATH (runsc --console-socket): see
- *                                         take_console()
+ *                                         socket PATH (runsc --console-socket: see
+ *                                         take_console()), and under the seccomp
+ *                                         program HEX (struct sock_filter[], in hex:
+ *                                         gVisor's Sentry gets no filter from the
+ *                                         host, see load_filter())
  *   silo-init --wait FD                   a warm sandbox: wait on the SOCK_SEQPACKET
  *                                         socket FD for the command, then run it
  *   silo-init --idle FD                   a workspace's PID 1: no command of its own;
@@ -44,8 +47,11 @@
 #include <string.h>
 #include <poll.h>
 #include <sys/ioctl.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <sys/un.h>
@@ -207,6 +213,35 @@ static int exit_code(int status) {
     return 125;
 }
 
+/* --seccomp: the program, decoded before the fork so a bad one fails the run. */
+static struct sock_fprog decode_filter(int chan, const char *hex) {
+    size_t n = strlen(hex) / 2;
+    if (strlen(hex) % 2 || n == 0 || n % sizeof(struct sock_filter) || n / sizeof(struct sock_filter) > 4096)
+        fail(chan, 125, "malformed seccomp program (%zu hex digits)", strlen(hex));
+    unsigned char *bytes = malloc(n);
+    if (!bytes)
+        fail(chan, 125, "out of memory");
+    for (size_t i = 0; i < n; i++) {
+        unsigned value;
+        if (sscanf(hex + 2 * i, "%2x", &value) != 1)
+            fail(chan, 125, "malformed seccomp program (not hex)");
+        bytes[i] = (unsigned char)value;
+    }
+    struct sock_fprog prog = {.len = (unsigned short)(n / sizeof(struct sock_filter)),
+                              .filter = (struct sock_filter *)(void *)bytes};
+    return prog;
+}
+
+/* SECURITY: the command and everything it forks or execs pass the filter from here
+ * on (filters stack, never go away); the same program silo-setup loads at the
+ * process level, here loaded into gVisor's kernel for the command alone. */
+static void load_filter(const struct sock_fprog *prog) {
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 || syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, prog) < 0) {
+        fprintf(stderr, "silo: cannot load the seccomp filter: %s\n", strerror(errno));
+        _exit(125);
+    }
+}
+
 static int listen_console(int chan, const char *path) {
     struct sockaddr_un addr = {.sun_family = AF_UNIX};
     if (strlen(path) >= sizeof addr.sun_path)
@@ -309,6 +344,7 @@ int main(int argc, char **argv) {
     int chan = -1, listener = -1;
     const char *console = NULL;
     long long winsize = 0;
+    struct sock_fprog filter = {0};
     char **cmd, **envp = environ;
     char path[PATH_MAX];
     static char request[GO_MAX + 1];
@@ -334,23 +370,31 @@ int main(int argc, char **argv) {
         receive(chan, request, sizeof request, &cmd, &envp);
         prctl(PR_SET_NAME, "silo-init", 0, 0, 0);
         resolve(chan, cmd[0], envp, path, sizeof path);
-    } else if (argc >= 5 && strcmp(argv[1], "--run") == 0 && strcmp(argv[3], "--") == 0) {
+    } else if (argc >= 5 && strcmp(argv[1], "--run") == 0) {
         chan = atoi(argv[2]);
         prctl(PR_SET_NAME, "silo-init", 0, 0, 0); /* not the fd number execveat gave us */
-        cmd = argv + 4;
+        int i = 3;
+        while (i < argc && strcmp(argv[i], "--") != 0) {
+            if (strcmp(argv[i], "--console") == 0 && i + 2 < argc) {
+                console = argv[i + 1];
+                winsize = atoll(argv[i + 2]);
+                i += 3;
+            } else if (strcmp(argv[i], "--seccomp") == 0 && i + 1 < argc) {
+                filter = decode_filter(chan, argv[i + 1]);
+                i += 2;
+            } else {
+                i = argc;
+            }
+        }
+        if (i + 1 >= argc)
+            die("usage: silo-init --run FD [--console PATH WINSIZE] [--seccomp HEX] -- ARGV0 [ARG...]");
+        cmd = argv + i + 1;
         resolve(chan, cmd[0], envp, path, sizeof path);
-    } else if (argc >= 8 && strcmp(argv[1], "--run") == 0 && strcmp(argv[3], "--console") == 0 &&
-               strcmp(argv[6], "--") == 0) {
-        chan = atoi(argv[2]);
-        prctl(PR_SET_NAME, "silo-init", 0, 0, 0);
-        cmd = argv + 7;
-        resolve(chan, cmd[0], envp, path, sizeof path);
-        console = argv[4];
-        winsize = atoll(argv[5]);
-        listener = listen_console(chan, console);
+        if (console)
+            listener = listen_console(chan, console);
     } else {
-        die("usage: silo-init --run FD [--console PATH WINSIZE] -- ARGV0 [ARG...] | silo-init --wait FD | "
-            "silo-init --idle FD");
+        die("usage: silo-init --run FD [--console PATH WINSIZE] [--seccomp HEX] -- ARGV0 [ARG...] | "
+            "silo-init --wait FD | silo-init --idle FD");
     }
 
     signal(SIGTTIN, SIG_IGN);
@@ -385,6 +429,8 @@ int main(int argc, char **argv) {
             close(chan);
         if (listener >= 0)
             close(listener);
+        if (filter.len)
+            load_filter(&filter);
         execve(path, cmd, envp);
         int err = errno;
         if (write(report[1], &err, sizeof err) < 0) {

@@ -295,7 +295,9 @@ class Spawner:
         """A gvisor run's signal goes to its command inside: ``runsc kill`` of the
         container (whose PID 1, silo-init, passes it to the command's group), joined into
         the run's namespaces like a workspace's command. ``runsc run`` itself passes no
-        signal on: it would die of it, and the sandbox with it."""
+        signal on: it would die of it, and the sandbox with it. If ``runsc kill`` fails
+        (the container is not up yet, or gone), the signal goes to the run's init as at
+        the process level: the run ends, as the signal asked."""
         from silo.backends.gvisor import runsc
         from silo.engine import planner
 
@@ -310,13 +312,17 @@ class Spawner:
         finally:
             os.close(null)
         os.close(started.err_fd)
-        self.sel.register(started.pidfd, selectors.EVENT_READ, ("relay", started))
+        self.sel.register(started.pidfd, selectors.EVENT_READ, ("relay", (started, job, signum)))
 
-    def _on_relay_exit(self, started: launcher.Started) -> None:
+    def _on_relay_exit(self, relay: tuple[launcher.Started, Job, int]) -> None:
+        started, job, signum = relay
         self.sel.unregister(started.pidfd)
+        status = 0
         with contextlib.suppress(ChildProcessError):
-            os.waitpid(started.pid, 0)
+            _, status = os.waitpid(started.pid, 0)
         os.close(started.pidfd)
+        if status != 0 and self.jobs.get(job.pid) is job:
+            self._kill(job, signum)
 
     def _on_run(self, conn: Connection, message: tuple[Any, ...], fds: list[int]) -> None:
         if len(message) != 3 or not isinstance(message[1], int):

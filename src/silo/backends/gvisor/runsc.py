@@ -220,8 +220,14 @@ def exec_argv(run_argv: Sequence[str], process_file: str, pid_file: str) -> tupl
             CONTAINER)
 
 
+def init_argv(argv: Sequence[str], seccomp: str = "") -> list[str]:
+    """``argv`` under silo-init ``--run`` inside the Sentry; with ``seccomp`` (a compiled
+    program, in hex) silo-init loads it for the command: gVisor's kernel enforces it."""
+    return [INIT_PATH, "--run", "-1", *(("--seccomp", seccomp) if seccomp else ()), "--", *argv]
+
+
 def exec_process(argv: Sequence[str], env: Sequence[tuple[str, str]], cwd: str, uid: int, gid: int,
-                 tty: bool) -> dict[str, Any]:
+                 tty: bool, seccomp: str = "") -> dict[str, Any]:
     """The process file of :func:`exec_argv`: ``argv`` as ``uid:gid`` in ``cwd`` with
     exactly ``env`` (the container's own is empty), under silo-init ``--run`` inside: it
     finds the command as at the process level (127 and 126 with silo's messages), puts
@@ -229,9 +235,9 @@ def exec_process(argv: Sequence[str], env: Sequence[tuple[str, str]], cwd: str, 
     (``runsc kill`` reaches one process only), and the command dies with it. With
     ``tty`` its stdio is a terminal: the pty of the ``runsc exec`` that reads the file
     (made by silo-setup, as at the process level), whose signals (ctrl-C, a resize)
-    runsc passes to the command's foreground group inside."""
+    runsc passes to the command's foreground group inside. ``seccomp``: see :func:`init_argv`."""
     return {"terminal": tty, "user": {"uid": uid, "gid": gid}, "cwd": cwd,
-            "args": [INIT_PATH, "--run", "-1", "--", *argv], "env": [f"{k}={v}" for k, v in env]}
+            "args": init_argv(argv, seccomp), "env": [f"{k}={v}" for k, v in env]}
 
 
 def process_file(pid_file: str) -> str:
