@@ -310,6 +310,21 @@ def sleepers(ws: silo.Workspace) -> list[str]:
     return [line for line in out(ws.exec(["ps", "-e", "-o", "pid=,comm="])).splitlines() if "sleep" in line]
 
 
+def test_an_exec_timeout_kills_what_the_command_started_in_its_background(made: Made) -> None:
+    """The SDK's exec timeout ends the command's process group, as --timeout ends a run's
+    tree: a shell's background job does not outlive it. What the command detached into
+    a session of its own (setsid) is its own business, and lives on."""
+    ws = made.started()
+    started = time.monotonic()
+    r = ws.exec(["sh", "-c", "sleep 301 & setsid sleep 302 & echo begun; sleep 303"], timeout=1)
+    assert (r.exit_code, r.stdout) == (137, b"begun\n")
+    assert time.monotonic() - started < 15
+    left = settle(lambda: sleepers(ws), lambda s: len(s) <= 1, timeout=10)
+    assert [line.split()[1] for line in left] == ["sleep"] and len(left) == 1, left
+    detached = out(ws.exec(["sh", "-c", "ps -e -o args= | grep '^sleep 30'"])).split("\n")
+    assert detached[0] == "sleep 302", detached
+
+
 def test_a_signal_to_the_cli_reaches_the_command(made: Made) -> None:
     ws = made.started()
     proc = subprocess.Popen([SILO, "exec", ws.name, "--", "sleep", "60"], stdin=subprocess.DEVNULL)

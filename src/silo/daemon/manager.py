@@ -751,7 +751,7 @@ class Manager:
             try:
                 code = await asyncio.wait_for(asyncio.shield(proc.exited), timeout)
             except TimeoutError:
-                code = await self.runtime.kill(proc)
+                code = await self.runtime.kill(proc, group=True)
             # The command's stdio may live on in what it left in the background.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.gather(*done), 0.5)

@@ -197,6 +197,25 @@ class Machine:
         return command
 
 
+def _kill_group(proc: Process) -> None:
+    """SIGKILL the process group of a joined command: its relay (silo-init ``--run``,
+    outside the workspace's pid namespace) made its one child the leader of a group of
+    its own, whose id in the host's numbering is that child's host pid. What the command
+    put in the background of a shell is in that group (what it made a session or group
+    of its own is not). A gvisor command's group is inside the Sentry, out of reach:
+    there the relay's child is ``runsc exec``."""
+    if proc.machine is not None or proc.status is not None:
+        return
+    try:
+        with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+            children = [int(pid) for pid in f.read().split()]
+    except (OSError, ValueError):
+        return
+    for child in children:
+        with contextlib.suppress(OSError):
+            os.killpg(child, signal.SIGKILL)
+
+
 def _forget_exec(target: Process, plan: p.Plan) -> None:
     """Remove the files a ``runsc exec`` of ``plan`` leaves in the gvisor workspace
     whose init is ``target`` (its process file and pid file), once it has ended."""
@@ -515,7 +534,11 @@ class Runtime:
         finally:
             sock.close()
 
-    async def kill(self, proc: Process) -> int:
+    async def kill(self, proc: Process, group: bool = False) -> int:
+        """SIGKILL ``proc`` and wait for its status. With ``group`` (a joined command's
+        timeout) what the command started in its own process group dies with it too."""
+        if group:
+            _kill_group(proc)
         proc.signal(signal.SIGKILL)
         code = await proc.exited
         proc.close()
