@@ -23,7 +23,7 @@ import signal
 import socket
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from silo import native
@@ -411,6 +411,7 @@ class Runtime:
         into the workspace like a command; the pid inside is in the file ``runsc exec``
         writes, read through the workspace's mount namespace (and removed at its end)."""
         from silo.backends.gvisor import runsc
+        from silo.engine import planner
 
         assert plan.gvisor is not None
         pid_file = f"/proc/{target.pid}/root{plan.gvisor.pid_file}"
@@ -426,8 +427,7 @@ class Runtime:
                 if tries > 0:  # not started inside yet: the signal waits for it
                     loop.call_later(0.02, send, sig, tries - 1)
                 return
-            kill = replace(plan, gvisor=None, process=replace(plan.process, argv=runsc.kill_argv(
-                plan.process.argv, inside, sig)))
+            kill = planner.plan_runsc(plan, runsc.kill_argv(plan.process.argv, inside, sig))
             null = os.open(DEVNULL, os.O_RDWR | os.O_CLOEXEC)
             try:
                 started = launcher.join(target.pidfd, kill, (null, null, null), self.init_fd, self.setup_fd,
